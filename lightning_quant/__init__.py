@@ -1,0 +1,39 @@
+"""lightning-quant: a PyTorch Lightning callback suite for neural-network quantization.
+
+Add a callback to your ``Trainer`` and get a low-bit model, with no change to your model's code::
+
+    trainer = L.Trainer(callbacks=[QuantizationAwareTraining(weight_bits=4, act_bits=4)])
+    trainer.fit(model, datamodule)
+"""
+
+from lightning_quant.callbacks import QuantizationAwareTraining, QuantizationCallback, QuantizationLossMixin
+from lightning_quant.core.errors import QuantizationConfigError, UnsupportedModuleError
+from lightning_quant.surgery import (
+    LayerSpec,
+    QuantSpec,
+    dequantize_model,
+    find_blocks,
+    load_quantized,
+    quantization_summary,
+    quantize_model,
+    save_quantized,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LayerSpec",
+    "QuantSpec",
+    "QuantizationAwareTraining",
+    "QuantizationCallback",
+    "QuantizationConfigError",
+    "QuantizationLossMixin",
+    "UnsupportedModuleError",
+    "__version__",
+    "dequantize_model",
+    "find_blocks",
+    "load_quantized",
+    "quantization_summary",
+    "quantize_model",
+    "save_quantized",
+]

@@ -1,0 +1,6 @@
+"""Lightning callbacks, one technique per file, on the shared template of :mod:`.base`."""
+
+from lightning_quant.callbacks.base import QuantizationCallback, QuantizationLossMixin
+from lightning_quant.callbacks.qat import QuantizationAwareTraining
+
+__all__ = ["QuantizationAwareTraining", "QuantizationCallback", "QuantizationLossMixin"]

@@ -1,0 +1,160 @@
+"""The shared template of every quantization callback.
+
+Facts from Lightning that decide its shape (see DESIGN.md):
+
+* Surgery happens in ``setup``: it runs before checkpoint restore, DDP wrapping and ``configure_optimizers``,
+  so new quantizer parameters reach the user's optimizer and a checkpoint restores strictly. ``setup`` runs
+  for fit, validate, test and predict, so the surgery must be (and is) idempotent.
+* ``pl_module.log`` is refused in ``setup``/``on_fit_start``/``on_save_checkpoint``: metrics are logged from
+  batch and epoch hooks, summaries go through :mod:`logging` on rank zero.
+* A technique that adds a loss term does it so that there is still exactly one backward per step (DDP's
+  reducer rejects a second one) and AMP scaling and gradient accumulation still apply: the batch is kept in
+  ``on_train_batch_start``, the extra term is computed in ``on_before_backward`` and added *in place* to the
+  loss Lightning is about to back-propagate (divided by ``accumulate_grad_batches``, as Lightning divides the
+  user's loss). The value the user logged in ``training_step`` is unchanged. Where the loss tensor cannot be
+  changed in place, :class:`QuantizationLossMixin` is the alternative.
+* Every callback keeps its state in ``state_dict``/``load_state_dict`` under a ``state_key`` made from its
+  identifying arguments, so two instances never clash and a killed run resumes exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_quant.core.errors import QuantizationConfigError
+from lightning_quant.surgery.quantize import is_quantized
+from lightning_quant.surgery.serialization import SPEC_KEY
+from lightning_quant.surgery.spec import QuantSpec
+
+log = logging.getLogger(__name__)
+
+
+class QuantizationCallback(Callback):
+    """Base class of the suite's callbacks: surgery in ``setup``, one-backward extra losses, state, metrics.
+
+    Subclasses set :attr:`TECHNIQUE` (the metric key segment), implement :meth:`prepare_model` (idempotent
+    surgery), and may override :meth:`extra_loss`, :meth:`identity` and :meth:`state`/:meth:`load_state`.
+    """
+
+    #: metric keys are ``quant/<TECHNIQUE>/<quantity>``
+    TECHNIQUE: ClassVar[str] = "base"
+
+    def __init__(self) -> None:
+        self._batch: Any = None
+
+    # -- identity and state ----------------------------------------------------------------------------------
+    def identity(self) -> dict[str, Any]:
+        """The arguments that tell two instances of this callback apart (they make the ``state_key``)."""
+        return {}
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(**self.identity())
+
+    def state(self) -> dict[str, Any]:
+        """What this callback must remember across a resume."""
+        return {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state` returned."""
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return self.state()
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.load_state(state_dict)
+
+    # -- surgery ---------------------------------------------------------------------------------------------
+    def prepare_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Quantize (or otherwise transform) ``pl_module`` in place; must be idempotent."""
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.prepare_model(trainer, pl_module)
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # the exact per-layer recipe, so `load_quantized(fresh_model, ckpt)` can rebuild the model strictly
+        if is_quantized(pl_module):
+            checkpoint[SPEC_KEY] = QuantSpec.from_model(pl_module).to_dict()
+
+    # -- metrics ---------------------------------------------------------------------------------------------
+    def log_metric(
+        self, pl_module: pl.LightningModule, name: str, value: float | Tensor, **kwargs: Any
+    ) -> None:
+        """Log ``quant/<TECHNIQUE>/<name>`` through the LightningModule (from batch/epoch hooks only).
+
+        (Lightning overwrites a callback's `log` attribute with the module's, hence the name.)
+        """
+        pl_module.log(f"quant/{self.TECHNIQUE}/{name}", value, **kwargs)
+
+    # -- extra loss terms ------------------------------------------------------------------------------------
+    def extra_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Tensor | None:
+        """A loss term to add to the user's training loss for ``batch`` (``None``: nothing to add).
+
+        Called once per training step, before the backward; call submodules of ``pl_module`` (the unwrapped
+        module), never the DDP wrapper.
+        """
+        return None
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch = batch
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        if isinstance(pl_module, QuantizationLossMixin):
+            return  # the module added the term itself, inside training_step
+        extra = self.extra_loss(trainer, pl_module, self._batch)
+        if extra is None:
+            return
+        try:
+            loss.add_(extra / trainer.accumulate_grad_batches)
+        except RuntimeError as err:
+            raise QuantizationConfigError(
+                f"{type(self).__name__} adds a loss term in place to the loss returned by `training_step`, "
+                f"and this loss cannot be changed in place ({err}). HINT: make your LightningModule inherit "
+                "`lightning_quant.callbacks.QuantizationLossMixin` and return "
+                "`loss + self.quantization_loss(batch)` from `training_step`."
+            ) from err
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._batch = None
+
+
+class QuantizationLossMixin:
+    """LightningModule mixin for losses that cannot be changed in place: add the suite's terms yourself.
+
+    Example:
+        >>> class MyModel(QuantizationLossMixin, L.LightningModule):  # doctest: +SKIP
+        ...     def training_step(self, batch, batch_idx):
+        ...         loss = ...
+        ...         return loss + self.quantization_loss(batch)
+    """
+
+    trainer: pl.Trainer
+
+    def quantization_loss(self, batch: Any) -> Tensor:
+        """The sum of the extra loss terms of every quantization callback on the trainer for ``batch``."""
+        total = torch.zeros(())
+        for callback in self.trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(callback, QuantizationCallback):
+                extra = callback.extra_loss(self.trainer, self, batch)  # type: ignore[arg-type]
+                if extra is not None:
+                    total = total.to(extra.device) + extra
+        return total

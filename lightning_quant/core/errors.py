@@ -1,0 +1,9 @@
+"""Errors raised by lightning-quant."""
+
+
+class QuantizationConfigError(ValueError):
+    """An argument or recipe that cannot be used; the message names the argument, the value and the fix."""
+
+
+class UnsupportedModuleError(TypeError):
+    """A layer type the quantizer cannot wrap or export."""

@@ -1,0 +1,198 @@
+"""Quantizer modules: the stateful parts that fake-quantize a weight or an activation.
+
+A :class:`UniformQuantizer` is composed of small orthogonal choices -- bit width (mutable, 1 = binary),
+grid (symmetric signed/unsigned or asymmetric), granularity (per tensor or per channel) and step size
+(learned with LSQ, or set by an :mod:`observer <lightning_quant.core.observers>`) -- and keeps all of its state
+in buffers and parameters, so a checkpoint restores it exactly (bit widths changed during training included).
+
+Life cycle: while ``observing`` is on (calibration, in training mode) each forward updates the observer and
+resets the step size from it; afterwards the step size is either fixed (observer mode) or learned (LSQ). A
+quantizer that has never observed anything initialises itself from its first input, so it is never used with
+an arbitrary step size.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_quant.core.errors import QuantizationConfigError
+from lightning_quant.core.functional import (
+    binarize,
+    fake_quantize,
+    lsq_fake_quantize,
+    quant_range,
+    quantize_to_int,
+    scale_zero_point_from_bounds,
+    validate_bits,
+)
+from lightning_quant.core.observers import make_observer
+
+
+class UniformQuantizer(nn.Module):
+    """Uniform affine fake quantizer (2-8 bits) or binary quantizer (1 bit), per tensor or per channel.
+
+    Args:
+        bits: bit width; 1 means binary (``scale * sign(x)``, weights only).
+        symmetric: zero point fixed at 0 (weights); otherwise asymmetric with an integer zero point.
+        signed: signed grid for symmetric quantizers (weights); unsigned suits post-ReLU activations.
+        ch_axis: channel axis for per-channel step sizes (0 for Conv/Linear weights), ``None`` for per tensor.
+        num_channels: size of ``ch_axis``.
+        learnable: learn the step size with LSQ (Esser et al., 2020) after its observer-based initialisation.
+        observer: name of the observer that sets (or initialises) the step size.
+
+    Example:
+        >>> q = UniformQuantizer(bits=4, ch_axis=0, num_channels=3)
+        >>> w = torch.randn(3, 8)
+        >>> q(w).unique(dim=None).numel() <= 3 * 16
+        True
+        >>> q.bits = 3  # a later callback changes the width; the represented range is kept
+        >>> q.qmin, q.qmax
+        (-4, 3)
+    """
+
+    def __init__(
+        self,
+        bits: int = 8,
+        *,
+        symmetric: bool = True,
+        signed: bool = True,
+        ch_axis: int | None = None,
+        num_channels: int = 1,
+        learnable: bool = True,
+        observer: str = "minmax",
+    ) -> None:
+        super().__init__()
+        bits = validate_bits("bits", bits, allow_binary=True)
+        if bits == 1 and not (symmetric and signed):
+            raise QuantizationConfigError(
+                "Binary quantization (`bits=1`) needs `symmetric=True, signed=True`."
+            )
+        self.symmetric = symmetric
+        self.signed = signed if symmetric else False
+        self.ch_axis = ch_axis
+        self.learnable = learnable
+        self.observer_name = observer
+        # observer-driven quantizers follow their observer; LSQ ones initialise once and then learn (a callback
+        # turns observing on for its calibration batches)
+        self.observing = not learnable
+        self.enabled = True
+        self.observer = make_observer(observer, num_channels, ch_axis)
+        scale = torch.ones(num_channels)
+        if learnable:
+            self.scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("scale", scale)
+        self.register_buffer("zero_point", torch.zeros(num_channels))
+        self.register_buffer("bit_width", torch.tensor(bits, dtype=torch.int16))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self._bits = bits
+        self._initialized = False
+
+    # -- bit width -------------------------------------------------------------------------------------------
+    @property
+    def bits(self) -> int:
+        """The bit width (1 = binary). Setting it rescales the step size so the represented range is kept."""
+        return self._bits
+
+    @bits.setter
+    def bits(self, value: int) -> None:
+        value = validate_bits("bits", value, allow_binary=self.symmetric and self.signed)
+        if value == self._bits:
+            return
+        old_width = self.qmax - self.qmin
+        old_min = self.qmin
+        self._bits = value
+        self.bit_width.fill_(value)
+        ratio = old_width / (self.qmax - self.qmin)
+        with torch.no_grad():
+            self.scale.mul_(ratio)
+            if not self.symmetric:
+                # keep the real value of the grid's lowest point: qmin - z stays proportional to the width
+                self.zero_point.copy_(
+                    torch.clamp(
+                        self.qmin + torch.round((self.zero_point - old_min) / ratio), self.qmin, self.qmax
+                    )
+                )
+
+    @property
+    def qmin(self) -> int:
+        return quant_range(self._bits, self.signed)[0]
+
+    @property
+    def qmax(self) -> int:
+        return quant_range(self._bits, self.signed)[1]
+
+    @property
+    def is_binary(self) -> bool:
+        return self._bits == 1
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # the Python-side copies of the buffers are what forward reads (no device sync per step)
+        self._bits = int(self.bit_width)
+        self._initialized = bool(self.initialized)
+
+    # -- step size -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def observe(self, x: Tensor) -> None:
+        """Update the observer with ``x`` and set the step size (and zero point) from its bounds."""
+        if self.is_binary:
+            # XNOR-Net's optimal binary scale: the mean absolute value (per channel)
+            dims = [d for d in range(x.dim()) if d != self.ch_axis] if self.ch_axis is not None else None
+            mean_abs = x.detach().abs().float().mean(dim=dims) if dims else x.detach().abs().float().mean()
+            self.scale.copy_(mean_abs.reshape(self.scale.shape).clamp_min(1e-8))
+            self.zero_point.zero_()
+        else:
+            self.observer.update(x, self.qmin, self.qmax, self.symmetric)
+            scale, zero_point = scale_zero_point_from_bounds(
+                *self.observer.bounds(), self.qmin, self.qmax, self.symmetric
+            )
+            self.scale.copy_(scale)
+            self.zero_point.copy_(zero_point)
+        self.initialized.fill_(True)
+        self._initialized = True
+
+    def grad_factor(self, x: Tensor) -> float:
+        """LSQ's gradient scale ``1 / sqrt(N * qmax)``, N = elements per step size."""
+        n = x.numel() // self.scale.numel()
+        return 1.0 / math.sqrt(max(n, 1) * max(self.qmax, 1))
+
+    def effective_scale(self) -> Tensor:
+        """The step size used in forward (LSQ's learned step kept positive)."""
+        return self.scale.abs().clamp_min(1e-8) if self.learnable else self.scale
+
+    # -- forward ---------------------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return x
+        if (self.observing and self.training) or not self._initialized:
+            self.observe(x)
+        scale = self.effective_scale()
+        if self.is_binary:
+            return binarize(x, scale, self.ch_axis, self.grad_factor(x) if self.learnable else 0.0)
+        if self.learnable and torch.is_grad_enabled():
+            return lsq_fake_quantize(
+                x, scale, self.zero_point, self.qmin, self.qmax, self.ch_axis, self.grad_factor(x)
+            )
+        return fake_quantize(x, scale.detach(), self.zero_point, self.qmin, self.qmax, self.ch_axis)
+
+    @torch.no_grad()
+    def int_repr(self, x: Tensor) -> Tensor:
+        """The integers this quantizer represents ``x`` with (binary: -1/+1)."""
+        scale = self.effective_scale()
+        if self.is_binary:
+            return torch.where(x >= 0, 1, -1).to(torch.int32)
+        return quantize_to_int(x, scale, self.zero_point, self.qmin, self.qmax, self.ch_axis)
+
+    def extra_repr(self) -> str:
+        grid = "binary" if self.is_binary else ("symmetric" if self.symmetric else "asymmetric")
+        sign = "signed" if self.signed else "unsigned"
+        gran = "per_tensor" if self.ch_axis is None else f"per_channel(axis={self.ch_axis})"
+        step = "lsq" if self.learnable else "observer"
+        return f"bits={self._bits}, {grid}, {sign}, {gran}, scale={step}"

@@ -1,0 +1,45 @@
+"""Model surgery: swap Conv/Linear layers for quantized ones, the per-layer recipe, summaries and blocks."""
+
+from lightning_quant.surgery.blocks import find_blocks
+from lightning_quant.surgery.layers import (
+    QuantConv1d,
+    QuantConv2d,
+    QuantConv3d,
+    QuantizedLayer,
+    QuantLinear,
+    quantized_layers,
+    quantizers,
+)
+from lightning_quant.surgery.quantize import (
+    dequantize_model,
+    is_quantized,
+    quantizable_layers,
+    quantize_model,
+    set_observing,
+)
+from lightning_quant.surgery.serialization import SPEC_KEY, load_quantized, save_quantized
+from lightning_quant.surgery.spec import LayerSpec, QuantSpec
+from lightning_quant.surgery.summary import QuantizationSummary, quantization_summary
+
+__all__ = [
+    "SPEC_KEY",
+    "LayerSpec",
+    "QuantConv1d",
+    "QuantConv2d",
+    "QuantConv3d",
+    "QuantLinear",
+    "QuantSpec",
+    "QuantizationSummary",
+    "QuantizedLayer",
+    "dequantize_model",
+    "find_blocks",
+    "is_quantized",
+    "load_quantized",
+    "quantizable_layers",
+    "quantization_summary",
+    "quantize_model",
+    "quantized_layers",
+    "quantizers",
+    "save_quantized",
+    "set_observing",
+]

@@ -1,0 +1,120 @@
+"""``quantize_model(model, spec)``: swap Conv/Linear layers for quantized ones, atomically and idempotently."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+from torch import nn
+
+from lightning_quant.core.errors import QuantizationConfigError
+from lightning_quant.core.quantizers import UniformQuantizer
+from lightning_quant.surgery.layers import QUANTIZED_TYPES, QuantizedLayer, quantized_layers, quantizers
+from lightning_quant.surgery.spec import QuantSpec
+
+log = logging.getLogger(__name__)
+
+
+def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Float layers of ``model`` that :func:`quantize_model` can swap, by name, in registration order."""
+    return {name: m for name, m in model.named_modules() if type(m) in QUANTIZED_TYPES}
+
+
+def _references(model: nn.Module, target: nn.Module) -> Iterator[tuple[nn.Module, str]]:
+    """Every ``(parent, attribute)`` that holds ``target`` (a layer shared by two parents has two)."""
+    for parent in model.modules():
+        for attr, child in parent._modules.items():
+            if child is target:
+                yield parent, attr
+
+
+def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> nn.Module:
+    """Swap the Conv/Linear layers that ``spec`` selects for quantized layers, in place; returns ``model``.
+
+    * The quantized layers keep the same ``Parameter`` objects, so existing optimizers and checkpoints of the
+      float model stay valid.
+    * Idempotent: layers that are already quantized are left as they are.
+    * Atomic: the spec is resolved and every new layer is built before the first swap, so any error leaves
+      ``model`` exactly as it was.
+    * A layer used in several places (a shared layer) becomes one quantized layer used in the same places.
+
+    Args:
+        model: any ``nn.Module`` (a ``LightningModule`` included).
+        spec: the recipe; ``QuantSpec()`` (W8A8, first/last layers 8-bit) when ``None``.
+
+    Raises:
+        QuantizationConfigError: the spec selects nothing, names unknown layers, or is malformed.
+
+    Example:
+        >>> from torch import nn
+        >>> net = quantize_model(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)))
+        >>> type(net[0]).__name__
+        'QuantLinear'
+    """
+    spec = QuantSpec() if spec is None else spec
+    if not isinstance(spec, QuantSpec):
+        raise QuantizationConfigError(
+            f"`spec` must be a QuantSpec, got {type(spec).__name__}. HINT: `QuantSpec.from_dict(...)` reads a dict."
+        )
+    float_layers = quantizable_layers(model)
+    done = quantized_layers(model)
+    # already-quantized layers take part in pattern checks and the first/last rule, so a second call with
+    # the same spec resolves the same way and swaps nothing
+    candidates = {
+        name: (m.float_type if isinstance(m, QuantizedLayer) else type(m)).__name__
+        for name, m in model.named_modules()
+        if name in float_layers or name in done
+    }
+    if not candidates:
+        raise QuantizationConfigError(
+            f"`model` ({type(model).__name__}) has no layer that can be quantized; supported types are "
+            f"{sorted(t.__name__ for t in QUANTIZED_TYPES)}."
+        )
+    resolved = spec.resolve(candidates)
+    if not resolved:
+        raise QuantizationConfigError(
+            "The spec selects no layer of `model`: check `include`, `exclude` and `exclude_types` "
+            f"against the quantizable layers {list(candidates)[:12]}."
+        )
+    # build everything first: nothing below this point raises on user input
+    swaps = {
+        name: QUANTIZED_TYPES[type(float_layers[name])].from_float(float_layers[name], layer_spec)
+        for name, layer_spec in resolved.items()
+        if name in float_layers
+    }
+    for name, new in swaps.items():
+        for parent, attr in list(_references(model, float_layers[name])):
+            parent._modules[attr] = new
+    if swaps:
+        log.debug("Quantized %d layers of %s", len(swaps), type(model).__name__)
+    return model
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Swap every quantized layer back to its float layer (same parameters), in place; returns ``model``."""
+    for layer in list(quantized_layers(model).values()):
+        float_layer = layer.to_float()
+        for parent, attr in list(_references(model, layer)):
+            parent._modules[attr] = float_layer
+    return model
+
+
+def set_observing(model: nn.Module, observing: bool) -> None:
+    """Turn range observation (calibration) on or off for every quantizer of ``model``."""
+    for quantizer in quantizers(model).values():
+        quantizer.observing = observing
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether ``model`` contains at least one quantized layer."""
+    return any(isinstance(m, QuantizedLayer) for m in model.modules())
+
+
+__all__ = [
+    "UniformQuantizer",
+    "dequantize_model",
+    "is_quantized",
+    "quantizable_layers",
+    "quantize_model",
+    "set_observing",
+]

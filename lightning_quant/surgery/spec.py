@@ -1,0 +1,261 @@
+"""``QuantSpec``: the one serializable per-layer quantization recipe that every allocator writes and export reads.
+
+A :class:`QuantSpec` holds a default :class:`LayerSpec`, which layers it selects (name patterns and types), the
+first/last-layer rule, and per-layer overrides. :meth:`QuantSpec.resolve` turns it into the exact recipe of
+each layer of a given model; :meth:`QuantSpec.from_model` reads the recipe back from a quantized model (bit
+widths changed during training included), so it round-trips through JSON/YAML and rebuilds the same model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+from torch import nn
+
+from lightning_quant.core.errors import QuantizationConfigError
+from lightning_quant.core.functional import validate_bits
+from lightning_quant.core.observers import OBSERVERS
+
+Granularity = Literal["per_channel", "per_tensor"]
+ScaleMode = Literal["lsq", "observer"]
+ObserverName = Literal["minmax", "moving_average", "percentile", "mse"]
+
+#: layer types that :func:`~lightning_quant.surgery.quantize.quantize_model` can wrap, by class name
+QUANTIZABLE_TYPES: tuple[str, ...] = ("Conv1d", "Conv2d", "Conv3d", "Linear")
+
+
+def _check_choice(argument: str, value: object, choices: Iterable[object]) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise QuantizationConfigError(f"`{argument}` must be one of {list(choices)}, got {value!r}.")
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """How one Conv/Linear layer is quantized.
+
+    Args:
+        weight_bits: weight bit width, 2-8, or 1 for binary weights (``scale * sign(w)``).
+        act_bits: bit width of the layer's input activation (2-8), or ``None`` to leave the input in float.
+        weight_granularity: ``per_channel`` (one step per output channel) or ``per_tensor``.
+        weight_symmetric: symmetric signed weight grid (zero point 0); ``False`` for asymmetric.
+        act_symmetric: symmetric activation grid; the default asymmetric grid (uint8 with a zero point) suits
+            both post-ReLU and signed inputs and exports as unsigned activations (fast U8S8 kernels).
+        act_signed: signed grid for symmetric activations.
+        scale_mode: ``lsq`` (learned step size, initialised by the observer) or ``observer`` (fixed by it).
+        weight_observer: observer for weights: ``minmax``, ``moving_average``, ``percentile`` or ``mse``.
+        act_observer: observer for activations.
+        frozen: allocators (mixed precision) must leave this layer's bit widths alone.
+    """
+
+    weight_bits: int = 8
+    act_bits: int | None = 8
+    weight_granularity: Granularity = "per_channel"
+    weight_symmetric: bool = True
+    act_symmetric: bool = False
+    act_signed: bool = False
+    scale_mode: ScaleMode = "lsq"
+    weight_observer: ObserverName = "mse"
+    act_observer: ObserverName = "moving_average"
+    frozen: bool = False
+
+    GRANULARITIES: ClassVar[tuple[str, ...]] = ("per_channel", "per_tensor")
+    SCALE_MODES: ClassVar[tuple[str, ...]] = ("lsq", "observer")
+
+    def __post_init__(self) -> None:
+        validate_bits("weight_bits", self.weight_bits, allow_binary=True)
+        if self.act_bits is not None:
+            validate_bits("act_bits", self.act_bits)
+        _check_choice("weight_granularity", self.weight_granularity, self.GRANULARITIES)
+        _check_choice("scale_mode", self.scale_mode, self.SCALE_MODES)
+        _check_choice("weight_observer", self.weight_observer, sorted(OBSERVERS))
+        _check_choice("act_observer", self.act_observer, sorted(OBSERVERS))
+        if self.weight_bits == 1 and not self.weight_symmetric:
+            raise QuantizationConfigError(
+                "Binary weights (`weight_bits=1`) are symmetric: set `weight_symmetric=True`."
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "LayerSpec") -> LayerSpec:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise QuantizationConfigError(
+                f"Unknown keys {unknown} in {where}. Allowed keys: {sorted(names)}."
+            )
+        return cls(**dict(data))
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """A model's quantization recipe: defaults, layer selection, first/last rule and per-layer overrides.
+
+    Args:
+        default: the recipe of every selected layer unless overridden.
+        include: name patterns (``fnmatch``, e.g. ``"backbone.layer1.*"``) of the layers to quantize.
+        exclude: name patterns of layers to leave in float.
+        exclude_types: layer class names to leave in float (e.g. ``["Linear"]``).
+        first_last_bits: weight and activation bits of the first and last selected layer (in registration
+            order), the usual convention for accuracy; ``None`` treats them like the others.
+        layers: per-layer overrides, keyed by exact name or pattern; later keys win, and they win over
+            ``first_last_bits``.
+
+    Example:
+        >>> spec = QuantSpec(default=LayerSpec(weight_bits=4, act_bits=4), exclude=["fc"])
+        >>> QuantSpec.from_json(spec.to_json()) == spec
+        True
+    """
+
+    default: LayerSpec = field(default_factory=LayerSpec)
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    exclude_types: tuple[str, ...] = ()
+    first_last_bits: int | None = 8
+    layers: Mapping[str, LayerSpec] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # accept lists from YAML/JSON but store tuples, so specs compare equal after a round trip
+        for name in ("include", "exclude", "exclude_types"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = (value,)
+            object.__setattr__(self, name, tuple(value))
+        if not isinstance(self.default, LayerSpec):
+            raise QuantizationConfigError(
+                f"`default` must be a LayerSpec, got {type(self.default).__name__}."
+            )
+        for type_name in self.exclude_types:
+            _check_choice("exclude_types", type_name, QUANTIZABLE_TYPES)
+        if self.first_last_bits is not None:
+            validate_bits("first_last_bits", self.first_last_bits)
+        for key, layer in self.layers.items():
+            if not isinstance(layer, LayerSpec):
+                raise QuantizationConfigError(
+                    f"`layers[{key!r}]` must be a LayerSpec, got {type(layer).__name__}."
+                )
+        object.__setattr__(self, "layers", dict(self.layers))
+
+    # -- resolution ------------------------------------------------------------------------------------------
+    def select(self, candidates: Mapping[str, str]) -> list[str]:
+        """Names of the candidate layers this spec quantizes; unknown patterns raise with the known names.
+
+        Args:
+            candidates: layer name -> layer type name (``"Conv2d"``), in registration order.
+        """
+        names = list(candidates)
+        for argument, patterns in (("include", self.include), ("exclude", self.exclude)):
+            for pattern in patterns:
+                if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                    shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+                    raise QuantizationConfigError(
+                        f"`{argument}` pattern {pattern!r} matches no quantizable layer. "
+                        f"Quantizable layers are: {shown}."
+                    )
+        for pattern in self.layers:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                raise QuantizationConfigError(
+                    f"`layers` key {pattern!r} matches no quantizable layer; check the name against "
+                    "`quantization_summary(model)` or `dict(model.named_modules())`."
+                )
+        return [
+            n
+            for n in names
+            if any(fnmatch.fnmatchcase(n, p) for p in self.include)
+            and not any(fnmatch.fnmatchcase(n, p) for p in self.exclude)
+            and candidates[n] not in self.exclude_types
+        ]
+
+    def resolve(self, candidates: Mapping[str, str]) -> dict[str, LayerSpec]:
+        """The recipe of each selected layer, in registration order (``candidates`` as in :meth:`select`)."""
+        selected = self.select(candidates)
+        resolved: dict[str, LayerSpec] = {}
+        for index, name in enumerate(selected):
+            layer = self.default
+            if self.first_last_bits is not None and index in (0, len(selected) - 1):
+                layer = dataclasses.replace(
+                    layer,
+                    weight_bits=self.first_last_bits,
+                    act_bits=None if layer.act_bits is None else self.first_last_bits,
+                    frozen=True,
+                )
+            for pattern, override in self.layers.items():
+                if fnmatch.fnmatchcase(name, pattern):
+                    layer = override
+            resolved[name] = layer
+        return resolved
+
+    # -- serialization ---------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "default": self.default.to_dict(),
+            "include": list(self.include),
+            "exclude": list(self.exclude),
+            "exclude_types": list(self.exclude_types),
+            "first_last_bits": self.first_last_bits,
+            "layers": {name: layer.to_dict() for name, layer in self.layers.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> QuantSpec:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise QuantizationConfigError(
+                f"Unknown keys {unknown} in QuantSpec. Allowed keys: {sorted(names)}."
+            )
+        data = dict(data)
+        if "default" in data:
+            data["default"] = LayerSpec.from_dict(data["default"], "QuantSpec.default")
+        if "layers" in data:
+            data["layers"] = {
+                k: LayerSpec.from_dict(v, f"QuantSpec.layers[{k!r}]") for k, v in data["layers"].items()
+            }
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> QuantSpec:
+        return cls.from_dict(json.loads(text))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> QuantSpec:
+        return cls.from_dict(yaml.safe_load(text))
+
+    def save(self, path: str | Path) -> None:
+        """Write the spec to ``.json`` or ``.yaml``/``.yml`` by the file's suffix."""
+        path = Path(path)
+        path.write_text(self.to_json() if path.suffix == ".json" else self.to_yaml())
+
+    @classmethod
+    def load(cls, path: str | Path) -> QuantSpec:
+        path = Path(path)
+        text = path.read_text()
+        return cls.from_json(text) if path.suffix == ".json" else cls.from_yaml(text)
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> QuantSpec:
+        """The exact recipe of a quantized model: one entry per quantized layer, with its current bit widths."""
+        from lightning_quant.surgery.layers import quantized_layers  # layers imports this module
+
+        layers = {name: module.current_spec() for name, module in quantized_layers(model).items()}
+        if not layers:
+            raise QuantizationConfigError(
+                "`model` has no quantized layer: call `quantize_model(model, spec)` (or train with a "
+                "quantization callback) first."
+            )
+        return cls(include=tuple(layers), first_last_bits=None, layers=layers)
