@@ -151,10 +151,13 @@ def lsq_fake_quantize(
     """
     zero_point = zero_point.to(scale.dtype)
     if ch_axis is None:
-        return torch._fake_quantize_learnable_per_tensor_affine(x, scale, zero_point, qmin, qmax, grad_factor)
-    return torch._fake_quantize_learnable_per_channel_affine(
-        x, scale, zero_point, ch_axis, qmin, qmax, grad_factor
-    )
+        # aten's per-tensor backward truncates `z + 0.5` toward zero, so a negative zero point gets a wrong step
+        # gradient; the per-channel kernel on a one-channel view has the same forward and the right gradient
+        out = torch._fake_quantize_learnable_per_channel_affine(
+            x.reshape(1, -1), scale.reshape(1), zero_point.reshape(1), 0, qmin, qmax, grad_factor
+        )
+        return out.reshape(x.shape)
+    return torch._fake_quantize_learnable_per_channel_affine(x, scale, zero_point, ch_axis, qmin, qmax, grad_factor)
 
 
 class _BinarizeSTE(torch.autograd.Function):
@@ -165,7 +168,8 @@ class _BinarizeSTE(torch.autograd.Function):
         sign = torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
         ctx.save_for_backward(x, scale, sign)
         ctx.grad_factor = grad_factor
-        return sign * scale
+        # computed in the scale's precision, returned in the input's (like the fused fake-quant kernels)
+        return (sign * scale).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
@@ -173,10 +177,9 @@ class _BinarizeSTE(torch.autograd.Function):
         grad_x = grad * (x.abs() <= scale).to(grad.dtype)
         grad_scale = None
         if ctx.needs_input_grad[1]:
-            per_element = grad * sign * ctx.grad_factor
-            dims = [d for d in range(x.dim()) if scale.shape[d] == 1] if scale.dim() == x.dim() else None
-            grad_scale = per_element.sum(dim=dims, keepdim=True) if dims else per_element.sum()
-            grad_scale = grad_scale.reshape(scale.shape)
+            per_element = grad.to(scale.dtype) * sign * ctx.grad_factor
+            # sum over the broadcast dimensions only (a 1-D per-channel input has none to sum over)
+            grad_scale = per_element.sum_to_size(scale.shape)
         return grad_x, grad_scale, None
 
 

@@ -165,11 +165,14 @@ class MSEObserver(Observer):
     Each batch's min/max is shrunk by the ratio in ``linspace(min_ratio, 1, grid)`` whose quantized copy of the
     batch has the smallest mean squared error (per channel when per channel); batches are then averaged
     (moving average). Best for weights at low bit widths, where min-max wastes most of the grid on outliers.
+    The error is measured on at most ``max_samples`` evenly strided elements per channel (the extremes always
+    come from all of them), which keeps a ResNet-18's initialisation well under a second.
 
     Args:
         grid: number of candidate ratios.
         min_ratio: the smallest ratio tried.
         momentum: moving-average weight of the newest batch.
+        max_samples: elements per channel (per tensor: in all) on which the error is measured.
     """
 
     name: ClassVar[str] = "mse"
@@ -179,25 +182,34 @@ class MSEObserver(Observer):
         self,
         num_channels: int = 1,
         ch_axis: int | None = None,
-        grid: int = 80,
+        grid: int = 24,
         min_ratio: float = 0.2,
         momentum: float = 0.1,
+        max_samples: int = 512,
     ) -> None:
         super().__init__(num_channels, ch_axis)
         self.grid = grid
         self.min_ratio = min_ratio
         self.momentum = momentum
+        self.max_samples = max_samples
 
     def batch_bounds(self, x: Tensor, qmin: int, qmax: int, symmetric: bool) -> tuple[Tensor, Tensor]:
         x = x.detach().float()
         lo, hi = self._batch_min_max(x)
         best_err = torch.full_like(lo, float("inf"))
         best_lo, best_hi = lo.clone(), hi.clone()
-        dims = [d for d in range(x.dim()) if d != self.ch_axis] if self.ch_axis is not None else None
+        # channels first, flattened, strided down to max_samples per channel
+        x = x.reshape(1, -1) if self.ch_axis is None else x.transpose(0, self.ch_axis).flatten(1)
+        limit = self.max_samples if self.ch_axis is not None else self.max_samples * 64
+        if x.shape[1] > limit:
+            x = x[:, :: x.shape[1] // limit + 1]
+        x = x.contiguous()
+        ch_axis = None if self.ch_axis is None else 0
+        dims = None if ch_axis is None else 1
         for ratio in torch.linspace(self.min_ratio, 1.0, self.grid).tolist():
             cand_lo, cand_hi = lo * ratio, hi * ratio
             scale, zero_point = scale_zero_point_from_bounds(cand_lo, cand_hi, qmin, qmax, symmetric)
-            xq = fake_quantize(x, scale, zero_point, qmin, qmax, self.ch_axis)
+            xq = fake_quantize(x, scale, zero_point, qmin, qmax, ch_axis)
             err = (xq - x).pow(2)
             err = err.mean(dim=dims) if dims is not None else err.mean().reshape(1)
             better = err < best_err

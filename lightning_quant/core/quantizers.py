@@ -68,9 +68,7 @@ class UniformQuantizer(nn.Module):
         super().__init__()
         bits = validate_bits("bits", bits, allow_binary=True)
         if bits == 1 and not (symmetric and signed):
-            raise QuantizationConfigError(
-                "Binary quantization (`bits=1`) needs `symmetric=True, signed=True`."
-            )
+            raise QuantizationConfigError("Binary quantization (`bits=1`) needs `symmetric=True, signed=True`.")
         self.symmetric = symmetric
         self.signed = signed if symmetric else False
         self.ch_axis = ch_axis
@@ -113,9 +111,7 @@ class UniformQuantizer(nn.Module):
             if not self.symmetric:
                 # keep the real value of the grid's lowest point: qmin - z stays proportional to the width
                 self.zero_point.copy_(
-                    torch.clamp(
-                        self.qmin + torch.round((self.zero_point - old_min) / ratio), self.qmin, self.qmax
-                    )
+                    torch.clamp(self.qmin + torch.round((self.zero_point - old_min) / ratio), self.qmin, self.qmax)
                 )
 
     @property
@@ -130,9 +126,7 @@ class UniformQuantizer(nn.Module):
     def is_binary(self) -> bool:
         return self._bits == 1
 
-    def _load_from_state_dict(
-        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
-    ) -> None:
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         # the Python-side copies of the buffers are what forward reads (no device sync per step)
         self._bits = int(self.bit_width)
@@ -171,15 +165,18 @@ class UniformQuantizer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:
             return x
-        if (self.observing and self.training) or not self._initialized:
+        observed = (self.observing and self.training) or not self._initialized
+        if observed:
             self.observe(x)
         scale = self.effective_scale()
+        if observed:
+            # the step was just set from data: no gradient for it, and a copy, so that observing again in the
+            # same step (a layer called twice) cannot modify a tensor autograd saved
+            scale = scale.detach().clone()
         if self.is_binary:
             return binarize(x, scale, self.ch_axis, self.grad_factor(x) if self.learnable else 0.0)
-        if self.learnable and torch.is_grad_enabled():
-            return lsq_fake_quantize(
-                x, scale, self.zero_point, self.qmin, self.qmax, self.ch_axis, self.grad_factor(x)
-            )
+        if self.learnable and not observed and torch.is_grad_enabled():
+            return lsq_fake_quantize(x, scale, self.zero_point, self.qmin, self.qmax, self.ch_axis, self.grad_factor(x))
         return fake_quantize(x, scale.detach(), self.zero_point, self.qmin, self.qmax, self.ch_axis)
 
     @torch.no_grad()

@@ -1,0 +1,620 @@
+"""Integer packing and entropy-style encodings that give a quantized model's real on-disk size.
+
+Everything here is a pure function of tensors (numpy arrays are accepted where values are read), so the
+allocators' cost models, the benchmarks and the export callback can all measure "bits per parameter" the
+same way.
+
+Dense packing (:func:`pack_bits` / :func:`unpack_bits`)
+    ``n`` integers of ``bits`` bits each (1..8) become exactly ``ceil(n * bits / 8)`` bytes. Value ``i``
+    occupies bits ``[i * bits, (i + 1) * bits)`` of one little-endian bit stream: stream bit ``k`` is bit
+    ``k % 8`` (least significant first) of byte ``k // 8``, and each value is written least significant bit
+    first. Widths that do not divide 8 straddle byte boundaries; the unused high bits of the last byte are
+    zero. Signed values are stored in two's complement, except ``bits=1, signed=True``: binary weights
+    ``{-1, +1}`` are stored as one bit each (``-1 -> 0``, ``+1 -> 1``). Example, 3-bit unsigned
+    ``[1, 2, 3]`` -> ``1 | 2 << 3 | 3 << 6 = 209`` and a second byte ``0``:
+
+    >>> import torch
+    >>> pack_bits(torch.tensor([1, 2, 3]), bits=3, signed=False)
+    tensor([209,   0], dtype=torch.uint8)
+    >>> unpack_bits(torch.tensor([209, 0], dtype=torch.uint8), bits=3, signed=False, numel=3)
+    tensor([1, 2, 3], dtype=torch.uint8)
+
+Value quantization + zero-run encoding (:func:`zero_run_encode`)
+    The sparse storage of Deep Compression (Han et al., 2016) as summarized in the compression article:
+    a flat stream of quantized values is stored as entries ``(value, run)``, where ``run`` is the number of
+    zeros that precede ``value`` since the previous entry. ``run`` has ``run_bits`` bits, so it is at most
+    ``max_run = 2**run_bits - 1``; a longer gap of zeros is bridged by *filler* entries ``(0, max_run)``,
+    each standing for ``max_run + 1`` zeros (its run plus itself). Zeros after the last non-zero value are
+    written with filler entries too (the last one ``(0, remaining - 1)``), so decoding is one uniform rule --
+    "emit ``run`` zeros, then ``value``" -- and needs no length. The stored size is
+    ``len(entries) * (bits + run_bits)`` bits (:func:`zero_run_size_bits`):
+
+    >>> zero_run_encode(torch.tensor([0, 0, 3, 0, 0, 0, 0, 0, 1, 0, 0]), bits=2, run_bits=2)
+    (tensor([3, 0, 1, 0]), tensor([2, 3, 1, 1]))
+
+Base (entropy) encoding (:func:`base_encode_size_bits`)
+    The value stream Huffman-coded: code lengths come from the value histogram
+    (:func:`huffman_code_lengths`, the classic two-smallest merge with :mod:`heapq`), and the size is
+    ``sum(count * length)`` plus the codebook a decoder needs for a canonical Huffman code:
+    ``HUFFMAN_HEADER_BITS`` (a 32-bit symbol count) plus, per distinct symbol, its value (``bits``) and its
+    code length (``HUFFMAN_LENGTH_FIELD_BITS`` = 8 bits).
+
+Container file (:func:`save_packed` / :func:`load_packed`)
+    A raw binary format whose size is exactly header + payload::
+
+        b"LQPACK01"                      8 bytes magic (format version 1)
+        header length                    8 bytes, unsigned little-endian
+        JSON header (UTF-8)              names, shapes, bits, signedness, dtypes, offsets, byte counts
+        payloads                         the raw bytes of every tensor, concatenated, no padding
+
+    so ``file size == 16 + len(JSON header) + sum(tensor bytes)`` (:data:`PACKED_FILE_PREFIX_BYTES` = 16).
+    Tensors are written in this machine's byte order, which the header records.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import math
+import os
+import sys
+from numbers import Integral
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lightning_quant.core.errors import QuantizationConfigError
+
+__all__ = [
+    "HUFFMAN_HEADER_BITS",
+    "HUFFMAN_LENGTH_FIELD_BITS",
+    "PACKED_FILE_MAGIC",
+    "PACKED_FILE_PREFIX_BYTES",
+    "base_encode_size_bits",
+    "huffman_code_lengths",
+    "load_packed",
+    "pack_bits",
+    "packed_num_bytes",
+    "save_packed",
+    "unpack_bits",
+    "zero_run_decode",
+    "zero_run_encode",
+    "zero_run_size_bits",
+]
+
+IntArray = Tensor | np.ndarray
+
+PACK_MIN_BITS = 1
+PACK_MAX_BITS = 8
+#: Widest value field the size/encoding functions accept (they never pack, so codebook indices etc. fit).
+ENCODE_MAX_BITS = 32
+#: Codebook header of :func:`base_encode_size_bits`: the number of distinct symbols.
+HUFFMAN_HEADER_BITS = 32
+#: Codebook field per symbol holding its Huffman code length.
+HUFFMAN_LENGTH_FIELD_BITS = 8
+PACKED_FILE_MAGIC = b"LQPACK01"
+#: Bytes before the JSON header: the magic and the 8-byte header length.
+PACKED_FILE_PREFIX_BYTES = len(PACKED_FILE_MAGIC) + 8
+_FORMAT_VERSION = 1
+_REQUIRED_KEYS = ("packed", "bits", "signed", "shape")
+
+
+# ----------------------------------------------------------------------------------------------- validation
+def _check_int(argument: str, value: object, low: int, high: int | None, fix: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise QuantizationConfigError(
+            f"`{argument}` must be an integer {bound}, got {value!r} ({type(value).__name__}). {fix}"
+        )
+    value = int(value)
+    if value < low or (high is not None and value > high):
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise QuantizationConfigError(f"`{argument}` must be an integer {bound}, got {value}. {fix}")
+    return value
+
+
+def _check_pack_bits(bits: object) -> int:
+    return _check_int(
+        "bits",
+        bits,
+        PACK_MIN_BITS,
+        PACK_MAX_BITS,
+        "Dense packing covers 1..8 bits; store wider integers as int16/int32 tensors instead.",
+    )
+
+
+def _check_encode_bits(bits: object, argument: str = "bits") -> int:
+    return _check_int(
+        argument, bits, 1, ENCODE_MAX_BITS, f"Give the width of one stored field, 1..{ENCODE_MAX_BITS} bits."
+    )
+
+
+def _as_int_tensor(values: IntArray, argument: str = "values") -> Tensor:
+    """Flatten ``values`` (tensor or numpy array of an integer or bool dtype) to a 1-D tensor."""
+    if isinstance(values, np.ndarray):
+        values = torch.from_numpy(np.ascontiguousarray(values))
+    if not isinstance(values, Tensor):
+        raise QuantizationConfigError(
+            f"`{argument}` must be a torch.Tensor or numpy array of integers, got {type(values).__name__}. "
+            "Quantize to integer codes first (e.g. torch.round(w / scale).to(torch.int32))."
+        )
+    if values.is_floating_point() or values.is_complex():
+        raise QuantizationConfigError(
+            f"`{argument}` must have an integer dtype, got {values.dtype}. "
+            "Quantize to integer codes first (e.g. torch.round(w / scale).to(torch.int32))."
+        )
+    return values.reshape(-1)
+
+
+def _value_range(bits: int, signed: bool) -> tuple[int, int]:
+    if signed:
+        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return 0, (1 << bits) - 1
+
+
+def _check_range(flat: Tensor, bits: int, signed: bool, argument: str = "values", binary_pm1: bool = True) -> None:
+    """Check codes fit ``bits``; with ``binary_pm1`` a signed 1-bit field means ``{-1, +1}``."""
+    if flat.numel() == 0:
+        return
+    if bits == 1 and signed and binary_pm1:
+        bad = flat[(flat != 1) & (flat != -1)]
+        if bad.numel():
+            raise QuantizationConfigError(
+                f"`{argument}` must be -1 or +1 for bits=1, signed=True (binary weights), got {int(bad[0])}. "
+                "Map zeros to -1 or +1, or use signed=False with values in {0, 1}."
+            )
+        return
+    low, high = _value_range(bits, signed)
+    lo, hi = int(flat.min()), int(flat.max())
+    if lo < low or hi > high:
+        offending = lo if lo < low else hi
+        raise QuantizationConfigError(
+            f"`{argument}` must be integers in [{low}, {high}] for bits={bits}, signed={signed}, "
+            f"got {offending}. Clamp the values to that range or use a larger `bits`."
+        )
+
+
+def _infer_signed(flat: Tensor, signed: bool | None) -> bool:
+    if signed is not None:
+        return bool(signed)
+    return bool(flat.numel()) and int(flat.min()) < 0
+
+
+# ------------------------------------------------------------------------------------------- dense packing
+def packed_num_bytes(numel: int, bits: int) -> int:
+    """Bytes that :func:`pack_bits` uses for ``numel`` values of ``bits`` bits: ``ceil(numel * bits / 8)``.
+
+    Args:
+        numel: number of values (>= 0).
+        bits: bits per value, 1..8.
+
+    Returns:
+        The exact packed size in bytes.
+
+    >>> packed_num_bytes(10, 3)
+    4
+    """
+    numel = _check_int("numel", numel, 0, None, "Pass the number of packed values.")
+    bits = _check_pack_bits(bits)
+    return (numel * bits + 7) // 8
+
+
+def pack_bits(values: IntArray, bits: int, signed: bool) -> Tensor:
+    """Pack integer codes densely into bytes, ``bits`` bits per value (layout in the module docstring).
+
+    Args:
+        values: integer codes of any shape and integer dtype (flattened in row-major order). They must lie in
+            ``[-2**(bits-1), 2**(bits-1) - 1]`` when ``signed`` and in ``[0, 2**bits - 1]`` otherwise; for
+            ``bits=1, signed=True`` they must be ``-1`` or ``+1`` (binary weights, one bit each).
+        bits: bits per value, 1..8.
+        signed: whether the codes are signed (two's complement; ``{-1, +1}`` for one bit).
+
+    Returns:
+        A flat ``uint8`` tensor of exactly :func:`packed_num_bytes` ``(values.numel(), bits)`` bytes, on the
+        device of ``values``.
+
+    Raises:
+        QuantizationConfigError: ``bits`` outside 1..8, a non-integer dtype, or a value outside the range.
+    """
+    bits = _check_pack_bits(bits)
+    flat = _as_int_tensor(values)
+    _check_range(flat, bits, signed)
+    n = flat.numel()
+    codes = flat.to(torch.int64)
+    if bits == 1 and signed:
+        codes = (codes + 1) // 2  # -1 -> 0, +1 -> 1
+    elif signed:
+        codes = codes & ((1 << bits) - 1)  # two's complement in `bits` bits
+    codes = codes.to(torch.uint8)  # every code is now in [0, 2**bits - 1]; uint8 shifts are the fast path
+    if bits == 8:
+        return codes
+    shifts = torch.arange(bits, device=codes.device, dtype=torch.uint8)
+    stream = ((codes.unsqueeze(1) >> shifts) & 1).reshape(-1)  # LSB first, value by value
+    n_bytes = (n * bits + 7) // 8
+    padded = torch.zeros(n_bytes * 8, dtype=torch.uint8, device=codes.device)
+    padded[: stream.numel()] = stream
+    weights = torch.tensor([1 << k for k in range(8)], dtype=torch.uint8, device=codes.device)
+    return (padded.reshape(n_bytes, 8) * weights).sum(dim=1, dtype=torch.int32).to(torch.uint8)
+
+
+def unpack_bits(packed: Tensor, bits: int, signed: bool, numel: int) -> Tensor:
+    """Inverse of :func:`pack_bits`: exact round trip of the codes (flat; reshape to the layer's shape).
+
+    Args:
+        packed: the flat ``uint8`` tensor from :func:`pack_bits`, exactly
+            :func:`packed_num_bytes` ``(numel, bits)`` bytes long.
+        bits: bits per value used when packing, 1..8.
+        signed: signedness used when packing.
+        numel: number of values packed.
+
+    Returns:
+        A flat tensor of ``numel`` codes: ``int8`` when ``signed`` (``{-1, +1}`` for one bit), ``uint8``
+        otherwise, on the device of ``packed``.
+
+    Raises:
+        QuantizationConfigError: bad ``bits`` / ``numel``, or ``packed`` not ``uint8`` of the right length.
+    """
+    bits = _check_pack_bits(bits)
+    numel = _check_int("numel", numel, 0, None, "Pass the number of values that were packed.")
+    if not isinstance(packed, Tensor) or packed.dtype != torch.uint8:
+        got = packed.dtype if isinstance(packed, Tensor) else type(packed).__name__
+        raise QuantizationConfigError(
+            f"`packed` must be a uint8 torch.Tensor from pack_bits, got {got}. Pass pack_bits' output."
+        )
+    expected = (numel * bits + 7) // 8
+    if packed.numel() != expected:
+        raise QuantizationConfigError(
+            f"`packed` must hold ceil(numel * bits / 8) = {expected} bytes for numel={numel}, bits={bits}, "
+            f"got {packed.numel()}. Pass the same `numel` and `bits` that were used to pack."
+        )
+    flat = packed.reshape(-1)
+    out_dtype = torch.int8 if signed else torch.uint8
+    if bits == 8:
+        return flat.view(torch.int8).clone() if signed else flat.clone()
+    byte_shifts = torch.arange(8, device=flat.device, dtype=torch.uint8)
+    stream = ((flat.unsqueeze(1) >> byte_shifts) & 1).reshape(-1)[: numel * bits]
+    weights = torch.tensor([1 << k for k in range(bits)], dtype=torch.int16, device=flat.device)
+    codes = (stream.reshape(numel, bits).to(torch.int16) * weights).sum(dim=1, dtype=torch.int16)
+    if bits == 1 and signed:
+        codes = codes * 2 - 1
+    elif signed:
+        codes = torch.where(codes >= (1 << (bits - 1)), codes - (1 << bits), codes)
+    return codes.to(out_dtype)
+
+
+# ---------------------------------------------------------------------------------------- zero-run coding
+def zero_run_encode(
+    values: IntArray, bits: int, run_bits: int = 4, signed: bool | None = None
+) -> tuple[Tensor, Tensor]:
+    """Zero-run encode a flat stream of integer codes (Deep Compression's sparse format; see module docs).
+
+    Args:
+        values: integer codes of any shape (flattened in row-major order).
+        bits: width of the stored value field (1..32); the codes must fit in it.
+        run_bits: width of the stored run field (1..32); runs are at most ``2**run_bits - 1``.
+        signed: whether the value field is two's complement (``[-2**(bits-1), 2**(bits-1) - 1]``) or
+            unsigned (``[0, 2**bits - 1]``); ``None`` infers signed when any value is negative. The
+            ``{-1, +1}`` one-bit convention of :func:`pack_bits` does not apply here (the filler value 0
+            must be representable).
+
+    Returns:
+        ``(entry_values, runs)``: two 1-D tensors of equal length. ``entry_values`` keeps the dtype of
+        ``values`` and holds the non-zero values and the filler zeros in order; ``runs`` (``int64``) holds
+        the number of zeros before each entry.
+
+    Raises:
+        QuantizationConfigError: bad ``bits`` / ``run_bits``, a non-integer dtype or a value out of range.
+    """
+    bits = _check_encode_bits(bits)
+    run_bits = _check_encode_bits(run_bits, "run_bits")
+    flat = _as_int_tensor(values)
+    is_signed = _infer_signed(flat, signed)
+    _check_range(flat, bits, is_signed, binary_pm1=False)
+    device = flat.device
+    max_run = (1 << run_bits) - 1
+    period = max_run + 1  # zeros covered by one filler entry (its run plus itself)
+    n = flat.numel()
+    nz_idx = torch.nonzero(flat, as_tuple=False).reshape(-1)
+    prev = torch.cat([torch.tensor([-1], device=device), nz_idx[:-1]]) if nz_idx.numel() else nz_idx
+    gaps = nz_idx - prev - 1
+    fillers = torch.div(gaps, period, rounding_mode="floor")
+    last_runs = gaps - fillers * period
+    # Each non-zero k becomes `fillers[k]` entries (0, max_run) followed by (value_k, last_runs[k]).
+    group_sizes = fillers + 1
+    total = int(group_sizes.sum()) if nz_idx.numel() else 0
+    ends = torch.cumsum(group_sizes, 0) - 1  # entry index of each non-zero value
+    entry_values = torch.zeros(total, dtype=flat.dtype, device=device)
+    entry_values[ends] = flat[nz_idx]
+    runs = torch.full((total,), max_run, dtype=torch.int64, device=device)
+    runs[ends] = last_runs
+    # Trailing zeros: full fillers, then one (0, remainder - 1) for a partial period.
+    trailing = n - (int(nz_idx[-1]) + 1 if nz_idx.numel() else 0)
+    full, remainder = divmod(trailing, period)
+    tail_runs = torch.full((full + (remainder > 0),), max_run, dtype=torch.int64, device=device)
+    if remainder:
+        tail_runs[-1] = remainder - 1
+    entry_values = torch.cat([entry_values, torch.zeros(tail_runs.numel(), dtype=flat.dtype, device=device)])
+    runs = torch.cat([runs, tail_runs])
+    return entry_values, runs
+
+
+def zero_run_decode(entry_values: IntArray, runs: IntArray, run_bits: int | None = None) -> Tensor:
+    """Inverse of :func:`zero_run_encode`: for every entry emit ``run`` zeros, then its value.
+
+    Args:
+        entry_values: the entry values (non-zero values and filler zeros).
+        runs: the zero-run length before each entry, same length as ``entry_values``.
+        run_bits: when given, check that every run fits in ``run_bits`` bits.
+
+    Returns:
+        The flat decoded stream, with the dtype of ``entry_values``.
+
+    Raises:
+        QuantizationConfigError: mismatched lengths, negative runs or runs wider than ``run_bits``.
+    """
+    vals = _as_int_tensor(entry_values, "entry_values")
+    run = _as_int_tensor(runs, "runs").to(torch.int64)
+    if vals.numel() != run.numel():
+        raise QuantizationConfigError(
+            f"`entry_values` and `runs` must have the same length, got {vals.numel()} and {run.numel()}. "
+            "Pass both outputs of zero_run_encode unchanged."
+        )
+    if run.numel() == 0:
+        return vals.clone()
+    high = (1 << _check_encode_bits(run_bits, "run_bits")) - 1 if run_bits is not None else None
+    lo, hi = int(run.min()), int(run.max())
+    if lo < 0 or (high is not None and hi > high):
+        offending = lo if lo < 0 else hi
+        bound = f"in [0, {high}]" if high is not None else ">= 0"
+        raise QuantizationConfigError(
+            f"`runs` must be {bound}, got {offending}. Pass the runs of zero_run_encode with the same run_bits."
+        )
+    positions = torch.cumsum(run + 1, 0) - 1  # index of each entry in the decoded stream
+    out = torch.zeros(int(positions[-1]) + 1, dtype=vals.dtype, device=vals.device)
+    out[positions.to(vals.device)] = vals
+    return out
+
+
+def zero_run_size_bits(values: IntArray, bits: int, run_bits: int = 4, signed: bool | None = None) -> int:
+    """Stored size in bits of :func:`zero_run_encode`'s output: ``entries * (bits + run_bits)``.
+
+    Args:
+        values: integer codes of any shape.
+        bits: width of the value field (1..32).
+        run_bits: width of the run field (1..32).
+        signed: as in :func:`zero_run_encode`.
+
+    Returns:
+        The size in bits (the tensor's shape is metadata, not counted).
+    """
+    entry_values, _ = zero_run_encode(values, bits, run_bits, signed)
+    return entry_values.numel() * (int(bits) + int(run_bits))
+
+
+# --------------------------------------------------------------------------------------------- Huffman
+def huffman_code_lengths(counts: dict[int, int]) -> dict[int, int]:
+    """Huffman code length per symbol, from a histogram (two smallest weights merged first, via heapq).
+
+    Ties are broken deterministically (leaves in ascending symbol order, then merged nodes in creation order).
+    Symbols with a zero count get no code. A single symbol gets length 1 (one bit per occurrence, so the
+    stream stays decodable); with two or more symbols the lengths satisfy Kraft's equality
+    ``sum(2**-length) == 1``.
+
+    Args:
+        counts: occurrences per symbol (non-negative integers).
+
+    Returns:
+        ``{symbol: code length in bits}`` for every symbol with a positive count.
+
+    Raises:
+        QuantizationConfigError: a negative or non-integer count.
+
+    >>> huffman_code_lengths({0: 45, 1: 13, 2: 12, 3: 16, 4: 9, 5: 5})  # CLRS 16.3
+    {0: 1, 1: 3, 2: 3, 3: 3, 4: 4, 5: 4}
+    """
+    symbols = []
+    for symbol, count in sorted(counts.items()):
+        count = _check_int(f"counts[{symbol!r}]", count, 0, None, "Counts are occurrences per symbol.")
+        if count > 0:
+            symbols.append((symbol, count))
+    if not symbols:
+        return {}
+    if len(symbols) == 1:
+        return {symbols[0][0]: 1}
+    parent: list[int] = [-1] * (2 * len(symbols) - 1)
+    heap = [(count, node) for node, (_, count) in enumerate(symbols)]
+    heapq.heapify(heap)
+    next_node = len(symbols)
+    while len(heap) > 1:
+        count_a, node_a = heapq.heappop(heap)
+        count_b, node_b = heapq.heappop(heap)
+        parent[node_a] = parent[node_b] = next_node
+        heapq.heappush(heap, (count_a + count_b, next_node))
+        next_node += 1
+    # Internal nodes are created after their children, so depths resolve root-down in reverse order.
+    depth = [0] * len(parent)
+    for node in range(len(parent) - 2, -1, -1):
+        depth[node] = depth[parent[node]] + 1
+    return {symbol: depth[node] for node, (symbol, _) in enumerate(symbols)}
+
+
+def base_encode_size_bits(values: IntArray, bits: int, signed: bool | None = None) -> int:
+    """Huffman-coded size in bits of a value stream, codebook included (see module docstring).
+
+    Size = ``sum(count * code_length)`` + ``HUFFMAN_HEADER_BITS`` + ``n_symbols * (bits +
+    HUFFMAN_LENGTH_FIELD_BITS)``.
+
+    Args:
+        values: integer codes of any shape.
+        bits: width of one symbol in the codebook (1..32); the codes must fit in it.
+        signed: two's complement (``True``) or unsigned value range; ``None`` infers signed when any value
+            is negative.
+
+    Returns:
+        The total size in bits.
+    """
+    bits = _check_encode_bits(bits)
+    flat = _as_int_tensor(values)
+    is_signed = _infer_signed(flat, signed)
+    _check_range(flat, bits, is_signed)  # a signed 1-bit field holds binary codes {-1, +1}
+    symbols, counts = torch.unique(flat, return_counts=True)
+    histogram = dict(zip(symbols.tolist(), counts.tolist(), strict=True))
+    lengths = huffman_code_lengths(histogram)
+    payload = sum(histogram[s] * length for s, length in lengths.items())
+    return payload + HUFFMAN_HEADER_BITS + len(lengths) * (bits + HUFFMAN_LENGTH_FIELD_BITS)
+
+
+# ------------------------------------------------------------------------------------------ container file
+def _dtype_from_name(name: str) -> torch.dtype:
+    dtype = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise QuantizationConfigError(f"Unknown dtype {name!r} in a packed file header. The file is corrupt.")
+    return dtype
+
+
+def _tensor_bytes(tensor: Tensor) -> bytes:
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return b""
+    return flat.view(torch.uint8).numpy().tobytes()
+
+
+def save_packed(path: str | os.PathLike[str], tensors: dict[str, dict[str, Any]]) -> int:
+    """Write packed tensors to one raw binary file (format in the module docstring).
+
+    Args:
+        path: the file to write (overwritten).
+        tensors: ``{name: entry}``. Every entry needs ``"packed"`` (flat ``uint8`` tensor from
+            :func:`pack_bits`), ``"bits"`` (1..8), ``"signed"`` (bool) and ``"shape"`` (the unpacked
+            shape). Any other key may hold a tensor (stored raw with its dtype and shape, e.g. ``"scale"``,
+            ``"zero_point"``, a codebook), ``None``, or a JSON scalar (``int``/``float``/``bool``/``str``).
+
+    Returns:
+        The number of bytes written: ``PACKED_FILE_PREFIX_BYTES + header bytes + payload bytes``.
+
+    Raises:
+        QuantizationConfigError: a missing key, a packed length that does not match shape and bits, or a
+            value that cannot be stored.
+    """
+    if not isinstance(tensors, dict):
+        raise QuantizationConfigError(
+            f"`tensors` must be a dict {{name: entry}}, got {type(tensors).__name__}. Wrap entries in a dict."
+        )
+    header: dict[str, Any] = {"version": _FORMAT_VERSION, "byteorder": sys.byteorder, "tensors": {}}
+    payloads: list[bytes] = []
+    offset = 0
+    for name, entry in tensors.items():
+        if not isinstance(name, str) or not isinstance(entry, dict):
+            raise QuantizationConfigError(
+                f"`tensors` must map str names to dict entries, got {name!r}: {type(entry).__name__}. "
+                'Pass {"layer.weight": {"packed": ..., "bits": ..., "signed": ..., "shape": ...}}.'
+            )
+        missing = [key for key in _REQUIRED_KEYS if key not in entry]
+        if missing:
+            raise QuantizationConfigError(
+                f"`tensors[{name!r}]` is missing {missing}. Every entry needs {list(_REQUIRED_KEYS)}."
+            )
+        bits = _check_pack_bits(entry["bits"])
+        shape = [
+            _check_int(f"tensors[{name!r}]['shape']", d, 0, None, "Give the unpacked shape.") for d in entry["shape"]
+        ]
+        numel = math.prod(shape)
+        packed = entry["packed"]
+        if not isinstance(packed, Tensor) or packed.dtype != torch.uint8 or packed.dim() != 1:
+            raise QuantizationConfigError(
+                f"`tensors[{name!r}]['packed']` must be a flat uint8 tensor from pack_bits, got "
+                f"{getattr(packed, 'dtype', type(packed).__name__)}. Pass pack_bits' output."
+            )
+        if packed.numel() != packed_num_bytes(numel, bits):
+            raise QuantizationConfigError(
+                f"`tensors[{name!r}]['packed']` has {packed.numel()} bytes, but shape {tuple(shape)} at "
+                f"bits={bits} packs into {packed_num_bytes(numel, bits)}. Pass the shape and bits used to pack."
+            )
+        meta: dict[str, Any] = {"bits": bits, "signed": bool(entry["signed"]), "shape": shape}
+        fields: dict[str, Any] = {}
+        tensor_fields: dict[str, Any] = {}
+        for key, value in entry.items():
+            if key in ("bits", "signed", "shape"):
+                continue
+            if isinstance(value, Tensor):
+                data = _tensor_bytes(value)
+                tensor_fields[key] = {
+                    "dtype": str(value.dtype),
+                    "shape": list(value.shape),
+                    "offset": offset,
+                    "nbytes": len(data),
+                }
+                payloads.append(data)
+                offset += len(data)
+            elif value is None or isinstance(value, (bool, int, float, str)):
+                fields[key] = value
+            else:
+                raise QuantizationConfigError(
+                    f"`tensors[{name!r}][{key!r}]` must be a tensor, None, or an int/float/bool/str, got "
+                    f"{type(value).__name__}. Convert it to a tensor."
+                )
+        meta["tensors"] = tensor_fields
+        meta["fields"] = fields
+        header["tensors"][name] = meta
+    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    with open(path, "wb") as handle:
+        handle.write(PACKED_FILE_MAGIC)
+        handle.write(len(header_bytes).to_bytes(8, "little"))
+        handle.write(header_bytes)
+        for data in payloads:
+            handle.write(data)
+    return PACKED_FILE_PREFIX_BYTES + len(header_bytes) + offset
+
+
+def load_packed(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+    """Read a file written by :func:`save_packed`.
+
+    Args:
+        path: the file to read.
+
+    Returns:
+        ``{name: entry}`` with the same keys and values that were saved; ``"shape"`` comes back as a tuple
+        and tensors come back on the CPU.
+
+    Raises:
+        QuantizationConfigError: the file is not a packed file, is truncated, or was written with another
+            byte order.
+    """
+    with open(path, "rb") as handle:
+        blob = handle.read()
+    if blob[: len(PACKED_FILE_MAGIC)] != PACKED_FILE_MAGIC or len(blob) < PACKED_FILE_PREFIX_BYTES:
+        raise QuantizationConfigError(
+            f"`path` {os.fspath(path)!r} is not a lightning-quant packed file (magic {PACKED_FILE_MAGIC!r} "
+            "missing). Write it with save_packed."
+        )
+    header_len = int.from_bytes(blob[len(PACKED_FILE_MAGIC) : PACKED_FILE_PREFIX_BYTES], "little")
+    payload_start = PACKED_FILE_PREFIX_BYTES + header_len
+    header = json.loads(blob[PACKED_FILE_PREFIX_BYTES:payload_start].decode("utf-8"))
+    if header.get("byteorder") != sys.byteorder:
+        raise QuantizationConfigError(
+            f"`path` {os.fspath(path)!r} was written on a {header.get('byteorder')}-endian machine; this one "
+            f"is {sys.byteorder}-endian. Load it on a machine with the same byte order."
+        )
+    result: dict[str, dict[str, Any]] = {}
+    for name, meta in header["tensors"].items():
+        entry: dict[str, Any] = {"bits": meta["bits"], "signed": meta["signed"], "shape": tuple(meta["shape"])}
+        for key, spec in meta["tensors"].items():
+            start = payload_start + spec["offset"]
+            end = start + spec["nbytes"]
+            if end > len(blob):
+                raise QuantizationConfigError(
+                    f"`path` {os.fspath(path)!r} is truncated: {name}.{key} needs bytes up to {end}, the file "
+                    f"has {len(blob)}. Write it again with save_packed."
+                )
+            dtype = _dtype_from_name(spec["dtype"])
+            if spec["nbytes"] == 0:
+                tensor = torch.empty(spec["shape"], dtype=dtype)
+            else:
+                raw = torch.frombuffer(bytearray(blob[start:end]), dtype=torch.uint8)
+                tensor = raw.view(dtype).reshape(spec["shape"])
+            entry[key] = tensor
+        entry.update(meta["fields"])
+        result[name] = entry
+    return result

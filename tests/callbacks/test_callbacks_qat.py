@@ -1,0 +1,273 @@
+"""QuantizationAwareTraining: attaches to any model unchanged, calibrates, freezes BN, checkpoints, resumes."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+import torchvision
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_quant import (
+    QuantizationAwareTraining,
+    QuantizationConfigError,
+    QuantSpec,
+    load_quantized,
+)
+from lightning_quant.models import ImageClassifier, LeNet5, resnet8, resnet20
+from lightning_quant.surgery import SPEC_KEY, quantized_layers, quantizers
+
+
+def _loader(n: int = 32, channels: int = 3, size: int = 32, classes: int = 10, batch: int = 8, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, channels, size, size, generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch)
+
+
+class BranchAndShared(nn.Module):
+    """User-style backbone: a branch that is added back and a layer called twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.branch_a = nn.Conv2d(8, 8, 3, padding=1)
+        self.branch_b = nn.Conv2d(8, 8, 1)
+        self.shared = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(x))
+        h = torch.relu(self.branch_a(h)) + torch.relu(self.branch_b(h))
+        h = h.mean(dim=(2, 3))
+        return self.head(torch.relu(self.shared(torch.relu(self.shared(h)))))
+
+
+@pytest.mark.parametrize(
+    "make_backbone",
+    [
+        pytest.param(lambda: torchvision.models.resnet18(num_classes=10), id="resnet18"),
+        pytest.param(lambda: torchvision.models.mobilenet_v2(num_classes=10), id="mobilenet_v2"),
+        pytest.param(lambda: LeNet5(in_channels=3, input_size=32), id="lenet5"),
+        pytest.param(lambda: resnet8(), id="resnet8"),
+        pytest.param(lambda: resnet20(), id="resnet20"),
+        pytest.param(BranchAndShared, id="branch_and_shared"),
+    ],
+)
+def test_attaches_unchanged_to_any_model(make_backbone, trainer_kwargs) -> None:
+    torch.manual_seed(0)
+    backbone = make_backbone()
+    model = ImageClassifier(backbone, lr=1e-3)
+    float_convs = sum(isinstance(m, nn.Conv2d | nn.Linear) for m in backbone.modules())
+    losses = []
+
+    class Record(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(outputs["loss"].item())
+
+    qat = QuantizationAwareTraining(weight_bits=4, act_bits=4, num_calibration_batches=1)
+    trainer = L.Trainer(**trainer_kwargs(max_steps=2, callbacks=[qat, Record()]))
+    trainer.fit(model, _loader(n=16), _loader(n=8))
+    assert len(quantized_layers(model)) == float_convs
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+    assert trainer.callback_metrics["quant/qat/avg_weight_bits"] < 8
+
+
+def test_quantizer_parameters_are_trained(trainer_kwargs) -> None:
+    torch.manual_seed(0)
+    model = ImageClassifier(LeNet5(in_channels=3, input_size=32), lr=1e-2)
+    qat = QuantizationAwareTraining(4, 4, num_calibration_batches=1)
+    trainer = L.Trainer(**trainer_kwargs(max_steps=4, callbacks=[qat]))
+    trainer.fit(model, _loader())
+    layer = quantized_layers(model)["backbone.conv2"]
+    calibrated = layer.input_quantizer.scale.detach().clone()
+    trainer = L.Trainer(**trainer_kwargs(max_steps=8, callbacks=[qat]))
+    trainer.fit(model, _loader(seed=1))
+    # after calibration LSQ learns the step: it moves by gradient, not by the observer
+    assert not torch.equal(layer.input_quantizer.scale.detach(), calibrated)
+    assert all(p.grad is not None for n, p in model.named_parameters() if n.endswith("quantizer.scale"))
+
+
+def test_calibration_then_frozen_ranges_in_observer_mode(trainer_kwargs) -> None:
+    torch.manual_seed(0)
+    model = ImageClassifier(LeNet5(in_channels=3, input_size=32))
+    qat = QuantizationAwareTraining(8, 8, scale_mode="observer", num_calibration_batches=2)
+    seen = []
+
+    class Watch(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            q = quantized_layers(pl_module)["backbone.conv2"]
+            seen.append((q.input_quantizer.observer.num_batches.item(), q.input_quantizer.scale.item()))
+
+    trainer = L.Trainer(**trainer_kwargs(max_steps=4, callbacks=[qat, Watch()]))
+    trainer.fit(model, _loader())
+    assert [n for n, _ in seen] == [1, 2, 2, 2]  # observes two batches, then stops
+    assert seen[1][1] == seen[2][1] == seen[3][1]
+    assert qat.state_dict()["calibration_batches_seen"] == 2
+    weight_q = quantized_layers(model)["backbone.conv2"].weight_quantizer
+    assert weight_q.observing  # observer-mode weight ranges keep following the weights
+
+
+def test_bn_frozen_after_n_epochs(trainer_kwargs) -> None:
+    torch.manual_seed(0)
+    model = ImageClassifier(resnet8())
+    qat = QuantizationAwareTraining(8, 8, freeze_bn_after_epochs=1, num_calibration_batches=1)
+    stats = {}
+
+    class Snapshot(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            stats[trainer.current_epoch] = pl_module.backbone.bn1.running_mean.clone()
+
+    trainer = L.Trainer(**trainer_kwargs(max_epochs=3, limit_train_batches=2, callbacks=[qat, Snapshot()]))
+    trainer.fit(model, _loader(), _loader(n=8))
+    assert not torch.equal(stats[0], torch.zeros_like(stats[0]))
+    torch.testing.assert_close(stats[1], stats[0], atol=0, rtol=0)  # frozen from epoch 1 on
+    torch.testing.assert_close(stats[2], stats[0], atol=0, rtol=0)
+    assert trainer.callback_metrics["quant/qat/bn_frozen"] == 1.0
+
+
+class CrashAt(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+def _resume_setup(tmp_path, trainer_kwargs, extra_callbacks, ckpt_path=None):
+    L.seed_everything(0, workers=True)
+    model = ImageClassifier(resnet8(), lr=1e-2)
+    qat = QuantizationAwareTraining(4, 4, num_calibration_batches=6)  # calibration spans the crash
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_epochs=1, save_top_k=-1)
+    trainer = L.Trainer(
+        **trainer_kwargs(
+            max_epochs=3, enable_checkpointing=True, callbacks=[qat, ckpt, *extra_callbacks], default_root_dir=tmp_path
+        )
+    )
+    return model, qat, trainer
+
+
+def test_kill_and_resume_gives_the_same_result(tmp_path, trainer_kwargs) -> None:
+    data = _loader(n=32, batch=8)  # 4 steps per epoch
+    model_a, qat_a, trainer_a = _resume_setup(tmp_path / "a", trainer_kwargs, [])
+    trainer_a.fit(model_a, data)
+
+    model_b, _, trainer_b = _resume_setup(tmp_path / "b", trainer_kwargs, [CrashAt(step=5)])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainer_b.fit(model_b, data)
+    last = tmp_path / "b" / "ckpt" / "last.ckpt"
+    assert last.exists()
+    model_c, qat_c, trainer_c = _resume_setup(tmp_path / "c", trainer_kwargs, [])
+    trainer_c.fit(model_c, data, ckpt_path=last)
+
+    assert qat_c.state_dict() == qat_a.state_dict()
+    state_a, state_c = model_a.state_dict(), model_c.state_dict()
+    assert state_a.keys() == state_c.keys()
+    for key in state_a:
+        torch.testing.assert_close(state_c[key], state_a[key], atol=0, rtol=0, msg=key)
+
+
+def test_checkpoint_reloads_strictly_into_a_fresh_model(tmp_path, trainer_kwargs) -> None:
+    torch.manual_seed(0)
+    model = ImageClassifier(resnet8())
+    qat = QuantizationAwareTraining(4, 4, num_calibration_batches=1)
+    trainer = L.Trainer(**trainer_kwargs(max_steps=2, callbacks=[qat]))
+    trainer.fit(model, _loader())
+    path = tmp_path / "q.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=False)
+    assert SPEC_KEY in checkpoint and qat.state_key in checkpoint["callbacks"]
+
+    fresh = load_quantized(ImageClassifier(resnet8()), path)
+    x = torch.randn(4, 3, 32, 32)
+    model.eval(), fresh.eval()
+    torch.testing.assert_close(fresh(x), model(x), atol=0, rtol=0)
+    # and through Lightning itself: validate a fresh model from the checkpoint
+    again = ImageClassifier(resnet8())
+    L.Trainer(**trainer_kwargs(callbacks=[QuantizationAwareTraining(4, 4)])).validate(
+        again, _loader(n=8), ckpt_path=path
+    )
+    torch.testing.assert_close(again.eval()(x), model(x), atol=0, rtol=0)
+
+
+def test_validate_test_predict_after_fit_do_not_change_the_model(trainer_kwargs) -> None:
+    torch.manual_seed(0)
+    model = ImageClassifier(LeNet5(in_channels=3, input_size=32))
+    qat = QuantizationAwareTraining(4, 4, num_calibration_batches=2)
+    trainer = L.Trainer(**trainer_kwargs(max_steps=3, callbacks=[qat]))
+    trainer.fit(model, _loader())
+    modules = {n: id(m) for n, m in model.named_modules()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer.validate(model, _loader(n=8))
+    trainer.test(model, _loader(n=8))
+    preds = trainer.predict(model, _loader(n=8))
+    assert sum(p.numel() for p in preds) == 8
+    assert {n: id(m) for n, m in model.named_modules()} == modules
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, state[key], atol=0, rtol=0, msg=key)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"weight_bits": 0}, r"`weight_bits` must be within \[2, 8\], got 0"),
+        ({"weight_bits": 1}, r"`weight_bits` must be within \[2, 8\], got 1\. For binary weights pass"),
+        ({"weight_bits": 9}, r"`weight_bits` must be within \[2, 8\], got 9"),
+        ({"weight_bits": 3.5}, r"`weight_bits` must be an integer number of bits in \[2, 8\], got 3.5"),
+        ({"weight_bits": "four"}, r"`weight_bits` must be an integer number of bits in \[2, 8\], got 'four'"),
+        ({"act_bits": 16}, r"`act_bits` must be within \[2, 8\], got 16"),
+        ({"weight_granularity": "per_block"}, r"`weight_granularity` must be one of \['per_channel', 'per_tensor'\]"),
+        ({"binary_weights": True, "weight_bits": 4}, r"`binary_weights=True` quantizes weights to 1 bit"),
+        ({"num_calibration_batches": -1}, r"`num_calibration_batches` must be a non-negative integer"),
+        ({"exclude_types": ["GRU"]}, r"`exclude_types` must be one of"),
+    ],
+)
+def test_bad_arguments_fail_fast(kwargs, match) -> None:
+    with pytest.raises(QuantizationConfigError, match=match):
+        QuantizationAwareTraining(**kwargs)
+
+
+def test_model_errors_before_the_model_is_touched(trainer_kwargs) -> None:
+    model = ImageClassifier(LeNet5())
+    modules = {n: id(m) for n, m in model.named_modules()}
+    trainer = L.Trainer(
+        **trainer_kwargs(max_steps=1, callbacks=[QuantizationAwareTraining(include=["backbone.conv9"])])
+    )
+    with pytest.raises(QuantizationConfigError, match=r"`include` pattern 'backbone.conv9' matches no quantizable"):
+        trainer.fit(model, _loader(channels=1, size=28))
+    assert {n: id(m) for n, m in model.named_modules()} == modules
+
+    class NoLayers(nn.Module):
+        def forward(self, x):
+            return x.flatten(1)[:, :10]
+
+    trainer = L.Trainer(**trainer_kwargs(max_steps=1, callbacks=[QuantizationAwareTraining()]))
+    with pytest.raises(QuantizationConfigError, match="has no layer that can be quantized"):
+        trainer.fit(ImageClassifier(NoLayers()), _loader())
+
+
+def test_binary_weights_train(trainer_kwargs) -> None:
+    torch.manual_seed(0)
+    model = ImageClassifier(LeNet5(in_channels=3, input_size=32), lr=1e-2)
+    qat = QuantizationAwareTraining(1, 8, binary_weights=True, num_calibration_batches=1)
+    L.Trainer(**trainer_kwargs(max_steps=2, callbacks=[qat])).fit(model, _loader())
+    layer = quantized_layers(model)["backbone.conv2"]
+    w = layer.quantized_weight().detach()
+    assert all(row.abs().unique().numel() == 1 for row in w.flatten(1))  # ±scale per output channel
+
+
+def test_two_instances_have_distinct_state_keys() -> None:
+    assert QuantizationAwareTraining(4, 4).state_key != QuantizationAwareTraining(8, 8).state_key
+
+
+def test_spec_argument_and_quantizer_count(trainer_kwargs) -> None:
+    spec = QuantSpec.from_yaml("default: {weight_bits: 3, act_bits: null}\nexclude: ['backbone.fc*']\n")
+    model = ImageClassifier(LeNet5())
+    L.Trainer(**trainer_kwargs(max_steps=1, callbacks=[QuantizationAwareTraining(spec=spec)])).fit(
+        model, _loader(channels=1, size=28)
+    )
+    assert set(quantized_layers(model)) == {"backbone.conv1", "backbone.conv2"}
+    assert len(quantizers(model)) == 2  # weights only: act_bits null
