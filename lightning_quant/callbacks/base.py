@@ -11,8 +11,9 @@ Facts from Lightning that decide its shape (see DESIGN.md):
   reducer rejects a second one) and AMP scaling and gradient accumulation still apply: the batch is kept in
   ``on_train_batch_start``, the extra term is computed in ``on_before_backward`` and added *in place* to the
   loss Lightning is about to back-propagate (divided by ``accumulate_grad_batches``, as Lightning divides the
-  user's loss). The value the user logged in ``training_step`` is unchanged. Where the loss tensor cannot be
-  changed in place, :class:`QuantizationLossMixin` is the alternative.
+  user's loss). The value the user logged in ``training_step`` is unchanged. Manual optimization
+  back-propagates the user's own tensor, which may not be changed in place: there, and wherever a user
+  prefers it, :class:`QuantizationLossMixin` is the alternative.
 * Every callback keeps its state in ``state_dict``/``load_state_dict`` under a ``state_key`` made from its
   identifying arguments, so two instances never clash and a killed run resumes exactly.
 """
@@ -91,9 +92,7 @@ class QuantizationCallback(Callback):
             checkpoint[SPEC_KEY] = QuantSpec.from_model(pl_module).to_dict()
 
     # -- metrics ---------------------------------------------------------------------------------------------
-    def log_metric(
-        self, pl_module: pl.LightningModule, name: str, value: float | Tensor, **kwargs: Any
-    ) -> None:
+    def log_metric(self, pl_module: pl.LightningModule, name: str, value: float | Tensor, **kwargs: Any) -> None:
         """Log ``quant/<TECHNIQUE>/<name>`` through the LightningModule (from batch/epoch hooks only).
 
         (Lightning overwrites a callback's `log` attribute with the module's, hence the name.)
@@ -119,18 +118,19 @@ class QuantizationCallback(Callback):
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         if isinstance(pl_module, QuantizationLossMixin):
             return  # the module added the term itself, inside training_step
+        if not pl_module.automatic_optimization:
+            # manual optimization back-propagates the user's own tensor: changing it in place is not safe
+            raise QuantizationConfigError(
+                f"{type(self).__name__} adds a loss term to the training loss, which needs automatic optimization "
+                "or the mixin. HINT: make your LightningModule inherit "
+                "`lightning_quant.callbacks.QuantizationLossMixin` and back-propagate "
+                "`loss + self.quantization_loss(batch)`."
+            )
         extra = self.extra_loss(trainer, pl_module, self._batch)
         if extra is None:
             return
-        try:
-            loss.add_(extra / trainer.accumulate_grad_batches)
-        except RuntimeError as err:
-            raise QuantizationConfigError(
-                f"{type(self).__name__} adds a loss term in place to the loss returned by `training_step`, "
-                f"and this loss cannot be changed in place ({err}). HINT: make your LightningModule inherit "
-                "`lightning_quant.callbacks.QuantizationLossMixin` and return "
-                "`loss + self.quantization_loss(batch)` from `training_step`."
-            ) from err
+        # Lightning hands over `loss / accumulate_grad_batches`, a fresh tensor that autograd has not saved
+        loss.add_(extra / trainer.accumulate_grad_batches)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

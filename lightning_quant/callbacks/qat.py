@@ -164,9 +164,7 @@ class QuantizationAwareTraining(QuantizationCallback):
         self.log_metric(pl_module, "avg_weight_bits", summary.avg_weight_bits)
         self.log_metric(pl_module, "size_kib", summary.quantized_bits / 8192)
         self.log_metric(pl_module, "compression", summary.compression)
-        frozen = (
-            self.freeze_bn_after_epochs is not None and trainer.current_epoch >= self.freeze_bn_after_epochs
-        )
+        frozen = self.freeze_bn_after_epochs is not None and trainer.current_epoch >= self.freeze_bn_after_epochs
         self.log_metric(pl_module, "bn_frozen", float(frozen))
 
     # -- state -----------------------------------------------------------------------------------------------

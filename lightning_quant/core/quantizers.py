@@ -85,8 +85,9 @@ class UniformQuantizer(nn.Module):
         else:
             self.register_buffer("scale", scale)
         self.register_buffer("zero_point", torch.zeros(num_channels))
-        self.register_buffer("bit_width", torch.tensor(bits, dtype=torch.int16))
-        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("bit_width", torch.tensor(bits, dtype=torch.long))
+        # integer, not bool: DDP broadcasts buffers and gloo has no bool
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.long))
         self._bits = bits
         self._initialized = False
 

@@ -33,9 +33,7 @@ def _auto_blocks(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Modul
     return [(prefix + n, m) for n, m in with_layers]
 
 
-def find_blocks(
-    model: nn.Module, blocks: Literal["auto"] | Sequence[str] = "auto"
-) -> list[tuple[str, nn.Module]]:
+def find_blocks(model: nn.Module, blocks: Literal["auto"] | Sequence[str] = "auto") -> list[tuple[str, nn.Module]]:
     """The model's blocks as ``(qualified name, module)``, in order.
 
     Args:

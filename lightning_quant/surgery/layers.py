@@ -82,9 +82,7 @@ class QuantizedLayer(nn.Module):
         return dataclasses.replace(self.layer_spec, weight_bits=self.weight_quantizer.bits, act_bits=act_bits)
 
     def extra_repr(self) -> str:
-        return (
-            super().extra_repr() + f", w{self.weight_quantizer.bits}a{self.current_spec().act_bits or 'fp'}"
-        )
+        return super().extra_repr() + f", w{self.weight_quantizer.bits}a{self.current_spec().act_bits or 'fp'}"
 
 
 class _QuantConvNd(QuantizedLayer):

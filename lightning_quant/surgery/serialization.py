@@ -22,9 +22,7 @@ def save_quantized(model: nn.Module, path: str | Path) -> None:
     torch.save({"state_dict": model.state_dict(), SPEC_KEY: QuantSpec.from_model(model).to_dict()}, path)
 
 
-def load_quantized(
-    model: nn.Module, checkpoint: str | Path | Mapping[str, Any], *, strict: bool = True
-) -> nn.Module:
+def load_quantized(model: nn.Module, checkpoint: str | Path | Mapping[str, Any], *, strict: bool = True) -> nn.Module:
     """Quantize a freshly built float ``model`` with the recipe stored in ``checkpoint`` and load its state.
 
     Works with Lightning checkpoints written while a quantization callback was attached (``model`` is then

@@ -90,9 +90,7 @@ class LayerSpec:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise QuantizationConfigError(
-                f"Unknown keys {unknown} in {where}. Allowed keys: {sorted(names)}."
-            )
+            raise QuantizationConfigError(f"Unknown keys {unknown} in {where}. Allowed keys: {sorted(names)}.")
         return cls(**dict(data))
 
 
@@ -131,18 +129,14 @@ class QuantSpec:
                 value = (value,)
             object.__setattr__(self, name, tuple(value))
         if not isinstance(self.default, LayerSpec):
-            raise QuantizationConfigError(
-                f"`default` must be a LayerSpec, got {type(self.default).__name__}."
-            )
+            raise QuantizationConfigError(f"`default` must be a LayerSpec, got {type(self.default).__name__}.")
         for type_name in self.exclude_types:
             _check_choice("exclude_types", type_name, QUANTIZABLE_TYPES)
         if self.first_last_bits is not None:
             validate_bits("first_last_bits", self.first_last_bits)
         for key, layer in self.layers.items():
             if not isinstance(layer, LayerSpec):
-                raise QuantizationConfigError(
-                    f"`layers[{key!r}]` must be a LayerSpec, got {type(layer).__name__}."
-                )
+                raise QuantizationConfigError(f"`layers[{key!r}]` must be a LayerSpec, got {type(layer).__name__}.")
         object.__setattr__(self, "layers", dict(self.layers))
 
     # -- resolution ------------------------------------------------------------------------------------------
@@ -210,16 +204,12 @@ class QuantSpec:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise QuantizationConfigError(
-                f"Unknown keys {unknown} in QuantSpec. Allowed keys: {sorted(names)}."
-            )
+            raise QuantizationConfigError(f"Unknown keys {unknown} in QuantSpec. Allowed keys: {sorted(names)}.")
         data = dict(data)
         if "default" in data:
             data["default"] = LayerSpec.from_dict(data["default"], "QuantSpec.default")
         if "layers" in data:
-            data["layers"] = {
-                k: LayerSpec.from_dict(v, f"QuantSpec.layers[{k!r}]") for k, v in data["layers"].items()
-            }
+            data["layers"] = {k: LayerSpec.from_dict(v, f"QuantSpec.layers[{k!r}]") for k, v in data["layers"].items()}
         return cls(**data)
 
     def to_json(self) -> str:

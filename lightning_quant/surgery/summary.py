@@ -61,9 +61,7 @@ class QuantizationSummary:
             )
             for r in self.rows
         ]
-        widths = [
-            max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)
-        ]
+        widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
         fmt = "  ".join(f"{{:<{w}}}" if i < 2 else f"{{:>{w}}}" for i, w in enumerate(widths))
         out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
         out += [fmt.format(*line) for line in lines]
@@ -81,9 +79,7 @@ def quantization_summary(model: nn.Module) -> QuantizationSummary:
     """
     layers = quantized_layers(model)
     weight_bits = {id(layer.weight): layer.weight_quantizer.bits for layer in layers.values()}
-    quantizer_names = tuple(
-        f"{name}." for name, m in model.named_modules() if isinstance(m, UniformQuantizer)
-    )
+    quantizer_names = tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, UniformQuantizer))
     fp32_bits = quantized_bits = 0
     seen: set[int] = set()
     for name, tensor in model.state_dict(keep_vars=True).items():

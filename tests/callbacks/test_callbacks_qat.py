@@ -271,3 +271,30 @@ def test_spec_argument_and_quantizer_count(trainer_kwargs) -> None:
     )
     assert set(quantized_layers(model)) == {"backbone.conv1", "backbone.conv2"}
     assert len(quantizers(model)) == 2  # weights only: act_bits null
+
+
+class SaveRankState(Callback):
+    def __init__(self, folder) -> None:
+        self.folder = folder
+
+    def on_train_end(self, trainer, pl_module):
+        torch.save(pl_module.state_dict(), self.folder / f"rank{trainer.global_rank}.pt")
+
+
+def test_ddp_two_processes_share_ranges_from_all_ranks(tmp_path, trainer_kwargs) -> None:
+    """Observers reduce across ranks: rank 1 alone sees an outlier, and both ranks' ranges include it."""
+    torch.manual_seed(0)
+    x = torch.rand(16, 3, 32, 32)
+    x[1, 0, 0, 0] = 100.0  # index 1 goes to rank 1 under the DistributedSampler
+    data = DataLoader(TensorDataset(x, torch.randint(0, 10, (16,))), batch_size=4)
+    model = ImageClassifier(LeNet5(in_channels=3, input_size=32))
+    qat = QuantizationAwareTraining(8, 8, scale_mode="observer", act_observer="minmax", num_calibration_batches=2)
+    trainer = L.Trainer(
+        **trainer_kwargs(devices=2, strategy="ddp_spawn", max_steps=2, callbacks=[qat, SaveRankState(tmp_path)])
+    )
+    trainer.fit(model, data)
+    state0 = torch.load(tmp_path / "rank0.pt")
+    state1 = torch.load(tmp_path / "rank1.pt")
+    for key in state0:
+        torch.testing.assert_close(state1[key], state0[key], atol=0, rtol=0, msg=key)
+    assert state0["backbone.conv1.input_quantizer.observer.max_val"].item() == 100.0

@@ -1,0 +1,10 @@
+"""LightningDataModules: vision data sets read from a local root (and, later, data-free generators)."""
+
+from lightning_quant.datamodules.vision import (
+    CIFAR10DataModule,
+    DigitsDataModule,
+    ImageFolderDataModule,
+    MNISTDataModule,
+)
+
+__all__ = ["CIFAR10DataModule", "DigitsDataModule", "ImageFolderDataModule", "MNISTDataModule"]
