@@ -175,10 +175,16 @@ class UniformQuantizer(nn.Module):
             # same step (a layer called twice) cannot modify a tensor autograd saved
             scale = scale.detach().clone()
         if self.is_binary:
-            return binarize(x, scale, self.ch_axis, self.grad_factor(x) if self.learnable else 0.0)
-        if self.learnable and not observed and torch.is_grad_enabled():
+            out = binarize(x, scale, self.ch_axis, self.grad_factor(x) if self.learnable else 0.0)
+        elif self.learnable and not observed and torch.is_grad_enabled():
             return lsq_fake_quantize(x, scale, self.zero_point, self.qmin, self.qmax, self.ch_axis, self.grad_factor(x))
-        return fake_quantize(x, scale.detach(), self.zero_point, self.qmin, self.qmax, self.ch_axis)
+        else:
+            out = fake_quantize(x, scale.detach(), self.zero_point, self.qmin, self.qmax, self.ch_axis)
+        if observed and self.learnable and torch.is_grad_enabled():
+            # keep the learned step in the graph with a zero gradient: DDP's reducer requires every parameter
+            # to take part in every step (multiplying by a constant saves nothing that observing could modify)
+            out = out + self.scale.sum() * 0.0
+        return out
 
     @torch.no_grad()
     def int_repr(self, x: Tensor) -> Tensor:

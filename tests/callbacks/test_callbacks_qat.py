@@ -281,16 +281,20 @@ class SaveRankState(Callback):
         torch.save(pl_module.state_dict(), self.folder / f"rank{trainer.global_rank}.pt")
 
 
-def test_ddp_two_processes_share_ranges_from_all_ranks(tmp_path, trainer_kwargs) -> None:
-    """Observers reduce across ranks: rank 1 alone sees an outlier, and both ranks' ranges include it."""
+@pytest.mark.parametrize("scale_mode", ["lsq", "observer"])
+def test_ddp_two_processes_share_ranges_from_all_ranks(scale_mode, tmp_path, trainer_kwargs) -> None:
+    """Observers reduce across ranks: rank 1 alone sees an outlier, and both ranks' ranges include it.
+
+    In LSQ mode every learned step takes part in every step (calibration included), as DDP's reducer requires.
+    """
     torch.manual_seed(0)
     x = torch.rand(16, 3, 32, 32)
     x[1, 0, 0, 0] = 100.0  # index 1 goes to rank 1 under the DistributedSampler
     data = DataLoader(TensorDataset(x, torch.randint(0, 10, (16,))), batch_size=4)
     model = ImageClassifier(LeNet5(in_channels=3, input_size=32))
-    qat = QuantizationAwareTraining(8, 8, scale_mode="observer", act_observer="minmax", num_calibration_batches=2)
+    qat = QuantizationAwareTraining(8, 8, scale_mode=scale_mode, act_observer="minmax", num_calibration_batches=2)
     trainer = L.Trainer(
-        **trainer_kwargs(devices=2, strategy="ddp_spawn", max_steps=2, callbacks=[qat, SaveRankState(tmp_path)])
+        **trainer_kwargs(devices=2, strategy="ddp_spawn", max_steps=3, callbacks=[qat, SaveRankState(tmp_path)])
     )
     trainer.fit(model, data)
     state0 = torch.load(tmp_path / "rank0.pt")
