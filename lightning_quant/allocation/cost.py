@@ -1,0 +1,282 @@
+"""Cost models of a bit allocation: weight size, parameter-weighted average bit width and BOPs.
+
+Every cost here is *monotone non-decreasing in every bit width* and of the form
+``offset + sum_u coefficient_u * bits_u ** power`` over the allocated units ``u`` (``power`` 1, or 2 for
+BOPs when a layer's weight and input bits move together). The solvers in :mod:`.solvers` rely on both facts: the
+all-minimum allocation is the cheapest one (so feasibility is decided by it alone), and lowering bits never
+breaks a budget (so flooring a relaxed solution keeps it feasible).
+
+Costs are kept in integer-valued units (bits, parameter-bits, bit-operations), which float64 represents exactly
+up to 2**53, so "meets the budget" is an exact comparison; :attr:`BudgetConstraint.display_scale` turns them into
+the user's unit (an average bit width, for instance) for messages and logs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lightning_quant.core.quantizers import UniformQuantizer
+from lightning_quant.surgery.layers import quantized_layers
+
+#: bits of an activation that is not quantized (a float32 input)
+FLOAT_ACT_BITS = 32
+
+
+@dataclass(frozen=True)
+class BudgetConstraint:
+    """One resource budget, ``offset + sum(coefficients * bits ** power) <= budget``.
+
+    Args:
+        name: ``"avg_weight_bits"``, ``"size_bits"`` or ``"bops"`` (used in messages and logs).
+        coefficients: one non-negative coefficient per allocated unit (parameter count, MACs x act bits, ...).
+        budget: the limit, in the same internal unit as the cost.
+        offset: the cost of what the allocator does not change (frozen layers at their fixed bits).
+        power: per unit (or one for all), 1 (linear in the bits) or 2 (a layer whose weight and input bits are
+            one variable, for BOPs).
+        display_scale: multiply internal costs by this to get the user's unit (``1 / total_params`` for an
+            average bit width).
+        argument: the user-facing argument that set this budget, for error messages.
+    """
+
+    name: str
+    coefficients: np.ndarray
+    budget: float
+    offset: float = 0.0
+    power: int | np.ndarray = 1
+    display_scale: float = 1.0
+    argument: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "coefficients", np.asarray(self.coefficients, dtype=np.float64))
+        power = np.broadcast_to(np.asarray(self.power, dtype=np.int64), self.coefficients.shape).copy()
+        if not np.all((power == 1) | (power == 2)):
+            raise ValueError(f"`power` must be 1 or 2, got {self.power}.")
+        object.__setattr__(self, "power", power)
+        if np.any(self.coefficients < 0):
+            raise ValueError("cost coefficients must be non-negative")
+
+    def cost(self, bits: np.ndarray) -> float:
+        """The cost of an allocation (one bit width per unit), internal unit."""
+        return float(self.offset + np.dot(self.coefficients, np.asarray(bits, dtype=np.float64) ** self.power))
+
+    def feasible(self, bits: np.ndarray) -> bool:
+        """Whether ``bits`` meets this budget (exact comparison)."""
+        return self.cost(bits) <= self.budget
+
+    def display(self, value: float) -> float:
+        """An internal cost in the user's unit."""
+        return value * self.display_scale
+
+
+@dataclass(frozen=True)
+class LayerCosts:
+    """What the cost models need to know about each quantized layer of a model.
+
+    Args:
+        names: the quantized layers, in registration order.
+        params: weight elements per layer.
+        weight_bits: current weight bit width per layer.
+        act_bits: current input bit width per layer (:data:`FLOAT_ACT_BITS` for a float input).
+        frozen: whether an allocator must leave the layer alone (``LayerSpec.frozen``).
+        macs: multiply-accumulates per sample per layer (from :func:`trace_macs`), or ``None`` if not traced.
+    """
+
+    names: tuple[str, ...]
+    params: np.ndarray
+    weight_bits: np.ndarray
+    act_bits: np.ndarray
+    frozen: np.ndarray
+    macs: np.ndarray | None = field(default=None)
+
+    @property
+    def free(self) -> np.ndarray:
+        """Boolean mask of the layers an allocator may change."""
+        return ~self.frozen
+
+    def with_macs(self, macs: Mapping[str, int]) -> LayerCosts:
+        """A copy with the MACs of each layer (layers never called by the forward count 0)."""
+        values = np.array([float(macs.get(n, 0)) for n in self.names])
+        return LayerCosts(self.names, self.params, self.weight_bits, self.act_bits, self.frozen, values)
+
+
+def layer_costs(model: nn.Module, macs: Mapping[str, int] | None = None) -> LayerCosts:
+    """Collect the cost-model inputs of a quantized model's layers (shared layers counted once)."""
+    layers = quantized_layers(model)
+    names, params, wbits, abits, frozen = [], [], [], [], []
+    seen: set[int] = set()
+    for name, layer in layers.items():
+        if id(layer) in seen:
+            continue
+        seen.add(id(layer))
+        names.append(name)
+        params.append(layer.weight.numel())
+        wbits.append(layer.weight_quantizer.bits)
+        quantizer = layer.input_quantizer
+        abits.append(quantizer.bits if isinstance(quantizer, UniformQuantizer) else FLOAT_ACT_BITS)
+        frozen.append(bool(layer.layer_spec.frozen))
+    costs = LayerCosts(
+        tuple(names),
+        np.array(params, dtype=np.float64),
+        np.array(wbits, dtype=np.float64),
+        np.array(abits, dtype=np.float64),
+        np.array(frozen, dtype=bool),
+    )
+    return costs.with_macs(macs) if macs is not None else costs
+
+
+# -- MACs from shapes ---------------------------------------------------------------------------------------------
+def layer_macs(layer: nn.Module, output: Tensor) -> int:
+    """Multiply-accumulates per sample of a Conv/Linear layer, from its output's shape.
+
+    Conv: ``output elements x in_channels / groups x kernel volume``; Linear: ``output elements x in_features``
+    (the leading dimension is the batch; further leading dimensions of a Linear input count as positions).
+
+    >>> layer_macs(nn.Conv2d(3, 8, 3, padding=1), torch.zeros(2, 8, 5, 5))
+    5400
+    >>> layer_macs(nn.Linear(16, 4), torch.zeros(2, 4))
+    64
+    """
+    per_sample = output[0].numel() if output.dim() > 1 else output.numel()
+    if isinstance(layer, nn.modules.conv._ConvNd):
+        kernel = int(np.prod(layer.kernel_size))
+        return int(per_sample * (layer.in_channels // layer.groups) * kernel)
+    if isinstance(layer, nn.Linear):
+        return int(per_sample * layer.in_features)
+    raise TypeError(f"no MAC count for {type(layer).__name__}")
+
+
+class MacTracer:
+    """Forward hooks that record each quantized layer's MACs per sample during the next forward(s).
+
+    Used by :func:`trace_macs` (one forward of its own) and by callbacks, which attach it to a training forward
+    that runs anyway. A layer called several times (a shared layer) accumulates its MACs per call.
+
+    Example:
+        >>> tracer = MacTracer(model)  # doctest: +SKIP
+        >>> model(x); tracer.remove(); tracer.macs  # doctest: +SKIP
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.macs: dict[str, int] = {}
+        self._handles: list[Any] = []
+        self._calls = 0
+        names_by_layer: dict[int, str] = {}
+        for name, layer in quantized_layers(model).items():
+            if id(layer) in names_by_layer:
+                continue
+            names_by_layer[id(layer)] = name
+            self._handles.append(layer.register_forward_hook(self._hook(name)))
+        self._first_layer = next(iter(names_by_layer.values()), None)
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, inputs: Any, output: Tensor) -> None:
+            if isinstance(output, Tensor):
+                self.macs[name] = self.macs.get(name, 0) + layer_macs(module, output)
+
+        return hook
+
+    @property
+    def traced(self) -> bool:
+        """Whether a forward has run since the hooks were attached."""
+        return bool(self.macs)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+@torch.no_grad()
+def trace_macs(model: nn.Module, example_input: Any) -> dict[str, int]:
+    """MACs per sample of each quantized layer, traced by one forward of ``example_input`` with hooks.
+
+    The forward runs in eval mode with every quantizer disabled, so no observer, BatchNorm statistic or
+    uninitialised step size is touched; the model's modes are restored afterwards.
+    """
+    tracer = MacTracer(model)
+    modes = {m: m.training for m in model.modules()}
+    enabled = {q: q.enabled for q in model.modules() if isinstance(q, UniformQuantizer)}
+    try:
+        model.eval()
+        for q in enabled:
+            q.enabled = False
+        if isinstance(example_input, (tuple, list)):
+            model(*example_input)
+        else:
+            model(example_input)
+    finally:
+        tracer.remove()
+        for m, mode in modes.items():
+            m.training = mode
+        for q, value in enabled.items():
+            q.enabled = value
+    return tracer.macs
+
+
+# -- the three budgets --------------------------------------------------------------------------------------------
+def avg_bits_constraint(costs: LayerCosts, avg_bits: float) -> BudgetConstraint:
+    """Average weight bit width over *all* quantized layers (frozen ones at their bits), weighted by parameters.
+
+    Internal unit: parameter-bits (``sum params x bits``); the budget is ``avg_bits x total params``.
+    """
+    total = float(costs.params.sum())
+    free = costs.free
+    return BudgetConstraint(
+        "avg_weight_bits",
+        costs.params[free],
+        avg_bits * total,
+        offset=float(np.dot(costs.params[~free], costs.weight_bits[~free])),
+        display_scale=1.0 / total,
+        argument="avg_weight_bits",
+    )
+
+
+def size_constraint(costs: LayerCosts, size_bits: float) -> BudgetConstraint:
+    """Size of the quantized weights in bits (frozen layers at their bits; biases and step sizes not counted)."""
+    free = costs.free
+    return BudgetConstraint(
+        "size_bits",
+        costs.params[free],
+        float(size_bits),
+        offset=float(np.dot(costs.params[~free], costs.weight_bits[~free])),
+        argument="size_budget",
+    )
+
+
+def bops_constraint(costs: LayerCosts, bops: float, *, tie_activations: bool = False) -> BudgetConstraint:
+    """Bit operations per sample, ``sum MACs x weight bits x input bits``.
+
+    With ``tie_activations`` a free layer with a quantized input gets input bits equal to its weight bits (one
+    variable per layer), so its term is ``MACs x bits**2``; otherwise (and for float inputs, which count 32 bits)
+    the input bits stay as they are and the term is linear.
+    """
+    if costs.macs is None:
+        raise ValueError("BOPs need the layers' MACs: pass `macs` to `layer_costs` (see `trace_macs`).")
+    free = costs.free
+    offset = float(np.sum(costs.macs[~free] * costs.weight_bits[~free] * costs.act_bits[~free]))
+    act_bits = costs.act_bits[free]
+    tied = (act_bits != FLOAT_ACT_BITS) if tie_activations else np.zeros_like(act_bits, dtype=bool)
+    coefficients = np.where(tied, costs.macs[free], costs.macs[free] * act_bits)
+    return BudgetConstraint(
+        "bops", coefficients, float(bops), offset=offset, power=np.where(tied, 2, 1), argument="bops_budget"
+    )
+
+
+__all__ = [
+    "FLOAT_ACT_BITS",
+    "BudgetConstraint",
+    "LayerCosts",
+    "MacTracer",
+    "avg_bits_constraint",
+    "bops_constraint",
+    "layer_costs",
+    "layer_macs",
+    "size_constraint",
+    "trace_macs",
+]
