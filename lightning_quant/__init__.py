@@ -6,7 +6,12 @@ Add a callback to your ``Trainer`` and get a low-bit model, with no change to yo
     trainer.fit(model, datamodule)
 """
 
-from lightning_quant.callbacks import QuantizationAwareTraining, QuantizationCallback, QuantizationLossMixin
+from lightning_quant.callbacks import (
+    BitReallocationCallback,
+    QuantizationAwareTraining,
+    QuantizationCallback,
+    QuantizationLossMixin,
+)
 from lightning_quant.core.errors import QuantizationConfigError, UnsupportedModuleError
 from lightning_quant.surgery import (
     LayerSpec,
@@ -22,6 +27,7 @@ from lightning_quant.surgery import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "BitReallocationCallback",
     "LayerSpec",
     "QuantSpec",
     "QuantizationAwareTraining",

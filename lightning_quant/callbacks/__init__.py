@@ -1,6 +1,7 @@
 """Lightning callbacks, one technique per file, on the shared template of :mod:`.base`."""
 
 from lightning_quant.callbacks.base import QuantizationCallback, QuantizationLossMixin
+from lightning_quant.callbacks.bit_reallocation import BitReallocationCallback
 from lightning_quant.callbacks.qat import QuantizationAwareTraining
 
-__all__ = ["QuantizationAwareTraining", "QuantizationCallback", "QuantizationLossMixin"]
+__all__ = ["BitReallocationCallback", "QuantizationAwareTraining", "QuantizationCallback", "QuantizationLossMixin"]
