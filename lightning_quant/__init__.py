@@ -11,6 +11,7 @@ from lightning_quant.callbacks import (
     QuantizationAwareTraining,
     QuantizationCallback,
     QuantizationLossMixin,
+    QuantizedExport,
 )
 from lightning_quant.core.errors import QuantizationConfigError, UnsupportedModuleError
 from lightning_quant.surgery import (
@@ -34,6 +35,7 @@ __all__ = [
     "QuantizationCallback",
     "QuantizationConfigError",
     "QuantizationLossMixin",
+    "QuantizedExport",
     "UnsupportedModuleError",
     "__version__",
     "dequantize_model",

@@ -1,26 +1,49 @@
-"""Export: integer packing and real on-disk size (:mod:`lightning_quant.export.packing`)."""
+"""Export: QDQ ONNX with onnxruntime verification (:mod:`.onnx`), the int8 runtime path (:mod:`.runtime`),
+integer packing and real on-disk size (:mod:`.packing`)."""
 
+from lightning_quant.export.onnx import LayerDiff, VerificationResult, export_onnx, prepare_for_export, verify_onnx
 from lightning_quant.export.packing import (
+    PACKED_FILE_PREFIX_BYTES,
+    ModelSizeReport,
     base_encode_size_bits,
     huffman_code_lengths,
     load_packed,
+    load_packed_model,
+    model_size_report,
     pack_bits,
+    pack_model,
     packed_num_bytes,
     save_packed,
+    save_packed_model,
     unpack_bits,
     zero_run_decode,
     zero_run_encode,
     zero_run_size_bits,
 )
+from lightning_quant.export.runtime import create_openvino_model, create_session, openvino_available
 
 __all__ = [
+    "PACKED_FILE_PREFIX_BYTES",
+    "LayerDiff",
+    "ModelSizeReport",
+    "VerificationResult",
     "base_encode_size_bits",
+    "create_openvino_model",
+    "create_session",
+    "export_onnx",
     "huffman_code_lengths",
     "load_packed",
+    "load_packed_model",
+    "model_size_report",
+    "openvino_available",
     "pack_bits",
+    "pack_model",
     "packed_num_bytes",
+    "prepare_for_export",
     "save_packed",
+    "save_packed_model",
     "unpack_bits",
+    "verify_onnx",
     "zero_run_decode",
     "zero_run_encode",
     "zero_run_size_bits",

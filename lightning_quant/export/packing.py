@@ -58,6 +58,7 @@ import json
 import math
 import os
 import sys
+from dataclasses import dataclass
 from numbers import Integral
 from typing import Any
 
@@ -72,12 +73,18 @@ __all__ = [
     "HUFFMAN_LENGTH_FIELD_BITS",
     "PACKED_FILE_MAGIC",
     "PACKED_FILE_PREFIX_BYTES",
+    "SPEC_ENTRY",
+    "ModelSizeReport",
     "base_encode_size_bits",
     "huffman_code_lengths",
     "load_packed",
+    "load_packed_model",
+    "model_size_report",
     "pack_bits",
+    "pack_model",
     "packed_num_bytes",
     "save_packed",
+    "save_packed_model",
     "unpack_bits",
     "zero_run_decode",
     "zero_run_encode",
@@ -618,3 +625,238 @@ def load_packed(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
         entry.update(meta["fields"])
         result[name] = entry
     return result
+
+
+# ------------------------------------------------------------------------------------------ whole models
+#: entry of :func:`pack_model` that holds the model's quantization recipe (``QuantSpec`` JSON)
+SPEC_ENTRY = "__lightning_quant_spec__"
+_QUANTIZER_STATE = ("scale", "zero_point", "bit_width", "initialized")
+
+
+def _empty_entry(**extra: Any) -> dict[str, Any]:
+    """An entry with no packed payload (a float tensor, quantizer parameters, the recipe)."""
+    return {"packed": torch.zeros(0, dtype=torch.uint8), "bits": 8, "signed": False, "shape": (0,), **extra}
+
+
+def _quantized_parts(model: torch.nn.Module) -> tuple[dict[str, Any], set[str]]:
+    """The quantized layers and the state-dict keys that packing replaces (weights, quantizer state)."""
+    from lightning_quant.surgery.layers import quantized_layers  # export sits above surgery
+
+    layers = quantized_layers(model)
+    replaced = set()
+    for name, module in model.named_modules():
+        if type(module).__name__ == "UniformQuantizer" or "Observer" in type(module).__name__:
+            replaced.update(f"{name}.{key}" for key, _ in module.state_dict().items())
+    replaced.update(f"{name}.weight" for name in layers)
+    return layers, replaced
+
+
+@torch.no_grad()
+def pack_model(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
+    """Every tensor a quantized model needs, with its weights packed into their bit widths.
+
+    Entries (the format of :func:`save_packed`):
+
+    * ``<layer>.weight``: the weight integers (``int_repr``) packed at the layer's bit width (binary: 1 bit),
+      with ``scale`` and ``zero_point`` (float32, one per channel or one per tensor) and ``ch_axis``.
+    * ``<layer>.input_quantizer``: the activation step size and zero point (no payload), ``bits``.
+    * every other floating-point tensor of the state dict (biases, BatchNorm, float layers), stored raw under
+      its state-dict key with ``kind="float"``.
+    * :data:`SPEC_ENTRY`: the ``QuantSpec`` JSON, so :func:`load_packed_model` can quantize a fresh model.
+
+    Observer statistics and integer bookkeeping buffers are not stored (they do not change the outputs).
+
+    Raises:
+        QuantizationConfigError: ``model`` has no quantized layer.
+    """
+    from lightning_quant.surgery.spec import QuantSpec
+
+    spec = QuantSpec.from_model(model)  # raises a clear error for a float model
+    layers, replaced = _quantized_parts(model)
+    entries: dict[str, dict[str, Any]] = {SPEC_ENTRY: _empty_entry(kind="spec", spec=spec.to_json())}
+    for name, layer in layers.items():
+        quantizer = layer.weight_quantizer
+        codes = quantizer.int_repr(layer.weight)
+        entries[f"{name}.weight"] = {
+            "packed": pack_bits(codes.cpu(), quantizer.bits, quantizer.qmin < 0),
+            "bits": quantizer.bits,
+            "signed": quantizer.qmin < 0,
+            "shape": tuple(layer.weight.shape),
+            "scale": quantizer.effective_scale().detach().float().cpu().clone(),
+            "zero_point": quantizer.zero_point.detach().float().cpu().clone(),
+            "ch_axis": quantizer.ch_axis,
+            "kind": "weight",
+        }
+        act = layer.input_quantizer
+        if hasattr(act, "int_repr"):
+            entries[f"{name}.input_quantizer"] = _empty_entry(
+                kind="activation",
+                act_bits=act.bits,
+                scale=act.effective_scale().detach().float().cpu().clone(),
+                zero_point=act.zero_point.detach().float().cpu().clone(),
+            )
+    seen: set[int] = set()
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if key in replaced or not tensor.is_floating_point() or id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        entries[key] = _empty_entry(kind="float", value=tensor.detach().cpu().clone())
+    return entries
+
+
+def save_packed_model(model: torch.nn.Module, path: str | os.PathLike[str]) -> int:
+    """Write :func:`pack_model` ``(model)`` with :func:`save_packed`; returns the bytes written."""
+    return save_packed(path, pack_model(model))
+
+
+@torch.no_grad()
+def load_packed_model(model: torch.nn.Module, path: str | os.PathLike[str]) -> torch.nn.Module:
+    """Load a file of :func:`save_packed_model` into a fresh model (float, or quantized with the same recipe).
+
+    A float model is first quantized with the stored recipe. Weights become their dequantized values
+    ``(q - z) * s`` and the quantizers get the stored step sizes, so the fake-quant outputs are exactly those of
+    the saved model (eval mode).
+
+    Raises:
+        QuantizationConfigError: the file is not a packed model, or it does not fit ``model``.
+    """
+    from lightning_quant.surgery.quantize import is_quantized, quantize_model
+    from lightning_quant.surgery.spec import QuantSpec
+
+    entries = load_packed(path)
+    if SPEC_ENTRY not in entries:
+        raise QuantizationConfigError(
+            f"`path` {os.fspath(path)!r} holds packed tensors but no model recipe. Write it with save_packed_model."
+        )
+    if not is_quantized(model):
+        quantize_model(model, QuantSpec.from_json(entries[SPEC_ENTRY]["spec"]))
+    layers, _ = _quantized_parts(model)
+    weights = {k.removesuffix(".weight"): e for k, e in entries.items() if e.get("kind") == "weight"}
+    if set(weights) != set(layers):
+        raise QuantizationConfigError(
+            f"The packed file's quantized layers {sorted(weights)[:6]} do not match the model's "
+            f"{sorted(layers)[:6]}. Load it into the model it was saved from."
+        )
+    for name, layer in layers.items():
+        entry = weights[name]
+        quantizer = layer.weight_quantizer
+        if tuple(entry["shape"]) != tuple(layer.weight.shape):
+            raise QuantizationConfigError(
+                f"`{name}.weight` has shape {tuple(layer.weight.shape)} in the model, {entry['shape']} in the file."
+            )
+        quantizer.bits = entry["bits"]
+        codes = unpack_bits(entry["packed"], entry["bits"], entry["signed"], math.prod(entry["shape"]))
+        codes = codes.to(torch.float32).reshape(entry["shape"])
+        scale, zero_point = entry["scale"], entry["zero_point"]
+        view = [-1] + [1] * (codes.dim() - 1) if scale.numel() > 1 else [1] * codes.dim()
+        values = (
+            codes * scale.reshape(view)
+            if quantizer.is_binary
+            else (codes - zero_point.reshape(view)) * scale.reshape(view)
+        )
+        layer.weight.copy_(values.to(layer.weight))
+        _set_quantizer(quantizer, scale, zero_point)
+        act = entries.get(f"{name}.input_quantizer")
+        if act is not None and hasattr(layer.input_quantizer, "int_repr"):
+            layer.input_quantizer.bits = act["act_bits"]
+            _set_quantizer(layer.input_quantizer, act["scale"], act["zero_point"])
+    state = model.state_dict(keep_vars=True)
+    for key, entry in entries.items():
+        if entry.get("kind") != "float":
+            continue
+        if key not in state:
+            raise QuantizationConfigError(
+                f"The packed file has {key!r}, which the model does not. Load it into the model it was saved from."
+            )
+        state[key].data.copy_(entry["value"])
+    return model
+
+
+def _set_quantizer(quantizer: Any, scale: Tensor, zero_point: Tensor) -> None:
+    quantizer.scale.data.copy_(scale.to(quantizer.scale))
+    quantizer.zero_point.copy_(zero_point.to(quantizer.zero_point))
+    quantizer.initialized.fill_(1)
+    quantizer._initialized = True
+    quantizer.observing = False
+
+
+@dataclass(frozen=True)
+class ModelSizeReport:
+    """A quantized model's real size in bytes, next to float32 (see :func:`model_size_report`)."""
+
+    fp32_bytes: int
+    weight_bytes: int  # packed integer weights
+    scale_bytes: int  # step sizes and zero points (weights and activations), float32
+    float_bytes: int  # every other floating-point tensor (biases, BatchNorm, float layers)
+    zero_run_bytes: int | None = None  # the weights zero-run encoded instead of densely packed
+    huffman_bytes: int | None = None  # the weights Huffman coded instead of densely packed
+
+    @property
+    def total_bytes(self) -> int:
+        """Packed weights + scales + float tensors: the payload of :func:`save_packed_model`'s file."""
+        return self.weight_bytes + self.scale_bytes + self.float_bytes
+
+    @property
+    def compression(self) -> float:
+        """fp32 size over the packed size."""
+        return self.fp32_bytes / max(self.total_bytes, 1)
+
+    def __str__(self) -> str:
+        lines = [
+            f"fp32 {self.fp32_bytes / 1024:.1f} KiB -> packed {self.total_bytes / 1024:.1f} KiB "
+            f"({self.compression:.2f}x): weights {self.weight_bytes / 1024:.1f} KiB, scales "
+            f"{self.scale_bytes / 1024:.2f} KiB, float tensors {self.float_bytes / 1024:.1f} KiB"
+        ]
+        rest = self.scale_bytes + self.float_bytes
+        if self.zero_run_bytes is not None:
+            lines.append(f"with zero-run encoded weights: {(self.zero_run_bytes + rest) / 1024:.1f} KiB")
+        if self.huffman_bytes is not None:
+            lines.append(f"with Huffman-coded weights: {(self.huffman_bytes + rest) / 1024:.1f} KiB")
+        return "\n".join(lines)
+
+
+@torch.no_grad()
+def model_size_report(model: torch.nn.Module, *, encodings: bool = False, run_bits: int = 4) -> ModelSizeReport:
+    """The size of :func:`pack_model` ``(model)`` by part, next to the float32 model.
+
+    ``total_bytes`` is the payload of the file :func:`save_packed_model` writes (the file adds
+    ``PACKED_FILE_PREFIX_BYTES`` and its JSON header), and agrees with
+    :func:`lightning_quant.surgery.quantization_summary` ``.quantized_bits / 8`` up to the rounding of each
+    packed weight tensor to whole bytes.
+
+    Args:
+        model: a quantized model.
+        encodings: also compute the zero-run (``run_bits`` run field) and Huffman sizes of the weights.
+        run_bits: run-field width of the zero-run encoding.
+    """
+    entries = pack_model(model)
+    weight_bytes = scale_bytes = float_bytes = 0
+    zero_run_bits = huffman_bits = 0
+    fp32_bytes = 0
+    for entry in entries.values():
+        kind = entry.get("kind")
+        if kind == "weight":
+            weight_bytes += entry["packed"].numel()
+            scale_bytes += 4 * (entry["scale"].numel() + entry["zero_point"].numel())
+            fp32_bytes += 4 * math.prod(entry["shape"])
+            if encodings:
+                codes = unpack_bits(entry["packed"], entry["bits"], entry["signed"], math.prod(entry["shape"]))
+                if entry["bits"] == 1:  # binary weights have no zeros to skip: stored densely
+                    zero_run_bits += codes.numel()
+                else:
+                    zero_run_bits += zero_run_size_bits(codes, entry["bits"], run_bits, signed=entry["signed"])
+                huffman_bits += base_encode_size_bits(codes, entry["bits"], signed=entry["signed"])
+        elif kind == "activation":
+            scale_bytes += 4 * (entry["scale"].numel() + entry["zero_point"].numel())
+        elif kind == "float":
+            size = entry["value"].numel() * entry["value"].element_size()
+            float_bytes += size
+            fp32_bytes += 4 * entry["value"].numel()
+    return ModelSizeReport(
+        fp32_bytes=fp32_bytes,
+        weight_bytes=weight_bytes,
+        scale_bytes=scale_bytes,
+        float_bytes=float_bytes,
+        zero_run_bytes=(zero_run_bits + 7) // 8 if encodings else None,
+        huffman_bytes=(huffman_bits + 7) // 8 if encodings else None,
+    )

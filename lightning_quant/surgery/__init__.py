@@ -1,6 +1,7 @@
 """Model surgery: swap Conv/Linear layers for quantized ones, the per-layer recipe, summaries and blocks."""
 
 from lightning_quant.surgery.blocks import find_blocks
+from lightning_quant.surgery.fold import find_conv_bn_pairs, fold_batchnorm
 from lightning_quant.surgery.layers import (
     QuantConv1d,
     QuantConv2d,
@@ -33,6 +34,8 @@ __all__ = [
     "QuantizedLayer",
     "dequantize_model",
     "find_blocks",
+    "find_conv_bn_pairs",
+    "fold_batchnorm",
     "is_quantized",
     "load_quantized",
     "quantizable_layers",

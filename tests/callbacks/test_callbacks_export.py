@@ -1,0 +1,95 @@
+"""QuantizedExport: export + verify at the end of fit, logged figures, failure modes, argument checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+from lightning.pytorch.loggers import Logger
+
+from lightning_quant.callbacks.export import ExportVerificationError, QuantizedExport
+from lightning_quant.callbacks.qat import QuantizationAwareTraining
+from lightning_quant.core.errors import QuantizationConfigError
+from lightning_quant.datamodules import DigitsDataModule
+from lightning_quant.models import ImageClassifier, LeNet5
+
+
+class RecordingLogger(Logger):
+    def __init__(self) -> None:
+        super().__init__()
+        self.metrics: dict[str, float] = {}
+
+    @property
+    def name(self) -> str:
+        return "recording"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.metrics.update(metrics)
+
+
+def _fit(tmp_path: Path, trainer_kwargs, export: QuantizedExport) -> RecordingLogger:
+    L.seed_everything(0)
+    logger = RecordingLogger()
+    model = ImageClassifier(LeNet5(input_size=8), lr=3e-3)
+    trainer = L.Trainer(
+        **trainer_kwargs(max_epochs=2, limit_val_batches=2, logger=logger),
+        callbacks=[QuantizationAwareTraining(num_calibration_batches=2, scale_mode="observer"), export],
+    )
+    trainer.fit(model, DigitsDataModule(batch_size=64))
+    return logger
+
+
+def test_exports_verifies_and_logs(tmp_path: Path, trainer_kwargs) -> None:
+    export = QuantizedExport(tmp_path / "out" / "model.onnx", num_batches=2)
+    logger = _fit(tmp_path, trainer_kwargs, export)
+    assert (tmp_path / "out" / "model.onnx").is_file()
+    assert export.result is not None and export.result.agreement >= 0.99
+    for key in ("agreement", "max_abs_diff", "int8_convs", "onnx_accuracy", "torch_accuracy", "file_kib"):
+        assert f"quant/export/{key}" in logger.metrics
+    assert logger.metrics["quant/export/int8_convs"] == 2
+
+
+def test_failure_modes(tmp_path: Path, trainer_kwargs, caplog) -> None:
+    with pytest.raises(ExportVerificationError, match=r"agrees with the PyTorch model on .* below `min_agreement=1.01"):
+        export = QuantizedExport(tmp_path / "a.onnx", num_batches=1)
+        export.min_agreement = 1.01  # impossible on purpose
+        _fit(tmp_path, trainer_kwargs, export)
+    export = QuantizedExport(tmp_path / "b.onnx", num_batches=1, on_failure="warn")
+    export.min_agreement = 1.01
+    _fit(tmp_path, trainer_kwargs, export)
+    assert "below `min_agreement=1.01`" in caplog.text
+
+
+def test_existing_file_fails_before_training(tmp_path: Path, trainer_kwargs) -> None:
+    (tmp_path / "m.onnx").write_bytes(b"x")
+    with pytest.raises(QuantizationConfigError, match=r"already exists\. HINT: pass `overwrite=True`"):
+        _fit(tmp_path, trainer_kwargs, QuantizedExport(tmp_path / "m.onnx"))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_batches": 0}, r"`num_batches` must be a positive integer or None, got 0"),
+        ({"min_agreement": 1.5}, r"`min_agreement` must be within \[0, 1\], got 1.5"),
+        ({"on_failure": "ignore"}, r"`on_failure` must be one of \['error', 'warn'\], got 'ignore'"),
+    ],
+)
+def test_argument_errors(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(QuantizationConfigError, match=message):
+        QuantizedExport("m.onnx", **kwargs)
+
+
+def test_state_key_and_state() -> None:
+    a, b = QuantizedExport("a.onnx"), QuantizedExport("b.onnx")
+    assert a.state_key != b.state_key
+    a.load_state({"exported": True})
+    assert a.state() == {"exported": True}
