@@ -1,0 +1,62 @@
+"""The tutorial notebooks run top to bottom (in fast mode) in a Jupyter kernel of this Python."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from jupyter_client.manager import KernelManager
+from nbclient import NotebookClient
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+KERNEL = "python3"
+
+
+def _execute(path: Path, cwd: Path) -> nbformat.NotebookNode:
+    notebook = nbformat.read(path, as_version=4)
+    NotebookClient(notebook, kernel_name=KERNEL, timeout=600, resources={"metadata": {"path": str(cwd)}}).execute()
+    return notebook
+
+
+def _text_outputs(notebook: nbformat.NotebookNode) -> str:
+    parts = []
+    for cell in notebook.cells:
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "stream" and output.get("name") == "stdout":
+                parts.append(output["text"])
+            elif "data" in output:
+                parts.append(output["data"].get("text/plain", ""))
+    return "".join(parts)
+
+
+def test_notebooks_exist():
+    assert [p.name for p in NOTEBOOKS][:1] == ["01_quickstart.ipynb"]
+
+
+def test_kernel_runs_this_python():
+    # the kernelspec says `python`; jupyter_client runs it as sys.executable, i.e. the venv running the tests
+    command = KernelManager(kernel_name=KERNEL).format_kernel_cmd()
+    assert command[0] == sys.executable
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_runs(path, tmp_path, monkeypatch):
+    monkeypatch.setenv("LQ_NOTEBOOK_FAST", "1")  # the kernel inherits the environment
+    notebook = _execute(path, tmp_path)
+    if path.name != "01_quickstart.ipynb":
+        return
+    text = _text_outputs(notebook)
+    fp = re.search(r"FP32 test accuracy:\s+([\d.]+)%", text)
+    quantized = re.search(r"W4A4 test accuracy:\s+([\d.]+)%", text)
+    assert fp and quantized, text
+    # two epochs + one of QAT in fast mode; chance is 10 %
+    assert float(fp.group(1)) > 50
+    assert float(quantized.group(1)) > 50
+    assert text.count("outputs identical: True") == 2  # from the checkpoint and from the packed file
+    size = re.search(r"W4A4 size:\s+[\d.]+ KiB \(([\d.]+)x smaller\)", text)
+    assert size and float(size.group(1)) > 3, text
+    assert re.search(r"packed file: [\d.]+ KiB on disk", text), text
