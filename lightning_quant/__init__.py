@@ -8,6 +8,7 @@ Add a callback to your ``Trainer`` and get a low-bit model, with no change to yo
 
 from lightning_quant.callbacks import (
     BitReallocationCallback,
+    BlockReplacementCallback,
     QuantizationAwareTraining,
     QuantizationCallback,
     QuantizationLossMixin,
@@ -29,6 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BitReallocationCallback",
+    "BlockReplacementCallback",
     "LayerSpec",
     "QuantSpec",
     "QuantizationAwareTraining",

@@ -2,11 +2,13 @@
 
 from lightning_quant.callbacks.base import QuantizationCallback, QuantizationLossMixin
 from lightning_quant.callbacks.bit_reallocation import BitReallocationCallback
+from lightning_quant.callbacks.block_replacement import BlockReplacementCallback
 from lightning_quant.callbacks.export import QuantizedExport
 from lightning_quant.callbacks.qat import QuantizationAwareTraining
 
 __all__ = [
     "BitReallocationCallback",
+    "BlockReplacementCallback",
     "QuantizationAwareTraining",
     "QuantizationCallback",
     "QuantizationLossMixin",
