@@ -36,6 +36,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from common import quiet_trainer  # benchmarks/common.py (the script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = "## Block replacement"
@@ -46,24 +47,6 @@ def _quiet() -> None:
     logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
     logging.getLogger("lightning_quant").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
-
-
-def _trainer(epochs: int, callbacks: list, root: Path, max_steps: int = -1):
-    import lightning as L
-
-    return L.Trainer(
-        accelerator="cpu",
-        max_epochs=epochs,
-        max_steps=max_steps,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
 
 
 def _step_timer(br=None):
@@ -120,11 +103,11 @@ def accuracy(args: argparse.Namespace) -> list[dict]:
         if not fp_path.exists():
             L.seed_everything(0)
             fp = ImageClassifier(make(), lr=3e-3, scheduler="cosine")
-            _trainer(args.fp_epochs, [], out).fit(fp, _datamodule(args, 0))
+            quiet_trainer(args.fp_epochs, [], out).fit(fp, _datamodule(args, 0))
             torch.save(fp.state_dict(), fp_path)
         fp = ImageClassifier(make())
         fp.load_state_dict(torch.load(fp_path))
-        fp_acc = _trainer(1, [], out).test(fp, _datamodule(args, 0), verbose=False)[0]["test/acc"]
+        fp_acc = quiet_trainer(1, [], out).test(fp, _datamodule(args, 0), verbose=False)[0]["test/acc"]
         print({"model": model_name, "fp_acc": fp_acc}, flush=True)
         for bits in args.bits:
             for seed in range(args.seeds):
@@ -138,7 +121,7 @@ def accuracy(args: argparse.Namespace) -> list[dict]:
                         br = BlockReplacementCallback()
                         callbacks.append(br)
                     timer = _step_timer(br)
-                    trainer = _trainer(args.qat_epochs, [*callbacks, timer], out)
+                    trainer = quiet_trainer(args.qat_epochs, [*callbacks, timer], out)
                     start = time.perf_counter()
                     trainer.fit(model, _datamodule(args, seed))
                     seconds = time.perf_counter() - start
@@ -214,7 +197,7 @@ def prefix_cost(args: argparse.Namespace) -> list[dict]:
             br._skip_prefix = mode == "replay"
             timer = _step_timer(br)
             callbacks = [QuantizationAwareTraining(4, 4, num_calibration_batches=1), br, timer]
-            _trainer(1, callbacks, Path(args.workdir)).fit(model, data)
+            quiet_trainer(1, callbacks, Path(args.workdir)).fit(model, data)
             result[mode] = statistics.median(timer.extra[2:])
             result[f"{mode}_step"] = statistics.median(timer.steps[2:])
             result["blocks"] = len(br.block_names)

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import quiet_trainer  # benchmarks/common.py (the script's folder is on sys.path)
 
 from lightning_quant.allocation import BudgetConstraint, solve_milp, solve_relaxed
 
@@ -129,26 +130,11 @@ def mnist(args: argparse.Namespace) -> list[dict]:
     def data(seed: int) -> MNISTDataModule:
         return MNISTDataModule(root=args.data, batch_size=128, val_size=5000, seed=seed, train_subset=args.train_subset)
 
-    def trainer(epochs: int, callbacks: list, max_steps: int = -1) -> L.Trainer:
-        return L.Trainer(
-            accelerator="cpu",
-            max_epochs=epochs,
-            max_steps=max_steps,
-            callbacks=callbacks,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            default_root_dir=out,
-            num_sanity_val_steps=0,
-            limit_val_batches=0,
-        )
-
     fp_path = out / "resnet8_fp.pt"
     if not fp_path.exists():
         L.seed_everything(0)
         fp = ImageClassifier(resnet8(in_channels=1), lr=3e-3, scheduler="cosine")
-        trainer(args.fp_epochs, []).fit(fp, data(0))
+        quiet_trainer(args.fp_epochs, [], out).fit(fp, data(0))
         torch.save(fp.state_dict(), fp_path)
     dm = data(0)
     dm.prepare_data()
@@ -172,7 +158,7 @@ def mnist(args: argparse.Namespace) -> list[dict]:
             )
         if name.startswith("HAWQ"):
             callbacks.append(_OneShotHawq(dm, args.hutchinson_samples, 3.0))
-        t = trainer(args.qat_epochs, callbacks)
+        t = quiet_trainer(args.qat_epochs, callbacks, out)
         start = time.perf_counter()
         t.fit(model, dm)
         seconds = time.perf_counter() - start
