@@ -33,7 +33,10 @@ def _text_outputs(notebook: nbformat.NotebookNode) -> str:
 
 
 def test_notebooks_exist():
-    assert [p.name for p in NOTEBOOKS][:1] == ["01_quickstart.ipynb"]
+    assert [p.name for p in NOTEBOOKS][:2] == [
+        "01_quickstart.ipynb",
+        "02_mixed_precision_block_replacement_export.ipynb",
+    ]
 
 
 def test_kernel_runs_this_python():
@@ -47,6 +50,9 @@ def test_kernel_runs_this_python():
 def test_notebook_runs(path, tmp_path, monkeypatch):
     monkeypatch.setenv("LQ_NOTEBOOK_FAST", "1")  # the kernel inherits the environment
     notebook = _execute(path, tmp_path)
+    if path.name == "02_mixed_precision_block_replacement_export.ipynb":
+        _check_mixed_precision_notebook(notebook)
+        return
     if path.name != "01_quickstart.ipynb":
         return
     text = _text_outputs(notebook)
@@ -60,3 +66,31 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
     size = re.search(r"W4A4 size:\s+[\d.]+ KiB \(([\d.]+)x smaller\)", text)
     assert size and float(size.group(1)) > 3, text
     assert re.search(r"packed file: [\d.]+ KiB on disk", text), text
+
+
+def _check_mixed_precision_notebook(notebook: nbformat.NotebookNode) -> None:
+    text = _text_outputs(notebook)
+    accuracies = {
+        name: re.search(rf"{pattern} test accuracy:\s+([\d.]+)%", text)
+        for name, pattern in (
+            ("fp", "FP32"),
+            ("mp", r"mixed precision \(.*\)"),
+            ("qat", "W3A3 QAT"),
+            ("br", r"W3A3 QAT \+ BR"),
+        )
+    }
+    assert all(accuracies.values()), text
+    # two float epochs + one of QAT in fast mode; chance is 10 %
+    assert all(float(m.group(1)) > 50 for m in accuracies.values()), text
+    average = re.search(r"final average weight bits: ([\d.]+)", text)
+    assert average and float(average.group(1)) <= 3.0, text
+    assert all(float(u) <= 1 for u in re.findall(r"budget used ([\d.]+)", text)), text
+    images = [o for c in notebook.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) == 1, "the QBitOpt allocation plot is not displayed"
+    agreement = re.search(r"top-1 agreement: ([\d.]+)%", text)
+    int8 = re.search(r"int8 convs: (\d+)/(\d+)", text)
+    assert agreement and float(agreement.group(1)) >= 99, text
+    assert int8 and int(int8.group(1)) > 0, text
+    assert re.search(r"max logit diff: [\d.e+-]+", text), text
+    size = re.search(r"mixed precision size: [\d.]+ KiB \(([\d.]+)x smaller", text)
+    assert size and float(size.group(1)) > 5, text
