@@ -9,12 +9,15 @@ Add a callback to your ``Trainer`` and get a low-bit model, with no change to yo
 from lightning_quant.callbacks import (
     BitReallocationCallback,
     BlockReplacementCallback,
+    DistillationCallback,
     QuantizationAwareTraining,
     QuantizationCallback,
     QuantizationLossMixin,
     QuantizedExport,
+    ThresholdTuningCallback,
 )
 from lightning_quant.core.errors import QuantizationConfigError, UnsupportedModuleError
+from lightning_quant.datamodules.generator import GeneratorDataModule
 from lightning_quant.surgery import (
     LayerSpec,
     QuantSpec,
@@ -31,6 +34,8 @@ __version__ = "0.1.0"
 __all__ = [
     "BitReallocationCallback",
     "BlockReplacementCallback",
+    "DistillationCallback",
+    "GeneratorDataModule",
     "LayerSpec",
     "QuantSpec",
     "QuantizationAwareTraining",
@@ -38,6 +43,7 @@ __all__ = [
     "QuantizationConfigError",
     "QuantizationLossMixin",
     "QuantizedExport",
+    "ThresholdTuningCallback",
     "UnsupportedModuleError",
     "__version__",
     "dequantize_model",

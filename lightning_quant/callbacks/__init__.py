@@ -3,14 +3,18 @@
 from lightning_quant.callbacks.base import QuantizationCallback, QuantizationLossMixin
 from lightning_quant.callbacks.bit_reallocation import BitReallocationCallback
 from lightning_quant.callbacks.block_replacement import BlockReplacementCallback
+from lightning_quant.callbacks.distillation import DistillationCallback
 from lightning_quant.callbacks.export import QuantizedExport
 from lightning_quant.callbacks.qat import QuantizationAwareTraining
+from lightning_quant.callbacks.threshold_tuning import ThresholdTuningCallback
 
 __all__ = [
     "BitReallocationCallback",
     "BlockReplacementCallback",
+    "DistillationCallback",
     "QuantizationAwareTraining",
     "QuantizationCallback",
     "QuantizationLossMixin",
     "QuantizedExport",
+    "ThresholdTuningCallback",
 ]

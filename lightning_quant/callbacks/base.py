@@ -20,17 +20,19 @@ Facts from Lightning that decide its shape (see DESIGN.md):
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from torch import Tensor
+from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_quant.core.errors import QuantizationConfigError
-from lightning_quant.surgery.quantize import is_quantized
+from lightning_quant.surgery.quantize import dequantize_model, is_quantized
 from lightning_quant.surgery.serialization import SPEC_KEY
 from lightning_quant.surgery.spec import QuantSpec
 
@@ -158,3 +160,59 @@ class QuantizationLossMixin:
                 if extra is not None:
                     total = total.to(extra.device) + extra
         return total
+
+
+# -- shared helpers of the techniques that keep a frozen full-precision teacher (BR, FAT, data-free KD) ---------
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks_with_kwargs",
+)
+
+
+def frozen_fp_copy(module: nn.Module) -> nn.Module:
+    """A frozen full-precision deep copy of ``module`` (e.g. the LightningModule before or after quantization).
+
+    The copy does not drag the attached Trainer along, is dequantized when ``module`` already is quantized
+    (quantization keeps the float weights, so before training this is the FP model), has no hooks (other
+    callbacks' hooks on the user's model must not fire on it), is in eval mode and has ``requires_grad=False``.
+    """
+    memo: dict[int, Any] = {}
+    attached = getattr(module, "_trainer", None)
+    if attached is not None:
+        memo[id(attached)] = None  # the copy must not drag (or call into) the Trainer
+    fp = copy.deepcopy(module, memo)
+    if is_quantized(fp):
+        dequantize_model(fp)
+    for m in fp.modules():
+        for attr in _HOOK_DICTS:
+            hooks = getattr(m, attr, None)
+            if hooks is not None:
+                hooks.clear()
+    fp.eval()
+    fp.requires_grad_(False)
+    return fp
+
+
+def distillation_loss(student: Tensor, teacher: Tensor, temperature: float = 1.0) -> Tensor:
+    """``T**2 * KL(softmax(teacher / T) || softmax(student / T))``, batch mean, in float32 (teacher detached)."""
+    t = temperature
+    log_p = F.log_softmax(teacher.detach().float().flatten(1) / t, dim=1)
+    log_q = F.log_softmax(student.float().flatten(1) / t, dim=1)
+    return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True) * (t * t)
+
+
+def place_fp_copy(trainer: pl.Trainer, pl_module: nn.Module, fp: nn.Module) -> None:
+    """Give ``fp`` rank 0's weights (under DDP) and ``pl_module``'s device and floating dtype; eval mode."""
+    if trainer.world_size > 1:
+        state = trainer.strategy.broadcast({k: v.cpu() for k, v in fp.state_dict().items()}, src=0)
+        fp.load_state_dict(state)
+    dtype = getattr(pl_module, "dtype", None)
+    fp.to(device=getattr(pl_module, "device", None))
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        fp.to(dtype=dtype)
+    fp.eval()

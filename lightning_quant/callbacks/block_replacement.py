@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -17,10 +16,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_quant.callbacks.base import QuantizationCallback
+from lightning_quant.callbacks.base import QuantizationCallback, distillation_loss, frozen_fp_copy, place_fp_copy
 from lightning_quant.core.errors import QuantizationConfigError
 from lightning_quant.surgery.blocks import find_blocks
-from lightning_quant.surgery.quantize import dequantize_model, is_quantized, quantizable_layers, quantize_model
+from lightning_quant.surgery.quantize import is_quantized, quantizable_layers, quantize_model
 from lightning_quant.surgery.spec import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -48,10 +47,7 @@ class _Replay(nn.Module):
 
 def _kd(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
     """``T**2 * KL(softmax(teacher / T) || softmax(student / T))``, batch mean, in float32."""
-    t = temperature
-    log_p = F.log_softmax(teacher.detach().float().flatten(1) / t, dim=1)
-    log_q = F.log_softmax(student.float().flatten(1) / t, dim=1)
-    return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True) * (t * t)
+    return distillation_loss(student, teacher, temperature)
 
 
 def _tensors(value: Any) -> Iterator[Tensor]:
@@ -342,34 +338,13 @@ class BlockReplacementCallback(QuantizationCallback):
         super().setup(trainer, pl_module, stage)
 
     def _copy_fp(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> nn.Module:
-        memo: dict[int, Any] = {}
-        attached = getattr(pl_module, "_trainer", None)
-        if attached is not None:
-            memo[id(attached)] = None  # the copy must not drag (or call into) the Trainer
-        already_quantized = is_quantized(pl_module)
-        fp = copy.deepcopy(pl_module, memo)
-        if already_quantized:
-            dequantize_model(fp)
+        was_quantized = is_quantized(pl_module)
+        fp = frozen_fp_copy(pl_module)
+        if was_quantized:
             rank_zero_info(
                 "BlockReplacementCallback: the model was already quantized (by an earlier callback); the FP copy is "
                 "its dequantized copy (same float weights)."
             )
-        for module in fp.modules():
-            # hooks of other callbacks on the user's model were copied too: the FP copy must not fire them
-            for attr in (
-                "_forward_hooks",
-                "_forward_pre_hooks",
-                "_backward_hooks",
-                "_backward_pre_hooks",
-                "_forward_hooks_with_kwargs",
-                "_forward_hooks_always_called",
-                "_forward_pre_hooks_with_kwargs",
-            ):
-                hooks = getattr(module, attr, None)
-                if hooks is not None:
-                    hooks.clear()
-        fp.eval()
-        fp.requires_grad_(False)
         return fp
 
     @override
@@ -388,14 +363,7 @@ class BlockReplacementCallback(QuantizationCallback):
                 "quantization callback after it) or add `QuantizationAwareTraining` to the callbacks."
             )
         assert self._fp is not None  # setup("fit") built it
-        if trainer.world_size > 1:
-            state = trainer.strategy.broadcast({k: v.cpu() for k, v in self._fp.state_dict().items()}, src=0)
-            self._fp.load_state_dict(state)
-        dtype = getattr(pl_module, "dtype", None)
-        self._fp.to(device=pl_module.device)
-        if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
-            self._fp.to(dtype=dtype)
-        self._fp.eval()
+        place_fp_copy(trainer, pl_module, self._fp)
         self._install_hooks(pl_module)
         mode = f"{self.num_sampled} of {len(self._block_names) - 1}" if self.num_sampled else "all"
         rank_zero_info(

@@ -19,6 +19,7 @@ from lightning_quant.core.observers import (
     make_observer,
 )
 from lightning_quant.core.quantizers import UniformQuantizer
+from lightning_quant.core.thresholds import ThresholdFactors
 
 __all__ = [
     "OBSERVERS",
@@ -28,6 +29,7 @@ __all__ = [
     "Observer",
     "PercentileObserver",
     "QuantizationConfigError",
+    "ThresholdFactors",
     "UniformQuantizer",
     "UnsupportedModuleError",
     "binarize",

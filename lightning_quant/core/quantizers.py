@@ -30,6 +30,7 @@ from lightning_quant.core.functional import (
     validate_bits,
 )
 from lightning_quant.core.observers import make_observer
+from lightning_quant.core.thresholds import ThresholdFactors
 
 
 class UniformQuantizer(nn.Module):
@@ -90,6 +91,8 @@ class UniformQuantizer(nn.Module):
         self.register_buffer("initialized", torch.zeros((), dtype=torch.long))
         self._bits = bits
         self._initialized = False
+        # FAT's trainable threshold factors (attach_threshold_factors); None keeps the default path
+        self.threshold_factors: ThresholdFactors | None = None
 
     # -- bit width -------------------------------------------------------------------------------------------
     @property
@@ -162,10 +165,49 @@ class UniformQuantizer(nn.Module):
         """The step size used in forward (LSQ's learned step kept positive)."""
         return self.scale.abs().clamp_min(1e-8) if self.learnable else self.scale
 
+    # -- threshold factors (FAT) -----------------------------------------------------------------------------
+    def attach_threshold_factors(self) -> ThresholdFactors:
+        """Attach (idempotently) trainable :class:`~lightning_quant.core.thresholds.ThresholdFactors`.
+
+        Until :meth:`calibrate_threshold_factors` the quantizer works as before (observing included); afterwards
+        its range is the calibrated one adjusted by the factors, differentiably.
+        """
+        if self.learnable or self.is_binary:
+            kind = "binary" if self.is_binary else "an LSQ (learned step size)"
+            raise QuantizationConfigError(
+                f"Threshold factors need an observer-mode multi-bit quantizer, got {kind} quantizer. HINT: quantize "
+                'with `scale_mode="observer"` (and `weight_bits >= 2`), or let ThresholdTuningCallback quantize.'
+            )
+        if self.threshold_factors is None:
+            self.threshold_factors = ThresholdFactors(self.scale.numel()).to(self.scale.device)
+        return self.threshold_factors
+
+    @torch.no_grad()
+    def calibrate_threshold_factors(self) -> None:
+        """Freeze the observed range into the attached factors and stop observing."""
+        if self.threshold_factors is None:
+            raise QuantizationConfigError("No threshold factors attached: call `attach_threshold_factors()` first.")
+        self.threshold_factors.calibrate(*self.observer.bounds(), symmetric=self.symmetric)
+        self.observing = False
+
+    def _tuned_forward(self, x: Tensor, factors: ThresholdFactors) -> Tensor:
+        scale, zero_point = factors.scale_zero_point(self.qmin, self.qmax, self.symmetric)
+        with torch.no_grad():
+            # the buffers follow the tuned grid, so int_repr and export see what forward uses
+            self.scale.copy_(scale)
+            self.zero_point.copy_(zero_point)
+        if torch.is_grad_enabled() and (factors.alpha.requires_grad or factors.beta.requires_grad):
+            # LSQ's kernel gives d/d(scale) and d/d(zero point) with the STE; both are functions of alpha/beta
+            return lsq_fake_quantize(x, scale, zero_point, self.qmin, self.qmax, self.ch_axis, 1.0)
+        return fake_quantize(x, scale.detach(), zero_point.detach(), self.qmin, self.qmax, self.ch_axis)
+
     # -- forward ---------------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:
             return x
+        factors = self.threshold_factors
+        if factors is not None and factors.is_calibrated:
+            return self._tuned_forward(x, factors)
         observed = (self.observing and self.training) or not self._initialized
         if observed:
             self.observe(x)
@@ -184,6 +226,8 @@ class UniformQuantizer(nn.Module):
             # keep the learned step in the graph with a zero gradient: DDP's reducer requires every parameter
             # to take part in every step (multiplying by a constant saves nothing that observing could modify)
             out = out + self.scale.sum() * 0.0
+        if factors is not None and torch.is_grad_enabled():
+            out = out + factors.zero_term()  # not calibrated yet: the factors take part with a zero gradient
         return out
 
     @torch.no_grad()

@@ -1,0 +1,241 @@
+"""Data-free QAT (ZS-CGAN): real-data test accuracy of QAT + KD on generated, Gaussian-noise and real batches.
+
+A ResNet-8 teacher (with BatchNorm) is trained in full precision on real data (MNIST 28x28 with ``--mnist``, else
+sklearn's digits at 16x16). From it, for each bit width (W4A4, W8A8 by default; first/last layer 8-bit) and seed,
+a student starting from the teacher's weights is trained for the same number of steps with LSQ QAT
+(``QuantizationAwareTraining``) + ``DistillationCallback(teacher="copy", T=4)`` on:
+
+* ``generator``: ``GeneratorDataModule`` -- a ZS-CGAN conditional generator trained against the teacher
+  (CE + BN-statistics Gaussian KL; its training time is reported), fresh samples each epoch;
+* ``noise``: ``GeneratorDataModule(source="noise")`` -- standard-normal inputs labelled by the teacher (the floor);
+* ``real``: the real training data (the ceiling; same QAT + KD).
+
+Synthetic epochs have as many samples as the real training set. Accuracy is measured on the real test set.
+
+Usage::
+
+    python benchmarks/data_free.py                         # digits, 2 seeds, updates BENCHMARKS.md
+    python benchmarks/data_free.py --mnist --seeds 1       # MNIST ResNet-8 (tens of minutes on 2 cores)
+    python benchmarks/data_free.py --no-write              # print only
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import logging
+import platform
+import re
+import shlex
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from common import quiet_trainer  # benchmarks/common.py (the script's folder is on sys.path)
+
+ROOT = Path(__file__).resolve().parents[1]
+HEADER = "## Data-free QAT (ZS-CGAN)"
+SOURCES = ("generator", "noise", "real")
+
+
+def _quiet() -> None:
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning_quant"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+
+
+def _real(args: argparse.Namespace, seed: int):
+    from lightning_quant.datamodules import DigitsDataModule, MNISTDataModule
+
+    if args.mnist:
+        return MNISTDataModule(root=args.data, batch_size=128, val_size=5000, seed=seed, train_subset=args.train_subset)
+    return DigitsDataModule(batch_size=64, image_size=16, seed=seed)
+
+
+def _test(model, args: argparse.Namespace, root: Path) -> float:
+    return quiet_trainer(1, [], root).test(model, _real(args, 0), verbose=False)[0]["test/acc"]
+
+
+def run(args: argparse.Namespace) -> dict:
+    import lightning as L
+
+    from lightning_quant.callbacks import DistillationCallback, QuantizationAwareTraining
+    from lightning_quant.datamodules import GeneratorDataModule
+    from lightning_quant.models import ImageClassifier, resnet8
+
+    out = Path(args.workdir)
+    out.mkdir(parents=True, exist_ok=True)
+    real = _real(args, 0)
+    real.setup("fit")
+    shape = (1, 28, 28) if args.mnist else (1, 16, 16)
+    n_train = len(real.train_dataloader().dataset)
+    batch = real.batch_size
+
+    L.seed_everything(0)
+    teacher = ImageClassifier(resnet8(in_channels=1, num_classes=10, width=args.width), lr=args.fp_lr)
+    quiet_trainer(args.fp_epochs, [], out).fit(teacher, real)
+    teacher.eval()
+    fp_acc = _test(teacher, args, out)
+    print(f"FP teacher: test accuracy {fp_acc:.4f}", flush=True)
+
+    def synthetic(source: str, seed: int) -> GeneratorDataModule:
+        return GeneratorDataModule(
+            copy.deepcopy(teacher),
+            num_classes=10,
+            input_shape=shape,
+            samples_per_epoch=n_train,
+            batch_size=batch,
+            generator_steps=args.generator_steps,
+            generator_batch_size=128,
+            generator_lr=args.generator_lr,
+            bn_weight=args.bn_weight,
+            val_samples=0,
+            source=source,
+            seed=seed,
+            generator_trainer_kwargs={"enable_progress_bar": False},
+        )
+
+    gen_times, gen_acc, rows = [], [], []
+    for seed in range(args.seeds):
+        dm_gen = synthetic("generator", seed)
+        t0 = time.perf_counter()
+        dm_gen.setup("fit")
+        gen_times.append(time.perf_counter() - t0)
+        gen_acc.append(statistics.mean(h["teacher_acc"] for h in dm_gen.training_history[-20:]))
+        print(f"seed {seed}: generator {gen_times[-1]:.1f} s, teacher acc on generated {gen_acc[-1]:.3f}", flush=True)
+        dm_noise = synthetic("noise", seed)
+        dm_noise.setup("fit")
+        for bits in args.bits:
+            for source, dm in (("generator", dm_gen), ("noise", dm_noise), ("real", _real(args, seed))):
+                L.seed_everything(seed)
+                student = copy.deepcopy(teacher)
+                callbacks = [
+                    QuantizationAwareTraining(weight_bits=bits, act_bits=bits),
+                    DistillationCallback(teacher="copy", temperature=4.0),
+                ]
+                student.lr = args.lr
+                t0 = time.perf_counter()
+                quiet_trainer(args.qat_epochs, callbacks, out).fit(student, datamodule=dm)
+                seconds = time.perf_counter() - t0
+                acc = _test(student, args, out)
+                rows.append({"bits": bits, "source": source, "seed": seed, "acc": acc, "seconds": seconds})
+                print(f"W{bits}A{bits} {source:9s} seed {seed}: test acc {acc:.4f} ({seconds:.1f} s)", flush=True)
+    test = _real(args, 0)
+    test.setup("test")
+    n_test = len(test.test_dataloader().dataset)
+    return {
+        "fp_acc": fp_acc,
+        "gen_times": gen_times,
+        "gen_acc": gen_acc,
+        "rows": rows,
+        "n_train": n_train,
+        "n_test": n_test,
+    }
+
+
+def _ms(values: list[float]) -> str:
+    mean = statistics.mean(values)
+    return f"{100 * mean:.2f}" + (f" ± {100 * statistics.stdev(values):.2f}" if len(values) > 1 else "")
+
+
+def section(args: argparse.Namespace, result: dict, command: str) -> str:
+    data = "MNIST 28x28" if args.mnist else "sklearn digits 16x16"
+    lines = [
+        HEADER,
+        "",
+        f"{data}; ResNet-8 (width {args.width}, BatchNorm) FP teacher trained {args.fp_epochs} epochs on real data: "
+        f"test accuracy {100 * result['fp_acc']:.2f} %. Students start from the teacher and train {args.qat_epochs} "
+        f"epochs of {result['n_train']} samples with LSQ QAT + KD from the FP teacher (T = 4); first/last layer "
+        f"8-bit. Generator: {args.generator_steps} steps, batch 128, CE + {args.bn_weight} x BN Gaussian KL; "
+        f"trained in {statistics.mean(result['gen_times']):.1f} s (mean over seeds, CPU, "
+        f"{torch.get_num_threads()} thread(s)); the teacher's accuracy on the generated labels at the end of its "
+        f"training: {_ms(result['gen_acc'])} % (per-seed generator times "
+        f"{', '.join(f'{t:.0f} s' for t in result['gen_times'])}: the 2-core CPU was shared). Real test-set accuracy "
+        f"(%) on {result['n_test']} images (one image = {100 / result['n_test']:.2f} pt), mean ± std over "
+        f"{args.seeds} seed(s):",
+        "",
+        "| bits | generator (ZS-CGAN) | Gaussian noise (floor) | real data (ceiling) | gap generator vs real |",
+        "|---|---|---|---|---|",
+    ]
+    for bits in args.bits:
+        acc = {s: [r["acc"] for r in result["rows"] if r["bits"] == bits and r["source"] == s] for s in SOURCES}
+        gap = 100 * (statistics.mean(acc["real"]) - statistics.mean(acc["generator"]))
+        lines.append(
+            f"| W{bits}A{bits} | {_ms(acc['generator'])} | {_ms(acc['noise'])} | {_ms(acc['real'])} | {gap:.2f} pt |"
+        )
+    lines += [
+        "",
+        f"Command: `{command}` ({dt.date.today().isoformat()}, {platform.processor() or platform.machine()}, "
+        f"torch {torch.__version__}).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def update_markdown(path: Path, text: str) -> None:
+    """Replace this script's section of ``path`` (or append it), leaving the other sections as they are."""
+    current = path.read_text() if path.exists() else "# Benchmarks\n"
+    pattern = re.compile(r"^" + re.escape(HEADER) + r"\n.*?(?=^## |\Z)", re.M | re.S)
+    if pattern.search(current):
+        updated = pattern.sub(lambda _: text.rstrip() + "\n\n", current).rstrip() + "\n"
+    else:
+        updated = current.rstrip() + "\n\n" + text.rstrip() + "\n"
+    path.write_text(updated)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--mnist", action="store_true", help="MNIST 28x28 instead of the digits (tens of minutes)")
+    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    p.add_argument("--train-subset", type=int, default=None)
+    p.add_argument("--workdir", default=str(ROOT / "runs" / "data_free_bench"))
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--bits", type=int, nargs="+", default=[4, 8])
+    p.add_argument("--width", type=int, default=16, help="ResNet-8 width")
+    p.add_argument("--fp-epochs", type=int, default=None, help="default: 20 (digits), 3 (MNIST)")
+    p.add_argument("--fp-lr", type=float, default=3e-3)
+    p.add_argument("--qat-epochs", type=int, default=None, help="default: 5 (digits), 2 (MNIST)")
+    p.add_argument(
+        "--lr", type=float, default=2e-4, help="QAT learning rate (Adam; the student starts from the teacher)"
+    )
+    p.add_argument("--generator-steps", type=int, default=None, help="default: 500 (digits), 2000 (MNIST)")
+    p.add_argument("--generator-lr", type=float, default=3e-3)
+    p.add_argument("--bn-weight", type=float, default=1.0)
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads (1: robust on a shared 2-core machine)")
+    p.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
+    p.add_argument("--no-write", action="store_true")
+    args = p.parse_args(argv)
+    if args.fp_epochs is None:
+        args.fp_epochs = 3 if args.mnist else 20
+    if args.qat_epochs is None:
+        args.qat_epochs = 2 if args.mnist else 5
+    if args.generator_steps is None:
+        args.generator_steps = 2000 if args.mnist else 500
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    _quiet()
+    result = run(args)
+    shown, skip = [], False
+    for a in argv:  # the command as a reader would re-run it, without output/work paths
+        if skip or a.startswith(("--output", "--no-write", "--workdir")):
+            skip = a in ("--output", "--workdir")
+            continue
+        shown.append(a)
+    command = "python benchmarks/data_free.py" + ("" if not shown else " " + shlex.join(shown))
+    text = section(args, result, command)
+    print(text)
+    if not args.no_write:
+        update_markdown(Path(args.output), text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

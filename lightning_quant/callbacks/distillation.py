@@ -1,0 +1,247 @@
+"""Knowledge distillation from a frozen full-precision teacher: the KD half of data-free QAT (with ZS-CGAN data)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_quant.callbacks.base import QuantizationCallback, distillation_loss, frozen_fp_copy, place_fp_copy
+from lightning_quant.core.errors import QuantizationConfigError
+from lightning_quant.surgery.quantize import is_quantized
+
+log = logging.getLogger(__name__)
+
+
+class DistillationCallback(QuantizationCallback):
+    """Distil a frozen FP teacher's logits into the model being trained (quantized by another callback).
+
+    Data-free QAT recipe (ZS-CGAN: Y. Choi, M. El-Khamy, J. Lee, "Zero-Shot Learning of a Conditional Generative
+    Adversarial Network for Data-Free Network Quantization", arXiv:2210.14392): the model starts from the
+    teacher's weights, ``QuantizationAwareTraining`` quantizes it, a
+    :class:`~lightning_quant.datamodules.GeneratorDataModule` serves labelled synthetic batches, and this callback
+    adds, through the suite's one-backward mechanism (:class:`QuantizationCallback`)::
+
+        weight * T**2 * KL(softmax(teacher(x) / T) || softmax(student(x) / T))     (batch mean)
+
+    to the user's loss (on generated data: cross-entropy on the generator's conditioning labels).
+
+    The student's logits are not recomputed: a forward hook on ``logits_module`` (``""``: the LightningModule
+    itself, i.e. ``self(x)`` in ``training_step``) keeps the first call's inputs and output of each training step;
+    the teacher runs once on the same inputs under ``no_grad``.
+
+    Teacher (built in ``setup("fit")`` as a frozen copy: eval mode, no gradient, not in the optimizer or the
+    model's ``state_dict``; its weights are kept in this callback's state so a resumed run distils from the same
+    teacher):
+
+    * ``"copy"``: the model as it is when ``fit`` starts (dequantized if a callback before this one already
+      quantized it; quantization keeps the float weights, so both orders give the FP model).
+    * ``"datamodule"``: the datamodule's ``teacher`` attribute (e.g. ``GeneratorDataModule``'s, after its
+      ``teacher_checkpoint`` is loaded).
+    * ``None``: ``"datamodule"`` when the datamodule has a ``teacher`` module, else ``"copy"``.
+    * an ``nn.Module``: that model.
+
+    ``student_init="teacher"`` loads the teacher's weights into the model in ``setup`` (before quantization: put
+    this callback before ``QuantizationAwareTraining``) -- how a YAML config starts the student from the trained
+    FP model.
+
+    Logged: ``quant/kd/loss`` (the added term, before weighting by ``weight``: the raw KD).
+
+    Args:
+        teacher: ``"copy"``, ``"datamodule"``, ``None`` or a module (see above).
+        temperature: softening temperature ``T > 0``.
+        weight: weight of the KD term (``>= 0``).
+        student_init: ``"keep"`` the model's weights or load the ``"teacher"``'s.
+        logits_module: qualified name of the submodule whose output is the logits (``""``: the LightningModule).
+
+    Example:
+        >>> trainer = L.Trainer(callbacks=[  # doctest: +SKIP
+        ...     DistillationCallback(temperature=4.0, student_init="teacher"),
+        ...     QuantizationAwareTraining(weight_bits=4, act_bits=4),
+        ... ])
+        >>> trainer.fit(model, datamodule=GeneratorDataModule(teacher, 10, (1, 28, 28)))  # doctest: +SKIP
+    """
+
+    TECHNIQUE = "kd"
+    TEACHERS: ClassVar[tuple[str, ...]] = ("copy", "datamodule")
+    STUDENT_INITS: ClassVar[tuple[str, ...]] = ("keep", "teacher")
+
+    def __init__(
+        self,
+        teacher: Literal["copy", "datamodule"] | nn.Module | None = None,
+        temperature: float = 1.0,
+        weight: float = 1.0,
+        student_init: Literal["keep", "teacher"] = "keep",
+        logits_module: str = "",
+    ) -> None:
+        super().__init__()
+        if not (teacher is None or isinstance(teacher, nn.Module) or teacher in self.TEACHERS):
+            raise QuantizationConfigError(
+                f"`teacher` must be one of {self.TEACHERS}, None or an nn.Module, got {teacher!r}. "
+                'HINT: teacher="copy" distils from the model as it is when fit starts.'
+            )
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise QuantizationConfigError(f"`temperature` must be a number > 0, got {temperature!r}.")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+            raise QuantizationConfigError(f"`weight` must be a number >= 0, got {weight!r}.")
+        if student_init not in self.STUDENT_INITS:
+            raise QuantizationConfigError(f"`student_init` must be one of {self.STUDENT_INITS}, got {student_init!r}.")
+        if not isinstance(logits_module, str):
+            raise QuantizationConfigError(f"`logits_module` must be a module name (str), got {logits_module!r}.")
+        self.teacher = teacher
+        self.temperature = float(temperature)
+        self.weight = float(weight)
+        self.student_init = student_init
+        self.logits_module = logits_module
+        self._teacher: nn.Module | None = None
+        self._teacher_owner: int | None = None
+        self._pending_state: dict[str, Tensor] | None = None
+        self._handle: Any = None
+        self._armed = False
+        self._captured: tuple[tuple[Any, ...], dict[str, Any], Any] | None = None
+
+    # -- identity and state ----------------------------------------------------------------------------------
+    @override
+    def identity(self) -> dict[str, Any]:
+        return {"temperature": self.temperature, "weight": self.weight, "logits_module": self.logits_module}
+
+    @override
+    def state(self) -> dict[str, Any]:
+        return {"teacher_state_dict": None if self._teacher is None else self._teacher.state_dict()}
+
+    @override
+    def load_state(self, state: dict[str, Any]) -> None:
+        teacher_state = state.get("teacher_state_dict")
+        if teacher_state is None:
+            return
+        if self._teacher is not None:
+            self._teacher.load_state_dict(teacher_state)
+        else:
+            self._pending_state = teacher_state
+
+    @property
+    def teacher_model(self) -> nn.Module | None:
+        """The frozen teacher, or ``None`` before ``setup("fit")``."""
+        return self._teacher
+
+    # -- set-up ----------------------------------------------------------------------------------------------
+    def _resolve_source(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> nn.Module:
+        datamodule = getattr(trainer, "datamodule", None)
+        dm_teacher = getattr(datamodule, "teacher", None)
+        if isinstance(self.teacher, nn.Module):
+            return self.teacher
+        if self.teacher == "datamodule" or (self.teacher is None and isinstance(dm_teacher, nn.Module)):
+            if not isinstance(dm_teacher, nn.Module):
+                raise QuantizationConfigError(
+                    f'`teacher="datamodule"` needs a datamodule with a `teacher` module, got '
+                    f'{type(datamodule).__name__}. HINT: use GeneratorDataModule, or teacher="copy".'
+                )
+            return dm_teacher
+        return pl_module
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and not (self._teacher is not None and self._teacher_owner == id(pl_module)):
+            source = self._resolve_source(trainer, pl_module)
+            self._teacher = frozen_fp_copy(source)
+            self._teacher_owner = id(pl_module)
+            if self._pending_state is not None:
+                self._teacher.load_state_dict(self._pending_state)
+                self._pending_state = None
+            if self.student_init == "teacher" and source is not pl_module:
+                self._init_student(pl_module)
+        super().setup(trainer, pl_module, stage)
+
+    def _init_student(self, pl_module: pl.LightningModule) -> None:
+        assert self._teacher is not None
+        if is_quantized(pl_module):
+            raise QuantizationConfigError(
+                '`student_init="teacher"` loads the teacher\'s FP weights before quantization, but the model is '
+                "already quantized. HINT: put DistillationCallback before QuantizationAwareTraining in `callbacks`."
+            )
+        try:
+            pl_module.load_state_dict(self._teacher.state_dict())
+        except RuntimeError as err:
+            raise QuantizationConfigError(
+                f'`student_init="teacher"`: the teacher\'s weights do not fit the model ({type(pl_module).__name__}). '
+                'HINT: give a teacher of the model\'s own class (same state_dict keys), or student_init="keep".'
+            ) from err
+        rank_zero_info("DistillationCallback: the model starts from the teacher's weights.")
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self._teacher is not None  # setup("fit") built it
+        place_fp_copy(trainer, pl_module, self._teacher)  # rank 0's weights, the module's device and dtype
+        try:
+            target = pl_module.get_submodule(self.logits_module) if self.logits_module else pl_module
+        except AttributeError as err:
+            raise QuantizationConfigError(
+                f"`logits_module` {self.logits_module!r} is not a submodule of {type(pl_module).__name__}."
+            ) from err
+        self._remove_hook()
+        self._handle = target.register_forward_hook(self._capture, with_kwargs=True)
+
+    def _capture(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        if self._armed and self._captured is None:
+            self._captured = (args, kwargs, output)
+
+    def _remove_hook(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    # -- the loss --------------------------------------------------------------------------------------------
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        self._captured = None
+        self._armed = True
+
+    def _teacher_root(self) -> nn.Module:
+        assert self._teacher is not None
+        if self.logits_module:
+            try:
+                return self._teacher.get_submodule(self.logits_module)
+            except AttributeError:
+                return self._teacher  # a teacher given as the bare network
+        return self._teacher
+
+    @override
+    def extra_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Tensor | None:
+        self._armed = False
+        captured, self._captured = self._captured, None
+        if captured is None:
+            raise QuantizationConfigError(
+                f"DistillationCallback saw no call of {self.logits_module or type(pl_module).__name__!r} in this "
+                "training step. HINT: set `logits_module` to the submodule that returns the logits (e.g. "
+                '"backbone" when training_step calls self.backbone(x)).'
+            )
+        args, kwargs, student = captured
+        if not isinstance(student, Tensor):
+            raise QuantizationConfigError(
+                f"DistillationCallback needs logits (a Tensor) from {self.logits_module or 'the model'!r}, got "
+                f"{type(student).__name__}. HINT: set `logits_module` to the submodule that returns the logits."
+            )
+        with torch.no_grad():
+            teacher = self._teacher_root()(*args, **kwargs)
+        kd = distillation_loss(student, teacher, self.temperature)
+        self.log_metric(pl_module, "loss", kd.detach(), on_step=True, on_epoch=False)
+        return self.weight * kd
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_hook()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_hook()
+        self._armed = False
+        self._captured = None
+        super().teardown(trainer, pl_module, stage)

@@ -1,0 +1,246 @@
+"""GeneratorDataModule (ZS-CGAN): shapes, labels, determinism, ranks, learning, save/load, resume, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import nn
+
+from lightning_quant import QuantizationAwareTraining, QuantizationConfigError
+from lightning_quant.callbacks import DistillationCallback
+from lightning_quant.datamodules import ConditionalGenerator, DigitsDataModule, GeneratorDataModule
+from lightning_quant.datamodules.generator import bn_layers
+from lightning_quant.models import ImageClassifier, LeNet5, resnet8
+from tests.conftest import tiny_trainer_kwargs
+
+QUIET = {"enable_progress_bar": False}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny models: one thread is as fast, and does not crawl when the CPU is shared
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> ImageClassifier:
+    """A ResNet-8 (width 8, with BatchNorm) trained briefly on the 8x8 digits: ~90 % validation accuracy."""
+    torch.set_num_threads(1)
+    L.seed_everything(0)
+    dm = DigitsDataModule(batch_size=64)
+    model = ImageClassifier(resnet8(in_channels=1, num_classes=10, width=8), lr=3e-3)
+    L.Trainer(**tiny_trainer_kwargs(tmp_path_factory.mktemp("teacher"), max_epochs=8)).fit(model, dm)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained(teacher) -> GeneratorDataModule:
+    """A generator trained for a few seconds against the teacher."""
+    dm = _dm(teacher, generator_steps=200, generator_lr=3e-3)
+    dm.setup("fit")
+    return dm
+
+
+def _dm(teacher: nn.Module, **kwargs) -> GeneratorDataModule:
+    defaults = dict(
+        num_classes=10,
+        input_shape=(1, 8, 8),
+        samples_per_epoch=256,
+        batch_size=64,
+        generator_steps=2,
+        generator_batch_size=64,
+        latent_dim=32,
+        generator_width=32,
+        val_samples=64,
+        generator_trainer_kwargs=QUIET,
+    )
+    defaults.update(kwargs)
+    return GeneratorDataModule(teacher, **defaults)
+
+
+def _epoch(dm: GeneratorDataModule) -> tuple[torch.Tensor, torch.Tensor]:
+    batches = list(dm.train_dataloader())
+    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+
+
+def test_batches_have_the_teachers_input_shape_dtype_and_labels_in_range(teacher):
+    dm = _dm(teacher)
+    dm.setup("fit")
+    batches = list(dm.train_dataloader())
+    assert len(batches) == len(dm.train_dataloader()) == 4
+    for x, y in batches:
+        assert x.shape == (64, 1, 8, 8) and x.dtype == torch.float32 and torch.isfinite(x).all()
+        assert y.dtype == torch.int64 and 0 <= int(y.min()) and int(y.max()) < 10
+    (xv, _), *_ = list(dm.val_dataloader())
+    assert xv.shape == (64, 1, 8, 8)
+    with torch.no_grad():
+        assert teacher(x).shape == (64, 10)
+
+
+def test_generator_output_shape_for_sizes_not_multiple_of_four():
+    g = ConditionalGenerator(latent_dim=8, num_classes=3, out_shape=(3, 13, 10), width=8)
+    x, y = g.sample(5, torch.Generator().manual_seed(0))
+    assert x.shape == (5, 3, 13, 10) and int(y.max()) < 3
+
+
+def test_deterministic_with_a_seed_fresh_per_epoch_and_fixed_pool(teacher):
+    a, b, c = _dm(teacher, seed=1), _dm(teacher, seed=1), _dm(teacher, seed=2)
+    for dm in (a, b, c):
+        dm.setup("fit")
+    xa, ya = _epoch(a)
+    xb, yb = _epoch(b)
+    torch.testing.assert_close(xa, xb, atol=0, rtol=0)
+    assert torch.equal(ya, yb)
+    assert not torch.equal(_epoch(c)[0], xa)
+    # a fresh stream each epoch, the same again on a second pass over the same epoch
+    a.current_epoch = lambda: 1  # type: ignore[method-assign]
+    assert not torch.equal(_epoch(a)[0], xa)
+    pool = _dm(teacher, fixed_pool=True)
+    pool.setup("fit")
+    first = _epoch(pool)[0]
+    pool.current_epoch = lambda: 3  # type: ignore[method-assign]
+    assert torch.equal(_epoch(pool)[0], first)
+
+
+def test_distinct_samples_per_rank(teacher):
+    ranks = [_dm(teacher, rank=r, world_size=2) for r in (0, 1)]
+    for dm in ranks:
+        dm.setup("fit")
+    (x0, _), (x1, _) = (_epoch(dm) for dm in ranks)
+    # the samples per epoch are split over the ranks, and every rank's are its own
+    assert x0.shape[0] == x1.shape[0] == 128
+    assert not torch.isclose(x0[:, None], x1[None]).flatten(2).all(-1).any()
+    # the same generator on both ranks (same seed)
+    for (k, v0), v1 in zip(
+        ranks[0].generator.state_dict().items(), ranks[1].generator.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(v0, v1, atol=0, rtol=0, msg=k)
+
+
+def test_short_training_makes_the_teacher_recognise_the_labels_and_bn_loss_falls(trained, teacher):
+    history = trained.training_history
+    assert len(history) == 200
+    first = sum(h["bn"] for h in history[:10]) / 10
+    last = sum(h["bn"] for h in history[-10:]) / 10
+    assert last < 0.7 * first
+    x, y = _epoch(trained)
+    with torch.no_grad():
+        accuracy = (teacher(x).argmax(dim=1) == y).float().mean().item()
+    assert accuracy > 0.6  # chance: 0.1
+
+
+def test_save_load_and_state_dict_resume(trained, teacher, tmp_path: Path):
+    path = tmp_path / "gen.pt"
+    trained.generator.save(path)
+    loaded = _dm(teacher, generator_path=str(path))
+    loaded.setup("fit")
+    assert loaded.training_history == []  # loaded, not trained
+    torch.testing.assert_close(_epoch(loaded)[0], _epoch(trained)[0], atol=0, rtol=0)
+    # datamodule state (what a checkpoint keeps) restores the same generator into a fresh module
+    fresh = _dm(teacher)
+    fresh.load_state_dict(trained.state_dict())
+    fresh.setup("fit")
+    torch.testing.assert_close(_epoch(fresh)[0], _epoch(trained)[0], atol=0, rtol=0)
+
+
+def test_train_saves_to_generator_path_and_teacher_checkpoint_is_loaded(teacher, tmp_path: Path):
+    ckpt = tmp_path / "teacher.ckpt"
+    torch.save({"state_dict": teacher.state_dict()}, ckpt)
+    blank = ImageClassifier(resnet8(in_channels=1, num_classes=10, width=8))
+    dm = _dm(blank, teacher_checkpoint=str(ckpt), generator_path=str(tmp_path / "g" / "gen.pt"))
+    dm.setup("fit")
+    assert (tmp_path / "g" / "gen.pt").exists()
+    for a, b in zip(blank.state_dict().values(), teacher.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_noise_source_labels_by_the_teacher_and_needs_no_bn():
+    lenet = LeNet5(in_channels=1, input_size=8).eval()
+    dm = _dm(lenet, source="noise")
+    dm.setup("fit")
+    x, y = _epoch(dm)
+    with torch.no_grad():
+        assert torch.equal(lenet(x).argmax(dim=1), y)
+    assert dm.generator is None
+
+
+def test_teacher_without_batchnorm_is_refused():
+    lenet = LeNet5(in_channels=1, input_size=8)
+    assert not bn_layers(lenet)
+    with pytest.raises(QuantizationConfigError, match=r"has no BatchNorm layer.*running|mean and variance stored"):
+        _dm(lenet)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"input_shape": (8, 8)}, r"`input_shape` must be the \(channels, height, width\)"),
+        ({"samples_per_epoch": 0}, "`samples_per_epoch` must be a positive integer, got 0"),
+        ({"source": "gan"}, r"`source` must be one of \('generator', 'noise'\), got 'gan'"),
+        ({"bn_loss": "l1"}, r"`bn_loss` must be one of \('kl', 'l2'\)"),
+        ({"bn_weight": -1.0}, "`bn_weight` must be >= 0, got -1.0"),
+    ],
+)
+def test_argument_errors(teacher, kwargs, match):
+    with pytest.raises(QuantizationConfigError, match=match):
+        _dm(teacher, **kwargs)
+
+
+def test_drops_into_trainer_fit_in_place_of_real_data(trained, teacher, tmp_path: Path):
+    student = ImageClassifier(resnet8(in_channels=1, num_classes=10, width=8))
+    student.load_state_dict(teacher.state_dict())
+    trainer = L.Trainer(**tiny_trainer_kwargs(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=1))
+    trainer.fit(student, datamodule=trained)
+    assert trainer.global_step == 2
+
+
+class _SaveFirstBatch(Callback):
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 0:
+            gen = trainer.datamodule.generator.state_dict()
+            torch.save({"x": batch[0], "gen": gen}, self.folder / f"rank{trainer.global_rank}.pt")
+
+
+def test_ddp_two_processes_distinct_samples_same_generator(tmp_path: Path):
+    torch.manual_seed(0)
+    teacher = ImageClassifier(resnet8(in_channels=1, num_classes=10, width=4)).eval()
+    student = ImageClassifier(resnet8(in_channels=1, num_classes=10, width=4))
+    dm = _dm(teacher, samples_per_epoch=64, batch_size=16, latent_dim=8, generator_width=8, val_samples=0)
+    callbacks = [
+        DistillationCallback(student_init="teacher"),
+        QuantizationAwareTraining(4, 4, num_calibration_batches=1),
+        _SaveFirstBatch(tmp_path),
+    ]
+    kwargs = tiny_trainer_kwargs(tmp_path, devices=2, strategy="ddp_spawn", max_steps=2, callbacks=callbacks)
+    L.Trainer(**kwargs).fit(student, datamodule=dm)
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert r0["x"].shape == r1["x"].shape == (16, 1, 8, 8) and not torch.equal(r0["x"], r1["x"])
+    for key, value in r0["gen"].items():
+        torch.testing.assert_close(r1["gen"][key], value, atol=0, rtol=0, msg=key)
+
+
+def test_resume_restores_the_generator_from_the_checkpoint(teacher, tmp_path: Path):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first = _dm(teacher, samples_per_epoch=64, seed=0)
+    student = ImageClassifier(resnet8(in_channels=1, num_classes=10, width=8))
+    L.Trainer(**tiny_trainer_kwargs(tmp_path, max_epochs=1, enable_checkpointing=True, callbacks=[ckpt])).fit(
+        student, datamodule=first
+    )
+    # another seed would train another generator: the checkpoint's wins
+    resumed = _dm(teacher, samples_per_epoch=64, seed=5)
+    student2 = ImageClassifier(resnet8(in_channels=1, num_classes=10, width=8))
+    L.Trainer(**tiny_trainer_kwargs(tmp_path, max_epochs=2)).fit(
+        student2, datamodule=resumed, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
+    )
+    for key, value in first.generator.state_dict().items():
+        torch.testing.assert_close(resumed.generator.state_dict()[key], value, atol=0, rtol=0, msg=key)
