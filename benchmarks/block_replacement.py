@@ -24,29 +24,19 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import logging
 import os
 import platform
-import re
 import shlex
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
-from common import quiet_trainer  # benchmarks/common.py (the script's folder is on sys.path)
+from common import quiet_logs, quiet_trainer, write_section  # benchmarks/common.py (the script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = "## Block replacement"
-
-
-def _quiet() -> None:
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
-    logging.getLogger("lightning_quant").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
 
 
 def _step_timer(br=None):
@@ -270,16 +260,6 @@ extra backward is in the step time), batch 64, W4A4, medians over {args.prefix_s
 """
 
 
-def update_markdown(path: Path, text: str) -> None:
-    current = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(r"^## Block replacement\n.*?(?=^## |\Z)", re.M | re.S)
-    if pattern.search(current):
-        updated = pattern.sub(lambda _: text.rstrip() + "\n\n", current).rstrip() + "\n"
-    else:
-        updated = current.rstrip() + "\n\n" + text.rstrip() + "\n"
-    path.write_text(updated)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mnist", action="store_true", help="MNIST instead of the digits (tens of minutes)")
@@ -307,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    _quiet()
+    quiet_logs()
     acc_rows = accuracy(args)
     prefix_rows = prefix_cost(args)
     shown, skip = [], False
@@ -320,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     text = section(args, acc_rows, prefix_rows, command)
     print(text)
     if not args.no_write:
-        update_markdown(Path(args.output), text)
+        write_section(Path(args.output), "## Block replacement", text)
     return 0
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import re
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -22,3 +25,21 @@ def quiet_trainer(epochs: int, callbacks: list, root: Path, max_steps: int = -1)
         num_sanity_val_steps=0,
         limit_val_batches=0,
     )
+
+
+def quiet_logs() -> None:
+    """Keep Lightning's and the suite's per-run banners and warnings out of a benchmark's output."""
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning_quant"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+
+
+def write_section(path: Path, heading: str, text: str) -> None:
+    """Replace the ``heading`` section of a markdown file with ``text`` (or append it); other sections stay."""
+    current = path.read_text() if path.exists() else "# Benchmarks\n"
+    pattern = re.compile(r"^" + re.escape(heading) + r"\n.*?(?=^## |\Z)", re.M | re.S)
+    if pattern.search(current):
+        updated = pattern.sub(lambda _: text.rstrip() + "\n\n", current).rstrip() + "\n"
+    else:
+        updated = current.rstrip() + "\n\n" + text.rstrip() + "\n"
+    path.write_text(updated)

@@ -24,28 +24,19 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
-import logging
 import platform
-import re
 import shlex
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
-from common import quiet_trainer  # benchmarks/common.py (the script's folder is on sys.path)
+from common import quiet_logs, quiet_trainer, write_section  # benchmarks/common.py (the script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = "## Data-free QAT (ZS-CGAN)"
 SOURCES = ("generator", "noise", "real")
-
-
-def _quiet() -> None:
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning_quant"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
 
 
 def _real(args: argparse.Namespace, seed: int):
@@ -175,17 +166,6 @@ def section(args: argparse.Namespace, result: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_markdown(path: Path, text: str) -> None:
-    """Replace this script's section of ``path`` (or append it), leaving the other sections as they are."""
-    current = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(r"^" + re.escape(HEADER) + r"\n.*?(?=^## |\Z)", re.M | re.S)
-    if pattern.search(current):
-        updated = pattern.sub(lambda _: text.rstrip() + "\n\n", current).rstrip() + "\n"
-    else:
-        updated = current.rstrip() + "\n\n" + text.rstrip() + "\n"
-    path.write_text(updated)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mnist", action="store_true", help="MNIST 28x28 instead of the digits (tens of minutes)")
@@ -221,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    _quiet()
+    quiet_logs()
     result = run(args)
     shown, skip = [], False
     for a in argv:  # the command as a reader would re-run it, without output/work paths
@@ -233,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     text = section(args, result, command)
     print(text)
     if not args.no_write:
-        update_markdown(Path(args.output), text)
+        write_section(Path(args.output), HEADER, text)
     return 0
 
 

@@ -29,20 +29,17 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import logging
 import os
 import platform
-import re
 import shlex
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from common import quiet_trainer  # benchmarks/common.py (the script's folder is on sys.path)
+from common import quiet_logs, quiet_trainer, write_section  # benchmarks/common.py (the script's folder is on sys.path)
 
 from lightning_quant.allocation import BudgetConstraint, solve_milp, solve_relaxed
 
@@ -108,12 +105,6 @@ def solver_table(rows: list[dict]) -> str:
 
 
 # -- part 2: MNIST ------------------------------------------------------------------------------------------------
-def _quiet() -> None:
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
-
-
 def mnist(args: argparse.Namespace) -> list[dict]:
     import lightning as L
 
@@ -123,7 +114,7 @@ def mnist(args: argparse.Namespace) -> list[dict]:
     from lightning_quant.models import ImageClassifier, resnet8
     from lightning_quant.surgery import quantized_layers
 
-    _quiet()
+    quiet_logs()
     out = Path(args.workdir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -267,16 +258,6 @@ cores); it has not been run for this table yet.
     return text
 
 
-def update_markdown(path: Path, text: str) -> None:
-    current = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(r"^## QBitOpt bit allocation\n.*?(?=^## |\Z)", re.M | re.S)
-    if pattern.search(current):
-        updated = pattern.sub(lambda _: text.rstrip() + "\n\n", current).rstrip() + "\n"
-    else:
-        updated = current.rstrip() + "\n\n" + text.rstrip() + "\n"
-    path.write_text(updated)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, nargs="+", default=[20, 100, 300])
@@ -307,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     text = section(args, solver_rows, mnist_rows, command)
     print(text)
     if not args.no_write:
-        update_markdown(Path(args.output), text)
+        write_section(Path(args.output), "## QBitOpt bit allocation", text)
     return 0
 
 

@@ -24,26 +24,19 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
-import logging
 import os
 import platform
 import re
 import shlex
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
+from common import quiet_logs  # benchmarks/common.py (the script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = "## Threshold tuning (FAT)"
-
-
-def _quiet() -> None:
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning_quant"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
 
 
 def _trainer(callbacks: list, root: Path, **kwargs):
@@ -227,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
         args.epochs = 1 if args.mnist else 8
     if args.fp_epochs is None:
         args.fp_epochs = 3 if args.mnist else 15
-    _quiet()
+    quiet_logs()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     rows = run(args)
     section = _table(rows, args)
