@@ -26,14 +26,13 @@ import copy
 import datetime as dt
 import os
 import platform
-import re
 import shlex
 import sys
 import time
 from pathlib import Path
 
 import torch
-from common import quiet_logs  # benchmarks/common.py (the script's folder is on sys.path)
+from common import quiet_logs, write_section  # benchmarks/common.py (the script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = "## Threshold tuning (FAT)"
@@ -188,17 +187,6 @@ def _table(rows: list[dict], args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write(section: str) -> None:
-    path = ROOT / "BENCHMARKS.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(HEADER)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mnist", action="store_true", help="MNIST instead of sklearn digits")
@@ -214,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--first-last-bits", type=int, default=None)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--workdir", default="/tmp/lightning_quant_fat")
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads (1: robust when shared)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
     if args.epochs is None:
@@ -221,12 +210,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.fp_epochs is None:
         args.fp_epochs = 3 if args.mnist else 15
     quiet_logs()
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(max(1, min(args.threads, os.cpu_count() or 1)))
     rows = run(args)
     section = _table(rows, args)
     print(section)
     if not args.no_write:
-        _write(section)
+        write_section(ROOT / "BENCHMARKS.md", HEADER, section)
 
 
 if __name__ == "__main__":
