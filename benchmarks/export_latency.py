@@ -3,10 +3,11 @@
 Latency: ResNet-20 (batch 1 and 64, 32x32) and torchvision ResNet-18 (batch 16, 224x224), W8A8 (per-channel
 weights, 8-bit activations), exported with :func:`lightning_quant.export.export_onnx`, run by onnxruntime
 (``ORT_ENABLE_ALL``, 2 intra-op threads) next to the float model exported by ``torch.onnx.export`` and run the
-same way. Variants are interleaved (one timed block of each per round, order rotated every round) and the table
-reports medians over rounds and the median per-round ratio to fp32. Peer line: onnxruntime's own
-``quantize_static`` (QDQ, per-channel, U8S8, ``quant_pre_process`` first) on the same float graph. OpenVINO runs the
-same QDQ file when it is installed.
+same way; with and without residual quantizers (``QuantSpec(quantize_residuals=True)``). Variants are interleaved
+(one timed block of each per round, order rotated every round) and the table reports medians over rounds and the
+median per-round ratio to fp32. Peer lines on the same float weights: onnxruntime's own ``quantize_static`` (QDQ,
+per-channel, U8S8, ``quant_pre_process`` first), NNCF's ``nncf.quantize`` of the float ONNX graph (when NNCF is
+installed) and torch.ao's FX-mode int8 model. OpenVINO runs our QDQ file and NNCF's when it is installed.
 
 Accuracy: ResNet-8 trained briefly (float) on sklearn digits, quantized W8A8 and calibrated; top-1 on the digits
 test split in PyTorch fp32, PyTorch fake-quant and onnxruntime int8.
@@ -21,7 +22,6 @@ import argparse
 import datetime
 import os
 import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from common import write_section  # benchmarks/common.py (the script's folder is on sys.path)
 from torch.nn import functional as F
 
 from lightning_quant.datamodules import DigitsDataModule
@@ -113,6 +114,45 @@ def time_variants(runners: dict[str, callable], rounds: int, inner: int) -> dict
     return times
 
 
+def nncf_quantize(float_path: Path, batches: list[np.ndarray], out: Path) -> Path | None:
+    """NNCF's post-training quantization of the float ONNX graph (its ONNX backend), or None without NNCF."""
+    try:
+        import nncf
+        import onnx
+    except ImportError:
+        return None
+    model = nncf.quantize(onnx.load(os.fspath(float_path)), nncf.Dataset(batches, lambda b: {"input": b}))
+    onnx.save(model, os.fspath(out))
+    return out
+
+
+def torch_ao_int8(build, calib: list[torch.Tensor], example: torch.Tensor):
+    """torch.ao's FX-mode post-training int8 model (x86 backend), or None where this torch cannot convert."""
+    try:
+        from torch.ao.quantization import get_default_qconfig_mapping
+        from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+        torch.backends.quantized.engine = "x86"
+        prepared = prepare_fx(build().eval(), get_default_qconfig_mapping("x86"), (example,))
+        with torch.no_grad():
+            for c in calib:
+                prepared(c)
+        return convert_fx(prepared)
+    except Exception as err:  # deprecated API: report, do not fail the benchmark
+        print(f"torch.ao int8 conversion failed: {type(err).__name__}: {err}", flush=True)
+        return None
+
+
+def ours(build, state: dict, calib: list[torch.Tensor], residuals: bool) -> torch.nn.Module:
+    model = quantize_model(build().eval(), QuantSpec(default=LayerSpec(), quantize_residuals=residuals))
+    model.load_state_dict(state, strict=False)  # same float weights (quantizers keep their steps)
+    return calibrate(model, calib)
+
+
+OURS = "ORT int8 (lightning-quant, quantize_residuals=True)"
+OURS_INPUTS_ONLY = "ORT int8 (lightning-quant, inputs only)"
+
+
 def latency_rows(args: argparse.Namespace, tmp: Path) -> list[str]:
     torch.manual_seed(0)
     import torchvision
@@ -127,43 +167,57 @@ def latency_rows(args: argparse.Namespace, tmp: Path) -> list[str]:
         model = build().eval()
         calib = [torch.randn(8, *shape) for _ in range(4)]
         x = torch.randn(batch, *shape)
-        fp32_path = export_float(model, x[:1], tmp / f"{name}_{batch}_fp32.onnx")
-        qmodel = calibrate(quantize_model(build().eval(), QuantSpec(default=LayerSpec())), calib)
-        qmodel.load_state_dict(model.state_dict(), strict=False)  # same float weights (quantizers keep their steps)
-        calibrate(qmodel, calib)
-        int8_path = export_onnx(qmodel, tmp / f"{name}_{batch}_int8.onnx", x[:1], overwrite=True)
-        peer_path = ort_quantize_static(fp32_path, [c.numpy() for c in calib], tmp / f"{name}_{batch}_ortq.onnx")
-        feed = {"input": x.numpy()}
-        sessions = {
-            "ORT fp32": create_session(fp32_path),
-            "ORT int8 (lightning-quant QDQ)": create_session(int8_path, optimized_model_path=tmp / "o1.onnx"),
-            "ORT int8 (+ quant_pre_process)": create_session(int8_path, preprocess_graph=True),
-            "ORT int8 (peer: ORT quantize_static)": create_session(peer_path, optimized_model_path=tmp / "o2.onnx"),
+        stem = f"{name.replace(' ', '_')}_{batch}"
+        fp32_path = export_float(model, x[:1], tmp / f"{stem}_fp32.onnx")
+        files = {
+            OURS: export_onnx(ours(build, model.state_dict(), calib, True), tmp / f"{stem}_r.onnx", x[:1]),
+            OURS_INPUTS_ONLY: export_onnx(ours(build, model.state_dict(), calib, False), tmp / f"{stem}_i.onnx", x[:1]),
+            "ORT int8 (peer: ORT quantize_static)": ort_quantize_static(
+                fp32_path, [c.numpy() for c in calib], tmp / f"{stem}_ortq.onnx"
+            ),
         }
-        int8_convs = count_conv_ops(tmp / "o1.onnx")
-        peer_convs = count_conv_ops(tmp / "o2.onnx")
+        nncf_path = nncf_quantize(fp32_path, [c.numpy() for c in calib], tmp / f"{stem}_nncf.onnx")
+        if nncf_path is not None:
+            files["ORT int8 (peer: NNCF PTQ)"] = nncf_path
+        feed = {"input": x.numpy()}
+        sessions = {"ORT fp32": create_session(fp32_path)}
+        convs = {}
+        for k, (variant, path) in enumerate(files.items()):
+            optimized = tmp / f"opt{k}.onnx"
+            sessions[variant] = create_session(path, optimized_model_path=optimized)
+            convs[variant] = count_conv_ops(optimized)
         runners = {k: (lambda s=s, feed=feed: s.run(None, feed)) for k, s in sessions.items()}
         if openvino_available():
             from lightning_quant.export import create_openvino_model
 
-            ov_fp32, ov_int8 = create_openvino_model(fp32_path), create_openvino_model(int8_path)
             xn = x.numpy()
-            runners["OpenVINO fp32"] = lambda m=ov_fp32, xn=xn: m(xn)
-            runners["OpenVINO int8 (lightning-quant QDQ)"] = lambda m=ov_int8, xn=xn: m(xn)
+            for variant, path in (
+                ("OpenVINO fp32", fp32_path),
+                ("OpenVINO int8 (lightning-quant, quantize_residuals=True)", files[OURS]),
+                ("OpenVINO int8 (peer: NNCF PTQ)", nncf_path),
+            ):
+                if path is not None:
+                    compiled = create_openvino_model(path)
+                    runners[variant] = lambda m=compiled, xn=xn: m(xn)
+        ao_model = torch_ao_int8(build, calib, x[:1])
+        if ao_model is not None:
+            runners["torch fp32 (eager)"] = lambda m=model, x=x: _no_grad(m, x)
+            runners["torch.ao int8 (peer: FX PTQ, x86)"] = lambda m=ao_model, x=x: _no_grad(m, x)
         times = time_variants(runners, args.rounds, inner)
         base = times["ORT fp32"]
         for variant, ts in times.items():
             ratio = statistics.median(b / t for b, t in zip(base, ts, strict=True))
-            convs = ""
-            if variant.startswith("ORT int8 (lightning"):
-                convs = f"{int8_convs[0]} / {int8_convs[0] + int8_convs[1]}"
-            elif "peer" in variant:
-                convs = f"{peer_convs[0]} / {peer_convs[0] + peer_convs[1]}"
+            count = f"{convs[variant][0]} / {convs[variant][0] + convs[variant][1]}" if variant in convs else ""
             rows.append(
-                f"| {name} | {batch} | {variant} | {statistics.median(ts) * 1000:.2f} | {ratio:.2f} | {convs} |"
+                f"| {name} | {batch} | {variant} | {statistics.median(ts) * 1000:.2f} | {ratio:.2f} | {count} |"
             )
         print("\n".join(rows[-len(times) :]), flush=True)
     return rows
+
+
+def _no_grad(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x)
 
 
 def accuracy_rows(tmp: Path) -> list[str]:
@@ -185,13 +239,14 @@ def accuracy_rows(tmp: Path) -> list[str]:
     rows = []
     for label, spec in [
         ("W8A8", QuantSpec(default=LayerSpec())),
+        ("W8A8, quantize_residuals", QuantSpec(default=LayerSpec(), quantize_residuals=True)),
         ("W4A4 (first/last 8)", QuantSpec(default=LayerSpec(weight_bits=4, act_bits=4))),
     ]:
         q = resnet8(in_channels=1)
         q.load_state_dict(model.state_dict())
         quantize_model(q, spec)
         calibrate(q, [x for x, _ in list(dm.train_dataloader())[:4]])
-        path = export_onnx(q, tmp / f"acc_{label[:4]}.onnx", test[0][0][:1], overwrite=True)
+        path = export_onnx(q, tmp / f"acc_{len(rows)}.onnx", test[0][0][:1], overwrite=True)
         result = verify_onnx(q, path, test)
         rows.append(
             f"| ResNet-8 digits {label} | {fp32:.2%} | {result.torch_accuracy:.2%} | {result.onnx_accuracy:.2%} | "
@@ -216,6 +271,10 @@ def main() -> None:
         lat = latency_rows(args, tmp)
     load_after = os.getloadavg()[0]
     ov = "OpenVINO not installed (optional extra `openvino`): no OpenVINO lines." if not openvino_available() else ""
+    if openvino_available():
+        import openvino
+
+        ov = f"OpenVINO {openvino.__version__}."
     section = "\n".join(
         [
             SECTION,
@@ -225,7 +284,11 @@ def main() -> None:
             " `torch.onnx.export`. Rounds interleaved (order rotated each round); latency = median over rounds;"
             " ratio = median per-round fp32/variant (> 1 means faster than fp32). `int8 convs` counts"
             " `QLinearConv` / all convs in onnxruntime's optimised graph. Random weights (latency does not depend"
-            " on them), calibrated on 4 random batches.",
+            " on them), calibrated on 4 random batches. Peers quantize the same float weights post-training on the"
+            " same batches: ORT `quantize_static` (QDQ, per-channel, U8S8, after `quant_pre_process`), NNCF"
+            " `nncf.quantize` on the float ONNX graph (run by ORT and by OpenVINO), and torch.ao FX-mode PTQ"
+            " (`prepare_fx`/`convert_fx`, x86 backend) run in PyTorch next to the float eager model. OpenVINO"
+            " lines use `INFERENCE_PRECISION_HINT=f32`, 2 threads; ratios are always to ORT fp32.",
             "",
             "```",
             "python benchmarks/export_latency.py",
@@ -247,23 +310,20 @@ def main() -> None:
             "|---|---:|---:|---:|---:|---:|---:|",
             *acc,
             "",
-            "Why the residual convs of our exports stay in float: the models quantize only the *inputs* of"
-            " Conv/Linear layers, so a conv that feeds a residual `Add` has no QuantizeLinear after it and"
-            " onnxruntime cannot form `DQ -> Conv -> Q` (`QLinearConv`). ORT's `quantize_static` also quantizes"
-            " the Add inputs. Below 8-bit activations the exported clamp keeps convs in float by design (exact).",
+            "Why `quantize_residuals=True` is the deployment recipe: without it the models quantize only the"
+            " *inputs* of Conv/Linear layers, so a conv that feeds a residual `Add` (and the stem, whose output"
+            " also enters the first identity shortcut) has no QuantizeLinear after it and onnxruntime cannot"
+            " form `DQ -> Conv -> Q` (`QLinearConv`): those convs run in float between Q/DQ pairs. With it the"
+            " BatchNorm after each such conv quantizes its output; after folding, the quantizer sits right"
+            " behind the conv. The peers (ORT `quantize_static`, NNCF) also quantize the `Add` itself"
+            " (`QLinearAdd`); ours stays a float `Add` of two dequantized tensors. Below 8-bit activations the"
+            " exported clamp keeps convs in float by design (exact).",
             "",
         ]
     )
     print(section)
     if not args.no_write:
-        path = ROOT / "BENCHMARKS.md"
-        text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-        pattern = re.compile(r"^## ONNX export: int8 vs fp32 latency and accuracy \(CPU\)\n.*?(?=^## |\Z)", re.M | re.S)
-        if pattern.search(text):
-            text = pattern.sub(lambda _m: section, text)
-        else:
-            text = text.rstrip("\n") + "\n\n" + section
-        path.write_text(text)
+        write_section(ROOT / "BENCHMARKS.md", SECTION, section)
 
 
 if __name__ == "__main__":

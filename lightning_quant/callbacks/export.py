@@ -13,11 +13,12 @@ from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_quant.callbacks.base import QuantizationCallback
 from lightning_quant.core.errors import QuantizationConfigError
-from lightning_quant.export.onnx import DEFAULT_OPSET, VerificationResult, export_onnx, verify_onnx
+from lightning_quant.export.onnx import DEFAULT_OPSET, VerificationResult, export_onnx, int8_ready, verify_onnx
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +165,13 @@ class QuantizedExport(QuantizationCallback):
             self._result = verify_onnx(pl_module, self.path, loader, max_batches=self.num_batches)
             metrics.update(self._result.as_metrics())
         self._log(trainer, metrics)
+        if self._result is not None and self._result.float_convs and int8_ready(pl_module):
+            rank_zero_warn(
+                f"QuantizedExport: {self._result.float_convs} of {self._result.float_convs + self._result.int8_convs}"
+                " convolutions run in float in onnxruntime (no QuantizeLinear after them), which makes the int8 model"
+                " slow. HINT: train with `QuantizationAwareTraining(..., quantize_residuals=True)` (or"
+                " `QuantSpec(quantize_residuals=True)`) so the tensors entering residual additions are quantized."
+            )
         if self._result is not None and self._result.agreement < self.min_agreement:
             message = (
                 f"QuantizedExport: onnxruntime agrees with the PyTorch model on {self._result.agreement:.4%} of "

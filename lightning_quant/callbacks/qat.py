@@ -13,7 +13,7 @@ from typing_extensions import override
 from lightning_quant.callbacks.base import QuantizationCallback
 from lightning_quant.core.errors import QuantizationConfigError
 from lightning_quant.core.functional import validate_bits
-from lightning_quant.surgery.layers import quantized_layers
+from lightning_quant.surgery.layers import activation_quantizers, quantized_layers
 from lightning_quant.surgery.quantize import quantize_model
 from lightning_quant.surgery.spec import Granularity, LayerSpec, ObserverName, QuantSpec, ScaleMode
 from lightning_quant.surgery.summary import quantization_summary
@@ -47,6 +47,9 @@ class QuantizationAwareTraining(QuantizationCallback):
         include: name patterns of the layers to quantize (default: all).
         exclude: name patterns of layers to keep in float.
         exclude_types: layer types to keep in float, e.g. ``["Linear"]``.
+        quantize_residuals: also quantize the tensors that convolutions (and their BatchNorms) feed into
+            residual additions. Turn it on for int8 deployment: without it an int8 runtime keeps the
+            convolutions before each addition in float (see :class:`~lightning_quant.surgery.QuantSpec`).
         spec: a whole :class:`QuantSpec` instead of the arguments above (they must then stay at defaults).
 
     Example:
@@ -72,6 +75,7 @@ class QuantizationAwareTraining(QuantizationCallback):
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         exclude_types: list[str] | None = None,
+        quantize_residuals: bool = False,
         spec: QuantSpec | None = None,
     ) -> None:
         super().__init__()
@@ -97,6 +101,7 @@ class QuantizationAwareTraining(QuantizationCallback):
                 exclude=tuple(exclude or ()),
                 exclude_types=tuple(exclude_types or ()),
                 first_last_bits=first_last_bits,
+                quantize_residuals=quantize_residuals,
             )
         elif not isinstance(spec, QuantSpec):
             raise QuantizationConfigError(f"`spec` must be a QuantSpec, got {type(spec).__name__}.")
@@ -129,10 +134,9 @@ class QuantizationAwareTraining(QuantizationCallback):
     def _set_observing(self, pl_module: pl.LightningModule, observing: bool) -> None:
         if observing == self._observing:
             return
+        for quantizer in activation_quantizers(pl_module).values():
+            quantizer.observing = observing
         for layer in quantized_layers(pl_module).values():
-            quantizer = layer.input_quantizer
-            if hasattr(quantizer, "observing"):
-                quantizer.observing = observing
             # weight ranges: LSQ learns them after a one-batch initialisation; observer mode tracks the weights
             layer.weight_quantizer.observing = not layer.weight_quantizer.learnable
         self._observing = observing

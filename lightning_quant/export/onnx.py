@@ -68,7 +68,7 @@ from lightning_quant.core.errors import QuantizationConfigError, UnsupportedModu
 from lightning_quant.core.functional import fake_quantize
 from lightning_quant.core.quantizers import UniformQuantizer
 from lightning_quant.surgery.fold import fold_batchnorm as _fold_batchnorm
-from lightning_quant.surgery.layers import quantized_layers
+from lightning_quant.surgery.layers import activation_quantizers, quantized_layers
 from lightning_quant.surgery.quantize import is_quantized
 
 log = logging.getLogger(__name__)
@@ -159,39 +159,38 @@ def _check_exportable(model: nn.Module) -> None:
             "HINT: train with `QuantizationAwareTraining` (or call `quantize_model(model, spec)` and calibrate); "
             "for a float model use `torch.onnx.export` directly."
         )
-    for name, layer in quantized_layers(model).items():
-        for role in ("weight_quantizer", "input_quantizer"):
-            quantizer = getattr(layer, role)
-            if role == "input_quantizer" and isinstance(quantizer, nn.Identity):
-                continue
-            if type(quantizer) is not UniformQuantizer:
-                raise UnsupportedModuleError(
-                    f"Layer {name!r} has a {role} of type {type(quantizer).__name__}, which the ONNX exporter "
-                    "cannot express as QuantizeLinear/DequantizeLinear (only UniformQuantizer can). HINT: "
-                    "dequantize that layer (`exclude=[...]` in the spec) or export its codebook with "
-                    "`lightning_quant.export.packing`."
-                )
-            if not quantizer._initialized:
-                raise QuantizationConfigError(
-                    f"The {role} of layer {name!r} has never seen data, so its step size is arbitrary. HINT: "
-                    "calibrate first: run a few batches through the model in training mode (a quantization "
-                    "callback does this during fit)."
-                )
-            if role == "input_quantizer" and quantizer.is_binary:
-                raise UnsupportedModuleError(f"Layer {name!r} has a binary input quantizer, which ONNX cannot express.")
+    for name, quantizer in model.named_modules():
+        role = name.rsplit(".", 1)[-1]
+        if not isinstance(quantizer, UniformQuantizer) and (
+            not role.endswith("_quantizer") or isinstance(quantizer, nn.Identity)
+        ):
+            continue
+        owner = name.rsplit(".", 1)[0] if "." in name else "<model>"
+        if type(quantizer) is not UniformQuantizer:
+            raise UnsupportedModuleError(
+                f"Layer {owner!r} has a {role} of type {type(quantizer).__name__}, which the ONNX exporter "
+                "cannot express as QuantizeLinear/DequantizeLinear (only UniformQuantizer can). HINT: "
+                "dequantize that layer (`exclude=[...]` in the spec) or export its codebook with "
+                "`lightning_quant.export.packing`."
+            )
+        if not quantizer._initialized:
+            raise QuantizationConfigError(
+                f"The {role} of layer {owner!r} has never seen data, so its step size is arbitrary. HINT: "
+                "calibrate first: run a few batches through the model in training mode (a quantization "
+                "callback does this during fit)."
+            )
+        if role != "weight_quantizer" and quantizer.is_binary:
+            raise UnsupportedModuleError(f"Layer {owner!r} has a binary {role}, which ONNX cannot express.")
 
 
 def int8_ready(model: nn.Module) -> bool:
     """Whether every quantized activation of ``model`` has 8 bits (what int8 runtime kernels take).
 
-    Layers with float inputs (``act_bits=None``) do not count against it; narrower activations do: they are
+    Layers with float inputs (``act_bits=None``) do not count against it; narrower activations (inputs or
+    residual outputs) do: they are
     exported as a float clamp before an 8-bit Q/DQ, which keeps their conv out of ``QLinearConv``.
     """
-    return all(
-        layer.input_quantizer.bits == 8
-        for layer in quantized_layers(model).values()
-        if isinstance(layer.input_quantizer, UniformQuantizer)
-    )
+    return all(quantizer.bits == 8 for quantizer in activation_quantizers(model).values())
 
 
 def _deepcopy(model: nn.Module) -> nn.Module:
@@ -208,7 +207,8 @@ def prepare_for_export(model: nn.Module, *, fold_batchnorm: bool = True) -> nn.M
     """The CPU, eval-mode copy of ``model`` that :func:`export_onnx` traces (``model`` is not changed).
 
     BatchNorm folded (exact pairs only), weights replaced by their fake-quantized values behind constant
-    8-bit weight Q/DQ, input quantizers replaced by constant 8-bit Q/DQ (with a clamp below 8 bits). Its
+    8-bit weight Q/DQ, activation quantizers (layer inputs, residual outputs) replaced by constant 8-bit Q/DQ
+    (with a clamp below 8 bits). Its
     outputs equal ``model``'s in eval mode up to float rounding of the fold.
     """
     _check_exportable(model)
@@ -221,14 +221,11 @@ def prepare_for_export(model: nn.Module, *, fold_batchnorm: bool = True) -> nn.M
         quantizer = layer.weight_quantizer
         layer.weight.copy_(quantizer(layer.weight))
         layer.weight_quantizer = _ExportQuantizer(quantizer, clamp=False)
-        if isinstance(layer.input_quantizer, UniformQuantizer):
-            layer.input_quantizer = _ExportQuantizer(layer.input_quantizer, clamp=True)
-    leftover = [name for name, m in prepared.named_modules() if isinstance(m, UniformQuantizer)]
-    if leftover:
-        raise UnsupportedModuleError(
-            f"Quantizers outside Conv/Linear layers cannot be exported yet: {leftover[:5]}. HINT: wrap the "
-            "quantized op in a quantized layer, or remove the quantizer before export."
-        )
+    # activation quantizers: layer inputs and outputs, and those a folded output-quantized BatchNorm left behind
+    for parent in list(prepared.modules()):
+        for attr, child in list(parent._modules.items()):
+            if isinstance(child, UniformQuantizer):
+                parent._modules[attr] = _ExportQuantizer(child, clamp=True)
     return prepared
 
 

@@ -659,7 +659,8 @@ def pack_model(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
 
     * ``<layer>.weight``: the weight integers (``int_repr``) packed at the layer's bit width (binary: 1 bit),
       with ``scale`` and ``zero_point`` (float32, one per channel or one per tensor) and ``ch_axis``.
-    * ``<layer>.input_quantizer``: the activation step size and zero point (no payload), ``bits``.
+    * ``<layer>.input_quantizer`` (and every other activation quantizer by its module name, e.g. a residual
+      ``<bn>.output_quantizer``): the activation step size and zero point (no payload), ``bits``.
     * every other floating-point tensor of the state dict (biases, BatchNorm, float layers), stored raw under
       its state-dict key with ``kind="float"``.
     * :data:`SPEC_ENTRY`: the ``QuantSpec`` JSON, so :func:`load_packed_model` can quantize a fresh model.
@@ -669,6 +670,7 @@ def pack_model(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
     Raises:
         QuantizationConfigError: ``model`` has no quantized layer.
     """
+    from lightning_quant.surgery.layers import activation_quantizers
     from lightning_quant.surgery.spec import QuantSpec
 
     spec = QuantSpec.from_model(model)  # raises a clear error for a float model
@@ -687,14 +689,13 @@ def pack_model(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
             "ch_axis": quantizer.ch_axis,
             "kind": "weight",
         }
-        act = layer.input_quantizer
-        if hasattr(act, "int_repr"):
-            entries[f"{name}.input_quantizer"] = _empty_entry(
-                kind="activation",
-                act_bits=act.bits,
-                scale=act.effective_scale().detach().float().cpu().clone(),
-                zero_point=act.zero_point.detach().float().cpu().clone(),
-            )
+    for name, act in activation_quantizers(model).items():
+        entries[name] = _empty_entry(
+            kind="activation",
+            act_bits=act.bits,
+            scale=act.effective_scale().detach().float().cpu().clone(),
+            zero_point=act.zero_point.detach().float().cpu().clone(),
+        )
     seen: set[int] = set()
     for key, tensor in model.state_dict(keep_vars=True).items():
         if key in replaced or not tensor.is_floating_point() or id(tensor) in seen:
@@ -720,6 +721,7 @@ def load_packed_model(model: torch.nn.Module, path: str | os.PathLike[str]) -> t
     Raises:
         QuantizationConfigError: the file is not a packed model, or it does not fit ``model``.
     """
+    from lightning_quant.surgery.layers import activation_quantizers
     from lightning_quant.surgery.quantize import is_quantized, quantize_model
     from lightning_quant.surgery.spec import QuantSpec
 
@@ -756,10 +758,17 @@ def load_packed_model(model: torch.nn.Module, path: str | os.PathLike[str]) -> t
         )
         layer.weight.copy_(values.to(layer.weight))
         _set_quantizer(quantizer, scale, zero_point)
-        act = entries.get(f"{name}.input_quantizer")
-        if act is not None and hasattr(layer.input_quantizer, "int_repr"):
-            layer.input_quantizer.bits = act["act_bits"]
-            _set_quantizer(layer.input_quantizer, act["scale"], act["zero_point"])
+    acts = activation_quantizers(model)
+    for key, entry in entries.items():
+        if entry.get("kind") != "activation":
+            continue
+        if key not in acts:
+            raise QuantizationConfigError(
+                f"The packed file has the activation quantizer {key!r}, which the model does not. Load it into "
+                "the model it was saved from."
+            )
+        acts[key].bits = entry["act_bits"]
+        _set_quantizer(acts[key], entry["scale"], entry["zero_point"])
     state = model.state_dict(keep_vars=True)
     for key, entry in entries.items():
         if entry.get("kind") != "float":

@@ -3,7 +3,8 @@
 A BatchNorm in eval mode is a per-channel affine map ``y = (x - mean) * f + beta`` with
 ``f = gamma / sqrt(var + eps)``. When its only input is a convolution's output, the map moves into the
 convolution: ``w' = w * f`` (per output channel) and ``b' = (b - mean) * f + beta``, and the BatchNorm becomes
-an ``nn.Identity``. This is what deployment runtimes need (an unfolded BatchNorm keeps a conv out of
+an ``nn.Identity`` (or, for an output-quantized :class:`~lightning_quant.surgery.layers.QuantBatchNorm2d`, its
+output quantizer). This is what deployment runtimes need (an unfolded BatchNorm keeps a conv out of
 ``QLinearConv``), and what threshold-tuning techniques need before they calibrate.
 
 Quantized convolutions (:class:`~lightning_quant.surgery.layers.QuantizedLayer`): scaling output channel
@@ -39,7 +40,8 @@ from torch import fx, nn
 
 from lightning_quant.core.errors import QuantizationConfigError
 from lightning_quant.core.quantizers import UniformQuantizer
-from lightning_quant.surgery.layers import QuantizedLayer
+from lightning_quant.surgery.graph import BN_TYPES, CONV_TYPES, trace
+from lightning_quant.surgery.layers import QuantizedBatchNorm, QuantizedLayer
 
 log = logging.getLogger(__name__)
 
@@ -48,31 +50,19 @@ __all__ = ["INEXACT_CHOICES", "find_conv_bn_pairs", "fold_batchnorm"]
 #: what :func:`fold_batchnorm` does where a quantized conv cannot keep its integers exactly
 INEXACT_CHOICES: tuple[str, ...] = ("recalibrate", "skip", "error")
 
-_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
-
-class _LeafTracer(fx.Tracer):
-    """fx tracer that keeps convolutions, quantized layers and BatchNorms as single call_module nodes."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, (*_CONV_TYPES, *_BN_TYPES, QuantizedLayer)):
-            return True
-        return super().is_leaf_module(m, module_qualified_name)
-
 
 def _pairs_by_tracing(model: nn.Module) -> list[tuple[str, str]]:
-    graph = _LeafTracer().trace(model)
+    graph = trace(model)
     modules = dict(model.named_modules())
     pairs = []
     for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(node.target), _BN_TYPES):
+        if node.op != "call_module" or not isinstance(modules.get(node.target), BN_TYPES):
             continue
         source = node.args[0] if node.args else None
         if (
             isinstance(source, fx.Node)
             and source.op == "call_module"
-            and isinstance(modules.get(source.target), _CONV_TYPES)
+            and isinstance(modules.get(source.target), CONV_TYPES)
             and len(source.users) == 1
         ):
             pairs.append((str(source.target), str(node.target)))
@@ -86,7 +76,7 @@ def _pairs_in_sequentials(model: nn.Module) -> list[tuple[str, str]]:
             continue
         children = list(module.named_children())
         for (conv_name, conv), (bn_name, bn) in itertools.pairwise(children):
-            if isinstance(conv, _CONV_TYPES) and isinstance(bn, _BN_TYPES):
+            if isinstance(conv, CONV_TYPES) and isinstance(bn, BN_TYPES):
                 prefix = f"{name}." if name else ""
                 pairs.append((prefix + conv_name, prefix + bn_name))
     return pairs
@@ -196,7 +186,8 @@ def fold_batchnorm(
             conv.weight_quantizer.observe(conv.weight)
             log.info("fold_batchnorm: recalibrated the weight quantizer of %s after folding %s.", conv_name, bn_name)
         _fold_bias(conv, factor, shift)
-        _set_module(model, bn_name, nn.Identity())
+        # an output-quantized BatchNorm leaves its quantizer behind, now right after the (folded) conv
+        _set_module(model, bn_name, bn.output_quantizer if isinstance(bn, QuantizedBatchNorm) else nn.Identity())
         folded.append((conv_name, bn_name))
     if folded:
         log.debug("fold_batchnorm: folded %d BatchNorm layers of %s", len(folded), type(model).__name__)

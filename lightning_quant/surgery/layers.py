@@ -4,17 +4,58 @@ A quantized layer *is* the original layer (``isinstance(QuantConv2d(...), nn.Con
 ``Parameter`` objects, the same state-dict keys for them and two extra submodules, ``weight_quantizer`` and
 ``input_quantizer``. So optimizers built before or after the swap, float checkpoints, BatchNorm folding and
 ``torchvision`` helpers keep working; only the forward changes.
+
+A third submodule, ``output_quantizer``, is ``nn.Identity`` unless the layer's output enters a residual
+addition (``LayerSpec.output_bits``). For a BatchNorm that feeds a residual addition the same is done by
+:class:`QuantBatchNorm2d` (and its 1d/3d siblings): a BatchNorm that fake-quantizes its output. An int8
+runtime runs a convolution as ``QLinearConv`` only when a QuantizeLinear follows it, and after BatchNorm
+folding that is exactly where these quantizers sit.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_quant.core.quantizers import UniformQuantizer
 from lightning_quant.surgery.spec import LayerSpec
+
+
+def _shallow_copy(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
+    """A ``cls`` instance sharing ``module``'s parameters, buffers, submodules and hooks (``module`` untouched)."""
+    copy = cls.__new__(cls)
+    copy.__dict__.update(module.__dict__)
+    for attr in ("_parameters", "_buffers", "_modules"):
+        copy.__dict__[attr] = dict(module.__dict__[attr])
+    return copy
+
+
+def _strip(module: nn.Module, float_type: type[nn.Module], submodules: tuple[str, ...]) -> nn.Module:
+    """The ``float_type`` module again (same parameter objects) without the named quantizer submodules."""
+    plain = float_type.__new__(float_type)
+    plain.__dict__.update(module.__dict__)
+    plain.__dict__["_modules"] = {k: v for k, v in module._modules.items() if k not in submodules}
+    for attr in ("float_type", "layer_spec"):
+        plain.__dict__.pop(attr, None)
+    return plain
+
+
+def activation_quantizer(spec: LayerSpec, bits: int, device: torch.device | None = None) -> UniformQuantizer:
+    """A per-tensor activation quantizer with ``spec``'s grid, scale mode and observer at ``bits``."""
+    return UniformQuantizer(
+        bits,
+        symmetric=spec.act_symmetric,
+        signed=spec.act_signed,
+        learnable=spec.scale_mode == "lsq",
+        observer=spec.act_observer,
+    ).to(device)
+
+
+def _optional_activation_quantizer(spec: LayerSpec, bits: int | None, device: torch.device) -> nn.Module:
+    return nn.Identity() if bits is None else activation_quantizer(spec, bits, device)
 
 
 class QuantizedLayer(nn.Module):
@@ -23,6 +64,7 @@ class QuantizedLayer(nn.Module):
     weight: nn.Parameter
     weight_quantizer: UniformQuantizer
     input_quantizer: UniformQuantizer | nn.Identity
+    output_quantizer: UniformQuantizer | nn.Identity
     layer_spec: LayerSpec
     float_type: type[nn.Module]
 
@@ -32,10 +74,7 @@ class QuantizedLayer(nn.Module):
 
         ``module`` itself is not modified, so a failed model surgery can leave the model as it was.
         """
-        layer = cls.__new__(cls)
-        layer.__dict__.update(module.__dict__)
-        for attr in ("_parameters", "_buffers", "_modules"):
-            layer.__dict__[attr] = dict(module.__dict__[attr])
+        layer = _shallow_copy(module, cls)
         layer.float_type = type(module)
         layer.layer_spec = spec
         weight = module.weight
@@ -49,28 +88,13 @@ class QuantizedLayer(nn.Module):
             learnable=spec.scale_mode == "lsq",
             observer=spec.weight_observer,
         ).to(weight.device)
-        if spec.act_bits is None:
-            layer.input_quantizer = nn.Identity()
-        else:
-            layer.input_quantizer = UniformQuantizer(
-                spec.act_bits,
-                symmetric=spec.act_symmetric,
-                signed=spec.act_signed,
-                learnable=spec.scale_mode == "lsq",
-                observer=spec.act_observer,
-            ).to(weight.device)
-        return layer
+        layer.input_quantizer = _optional_activation_quantizer(spec, spec.act_bits, weight.device)
+        layer.output_quantizer = _optional_activation_quantizer(spec, spec.output_bits, weight.device)
+        return layer  # type: ignore[return-value]
 
     def to_float(self) -> nn.Module:
         """The float layer again (same parameter objects), without the quantizers."""
-        module = self.float_type.__new__(self.float_type)
-        module.__dict__.update(self.__dict__)
-        module.__dict__["_modules"] = {
-            k: v for k, v in self._modules.items() if k not in ("weight_quantizer", "input_quantizer")
-        }
-        for attr in ("float_type", "layer_spec"):
-            module.__dict__.pop(attr, None)
-        return module
+        return _strip(self, self.float_type, ("weight_quantizer", "input_quantizer", "output_quantizer"))
 
     def quantized_weight(self) -> Tensor:
         """The fake-quantized weight used in forward."""
@@ -78,16 +102,25 @@ class QuantizedLayer(nn.Module):
 
     def current_spec(self) -> LayerSpec:
         """This layer's recipe with its current bit widths (which callbacks may have changed)."""
-        act_bits = self.input_quantizer.bits if isinstance(self.input_quantizer, UniformQuantizer) else None
-        return dataclasses.replace(self.layer_spec, weight_bits=self.weight_quantizer.bits, act_bits=act_bits)
+        return dataclasses.replace(
+            self.layer_spec,
+            weight_bits=self.weight_quantizer.bits,
+            act_bits=_bits(self.input_quantizer),
+            output_bits=_bits(self.output_quantizer),
+        )
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", w{self.weight_quantizer.bits}a{self.current_spec().act_bits or 'fp'}"
 
 
+def _bits(quantizer: nn.Module) -> int | None:
+    return quantizer.bits if isinstance(quantizer, UniformQuantizer) else None
+
+
 class _QuantConvNd(QuantizedLayer):
     def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(self.input_quantizer(x), self.quantized_weight(), self.bias)  # type: ignore[attr-defined]
+        out = self._conv_forward(self.input_quantizer(x), self.quantized_weight(), self.bias)  # type: ignore[attr-defined]
+        return self.output_quantizer(out)
 
 
 class QuantConv1d(_QuantConvNd, nn.Conv1d):
@@ -106,7 +139,7 @@ class QuantLinear(QuantizedLayer, nn.Linear):
     """:class:`torch.nn.Linear` with fake-quantized weight and input."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(self.input_quantizer(x), self.quantized_weight(), self.bias)
+        return self.output_quantizer(F.linear(self.input_quantizer(x), self.quantized_weight(), self.bias))
 
 
 #: float layer type -> its quantized counterpart (exact types: subclasses may have their own forward)
@@ -118,6 +151,51 @@ QUANTIZED_TYPES: dict[type[nn.Module], type[QuantizedLayer]] = {
 }
 
 
+class QuantizedBatchNorm(nn.Module):
+    """Mixin of the BatchNorms whose output is fake-quantized (they feed a residual addition)."""
+
+    output_quantizer: UniformQuantizer
+    float_type: type[nn.Module]
+
+    @classmethod
+    def from_float(cls, module: nn.Module, spec: LayerSpec, bits: int) -> QuantizedBatchNorm:
+        """A copy of ``module`` sharing its parameters and running statistics, quantizing its output."""
+        layer = _shallow_copy(module, cls)
+        layer.float_type = type(module)
+        device = module.running_mean.device if module.running_mean is not None else None
+        layer.output_quantizer = activation_quantizer(spec, bits, device)
+        return layer  # type: ignore[return-value]
+
+    def to_float(self) -> nn.Module:
+        return _strip(self, self.float_type, ("output_quantizer",))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.output_quantizer(super().forward(x))  # type: ignore[misc]
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", out{self.output_quantizer.bits}"
+
+
+class QuantBatchNorm1d(QuantizedBatchNorm, nn.BatchNorm1d):
+    """:class:`torch.nn.BatchNorm1d` with a fake-quantized output."""
+
+
+class QuantBatchNorm2d(QuantizedBatchNorm, nn.BatchNorm2d):
+    """:class:`torch.nn.BatchNorm2d` with a fake-quantized output."""
+
+
+class QuantBatchNorm3d(QuantizedBatchNorm, nn.BatchNorm3d):
+    """:class:`torch.nn.BatchNorm3d` with a fake-quantized output."""
+
+
+#: BatchNorm type -> its output-quantized counterpart
+QUANTIZED_BN_TYPES: dict[type[nn.Module], type[QuantizedBatchNorm]] = {
+    nn.BatchNorm1d: QuantBatchNorm1d,
+    nn.BatchNorm2d: QuantBatchNorm2d,
+    nn.BatchNorm3d: QuantBatchNorm3d,
+}
+
+
 def quantized_layers(model: nn.Module) -> dict[str, QuantizedLayer]:
     """The quantized layers of ``model`` by qualified name, in registration order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLayer)}
@@ -126,3 +204,8 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantizedLayer]:
 def quantizers(model: nn.Module) -> dict[str, UniformQuantizer]:
     """Every quantizer module of ``model`` by qualified name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, UniformQuantizer)}
+
+
+def activation_quantizers(model: nn.Module) -> dict[str, UniformQuantizer]:
+    """The quantizers of activations (layer inputs and residual outputs), by qualified name."""
+    return {name: q for name, q in quantizers(model).items() if not name.endswith("weight_quantizer")}

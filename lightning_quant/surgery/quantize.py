@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator
 
@@ -9,8 +10,16 @@ from torch import nn
 
 from lightning_quant.core.errors import QuantizationConfigError
 from lightning_quant.core.quantizers import UniformQuantizer
-from lightning_quant.surgery.layers import QUANTIZED_TYPES, QuantizedLayer, quantized_layers, quantizers
-from lightning_quant.surgery.spec import QuantSpec
+from lightning_quant.surgery.graph import residual_producers
+from lightning_quant.surgery.layers import (
+    QUANTIZED_BN_TYPES,
+    QUANTIZED_TYPES,
+    QuantizedBatchNorm,
+    QuantizedLayer,
+    quantized_layers,
+    quantizers,
+)
+from lightning_quant.surgery.spec import LayerSpec, QuantSpec
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +46,8 @@ def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> nn.Module
     * Atomic: the spec is resolved and every new layer is built before the first swap, so any error leaves
       ``model`` exactly as it was.
     * A layer used in several places (a shared layer) becomes one quantized layer used in the same places.
+    * With ``spec.quantize_residuals``, the tensors that enter residual additions from a quantized conv (or
+      the BatchNorm right after it) get an output quantizer too (see :class:`QuantSpec`).
 
     Args:
         model: any ``nn.Module`` (a ``LightningModule`` included).
@@ -76,23 +87,44 @@ def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> nn.Module
             "The spec selects no layer of `model`: check `include`, `exclude` and `exclude_types` "
             f"against the quantizable layers {list(candidates)[:12]}."
         )
+    residual_bns = _add_residual_outputs(model, resolved) if spec.quantize_residuals else {}
     # build everything first: nothing below this point raises on user input
-    swaps = {
-        name: QUANTIZED_TYPES[type(float_layers[name])].from_float(float_layers[name], layer_spec)
+    swaps: dict[nn.Module, nn.Module] = {
+        float_layers[name]: QUANTIZED_TYPES[type(float_layers[name])].from_float(float_layers[name], layer_spec)
         for name, layer_spec in resolved.items()
         if name in float_layers
     }
-    for name, new in swaps.items():
-        for parent, attr in list(_references(model, float_layers[name])):
+    for bn, (layer_spec, bits) in residual_bns.items():
+        swaps[bn] = QUANTIZED_BN_TYPES[type(bn)].from_float(bn, layer_spec, bits)
+    for old, new in swaps.items():
+        for parent, attr in list(_references(model, old)):
             parent._modules[attr] = new
     if swaps:
         log.debug("Quantized %d layers of %s", len(swaps), type(model).__name__)
     return model
 
 
+def _add_residual_outputs(model: nn.Module, resolved: dict[str, LayerSpec]) -> dict[nn.Module, tuple[LayerSpec, int]]:
+    """Give the selected layers that feed a residual addition an output quantizer (``resolved`` is updated)
+    and return the float BatchNorms after a selected conv that feed one, with the spec and bits to use."""
+    modules = dict(model.named_modules())
+    bns: dict[nn.Module, tuple[LayerSpec, int]] = {}
+    for producer, source in residual_producers(model).items():
+        layer_spec = resolved.get(source)
+        if layer_spec is None or layer_spec.act_bits is None:
+            continue  # a float layer, or one with float inputs: its output stays float as well
+        if producer == source:
+            if layer_spec.output_bits is None:
+                resolved[source] = dataclasses.replace(layer_spec, output_bits=layer_spec.act_bits)
+        elif type(modules[producer]) in QUANTIZED_BN_TYPES:  # not yet output-quantized
+            bns[modules[producer]] = (layer_spec, layer_spec.act_bits)
+    return bns
+
+
 def dequantize_model(model: nn.Module) -> nn.Module:
     """Swap every quantized layer back to its float layer (same parameters), in place; returns ``model``."""
-    for layer in list(quantized_layers(model).values()):
+    quantized_bns = [m for m in model.modules() if isinstance(m, QuantizedBatchNorm)]
+    for layer in [*quantized_layers(model).values(), *quantized_bns]:
         float_layer = layer.to_float()
         for parent, attr in list(_references(model, layer)):
             parent._modules[attr] = float_layer

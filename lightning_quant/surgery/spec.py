@@ -53,6 +53,9 @@ class LayerSpec:
         weight_observer: observer for weights: ``minmax``, ``moving_average``, ``percentile`` or ``mse``.
         act_observer: observer for activations.
         frozen: allocators (mixed precision) must leave this layer's bit widths alone.
+        output_bits: bit width of a fake-quantizer on the layer's *output* (same grid as the input), or
+            ``None`` (the default). :attr:`QuantSpec.quantize_residuals` sets it on the layers that feed a
+            residual addition; set it yourself where tracing cannot find them.
     """
 
     weight_bits: int = 8
@@ -65,6 +68,7 @@ class LayerSpec:
     weight_observer: ObserverName = "mse"
     act_observer: ObserverName = "moving_average"
     frozen: bool = False
+    output_bits: int | None = None
 
     GRANULARITIES: ClassVar[tuple[str, ...]] = ("per_channel", "per_tensor")
     SCALE_MODES: ClassVar[tuple[str, ...]] = ("lsq", "observer")
@@ -73,6 +77,8 @@ class LayerSpec:
         validate_bits("weight_bits", self.weight_bits, allow_binary=True)
         if self.act_bits is not None:
             validate_bits("act_bits", self.act_bits)
+        if self.output_bits is not None:
+            validate_bits("output_bits", self.output_bits)
         _check_choice("weight_granularity", self.weight_granularity, self.GRANULARITIES)
         _check_choice("scale_mode", self.scale_mode, self.SCALE_MODES)
         _check_choice("weight_observer", self.weight_observer, sorted(OBSERVERS))
@@ -107,6 +113,12 @@ class QuantSpec:
             order), the usual convention for accuracy; ``None`` treats them like the others.
         layers: per-layer overrides, keyed by exact name or pattern; later keys win, and they win over
             ``first_last_bits``.
+        quantize_residuals: also fake-quantize every tensor that a quantized convolution (or the BatchNorm
+            after it) feeds into a residual addition, at that layer's activation bits. Needed for int8
+            deployment: a runtime fuses a convolution into an integer kernel (``QLinearConv``) only when a
+            quantizer follows it, and without these the convolutions before each addition stay in float.
+            Found with a :mod:`torch.fx` trace (a model fx cannot trace gets a clear error). Off by default:
+            the extra quantizers cost a little accuracy at low activation bits.
 
     Example:
         >>> spec = QuantSpec(default=LayerSpec(weight_bits=4, act_bits=4), exclude=["fc"])
@@ -120,6 +132,7 @@ class QuantSpec:
     exclude_types: tuple[str, ...] = ()
     first_last_bits: int | None = 8
     layers: Mapping[str, LayerSpec] = field(default_factory=dict)
+    quantize_residuals: bool = False
 
     def __post_init__(self) -> None:
         # accept lists from YAML/JSON but store tuples, so specs compare equal after a round trip
@@ -134,6 +147,10 @@ class QuantSpec:
             _check_choice("exclude_types", type_name, QUANTIZABLE_TYPES)
         if self.first_last_bits is not None:
             validate_bits("first_last_bits", self.first_last_bits)
+        if not isinstance(self.quantize_residuals, bool):
+            raise QuantizationConfigError(
+                f"`quantize_residuals` must be True or False, got {self.quantize_residuals!r}."
+            )
         for key, layer in self.layers.items():
             if not isinstance(layer, LayerSpec):
                 raise QuantizationConfigError(f"`layers[{key!r}]` must be a LayerSpec, got {type(layer).__name__}.")
@@ -180,6 +197,7 @@ class QuantSpec:
                     layer,
                     weight_bits=self.first_last_bits,
                     act_bits=None if layer.act_bits is None else self.first_last_bits,
+                    output_bits=None if layer.output_bits is None else self.first_last_bits,
                     frozen=True,
                 )
             for pattern, override in self.layers.items():
@@ -197,6 +215,7 @@ class QuantSpec:
             "exclude_types": list(self.exclude_types),
             "first_last_bits": self.first_last_bits,
             "layers": {name: layer.to_dict() for name, layer in self.layers.items()},
+            "quantize_residuals": self.quantize_residuals,
         }
 
     @classmethod
@@ -239,8 +258,11 @@ class QuantSpec:
 
     @classmethod
     def from_model(cls, model: nn.Module) -> QuantSpec:
-        """The exact recipe of a quantized model: one entry per quantized layer, with its current bit widths."""
-        from lightning_quant.surgery.layers import quantized_layers  # layers imports this module
+        """The exact recipe of a quantized model: one entry per quantized layer, with its current bit widths.
+
+        A model with output-quantized BatchNorms gets ``quantize_residuals=True``, which finds them again.
+        """
+        from lightning_quant.surgery.layers import QuantizedBatchNorm, quantized_layers  # layers imports this
 
         layers = {name: module.current_spec() for name, module in quantized_layers(model).items()}
         if not layers:
@@ -248,4 +270,5 @@ class QuantSpec:
                 "`model` has no quantized layer: call `quantize_model(model, spec)` (or train with a "
                 "quantization callback) first."
             )
-        return cls(include=tuple(layers), first_last_bits=None, layers=layers)
+        residuals = any(isinstance(m, QuantizedBatchNorm) for m in model.modules())
+        return cls(include=tuple(layers), first_last_bits=None, layers=layers, quantize_residuals=residuals)

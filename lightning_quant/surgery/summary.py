@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from lightning_quant.core.quantizers import UniformQuantizer
-from lightning_quant.surgery.layers import quantized_layers
+from lightning_quant.surgery.layers import quantized_layers, quantizers
 
 FLOAT_BITS = 32
 
@@ -94,10 +94,9 @@ def quantization_summary(model: nn.Module) -> QuantizationSummary:
         numel = layer.weight.numel()
         side_bits = FLOAT_BITS * sum(
             q.scale.numel() + q.zero_point.numel()
-            for q in (layer.weight_quantizer, layer.input_quantizer)
+            for q in (layer.weight_quantizer, layer.input_quantizer, layer.output_quantizer)
             if isinstance(q, UniformQuantizer)
         )
-        quantized_bits += side_bits
         rows.append(
             LayerRow(
                 name,
@@ -108,4 +107,6 @@ def quantization_summary(model: nn.Module) -> QuantizationSummary:
                 numel * spec.weight_bits + side_bits,
             )
         )
+    # step sizes and zero points of every quantizer (residual ones on BatchNorms included)
+    quantized_bits += FLOAT_BITS * sum(q.scale.numel() + q.zero_point.numel() for q in quantizers(model).values())
     return QuantizationSummary(tuple(rows), fp32_bits, quantized_bits)

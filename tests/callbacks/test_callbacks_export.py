@@ -13,7 +13,7 @@ from lightning_quant.callbacks.export import ExportVerificationError, QuantizedE
 from lightning_quant.callbacks.qat import QuantizationAwareTraining
 from lightning_quant.core.errors import QuantizationConfigError
 from lightning_quant.datamodules import DigitsDataModule
-from lightning_quant.models import ImageClassifier, LeNet5
+from lightning_quant.models import ImageClassifier, LeNet5, resnet8
 
 
 class RecordingLogger(Logger):
@@ -36,13 +36,13 @@ class RecordingLogger(Logger):
         self.metrics.update(metrics)
 
 
-def _fit(tmp_path: Path, trainer_kwargs, export: QuantizedExport) -> RecordingLogger:
+def _fit(tmp_path: Path, trainer_kwargs, export: QuantizedExport, net=None, **qat: Any) -> RecordingLogger:
     L.seed_everything(0)
     logger = RecordingLogger()
-    model = ImageClassifier(LeNet5(input_size=8), lr=3e-3)
+    model = ImageClassifier(net or LeNet5(input_size=8), lr=3e-3)
     trainer = L.Trainer(
         **trainer_kwargs(max_epochs=2, limit_val_batches=2, logger=logger),
-        callbacks=[QuantizationAwareTraining(num_calibration_batches=2, scale_mode="observer"), export],
+        callbacks=[QuantizationAwareTraining(num_calibration_batches=2, scale_mode="observer", **qat), export],
     )
     trainer.fit(model, DigitsDataModule(batch_size=64))
     return logger
@@ -56,6 +56,18 @@ def test_exports_verifies_and_logs(tmp_path: Path, trainer_kwargs) -> None:
     for key in ("agreement", "max_abs_diff", "int8_convs", "onnx_accuracy", "torch_accuracy", "file_kib"):
         assert f"quant/export/{key}" in logger.metrics
     assert logger.metrics["quant/export/int8_convs"] == 2
+
+
+def test_warns_when_convolutions_fall_back_to_float(tmp_path: Path, trainer_kwargs) -> None:
+    # a 2-epoch width-4 model has near-tied logits, so agreement is checked loosely here (tight in tests/export)
+    export = QuantizedExport(tmp_path / "plain.onnx", num_batches=1, min_agreement=0.9)
+    with pytest.warns(UserWarning, match=r"6 of 9 convolutions run in float.*quantize_residuals=True"):
+        _fit(tmp_path, trainer_kwargs, export, resnet8(in_channels=1, width=4))
+    # the deployment recipe: every convolution in int8, no warning
+    export = QuantizedExport(tmp_path / "residual.onnx", num_batches=1, min_agreement=0.9)
+    logger = _fit(tmp_path, trainer_kwargs, export, resnet8(in_channels=1, width=4), quantize_residuals=True)
+    assert logger.metrics["quant/export/int8_convs"] == 9 and logger.metrics["quant/export/float_convs"] == 0
+    assert export.result.agreement >= 0.9
 
 
 def test_failure_modes(tmp_path: Path, trainer_kwargs, caplog) -> None:

@@ -15,7 +15,8 @@ from lightning_quant.datamodules import DigitsDataModule
 from lightning_quant.models import LeNet5, resnet8
 from lightning_quant.surgery import LayerSpec, QuantSpec, quantize_model, quantized_layers, quantizers
 
-RECIPES = ("w8a8", "w4a4", "mixed")
+#: "w8a8r": W8A8 with residual quantizers (``quantize_residuals=True``), the int8 deployment recipe
+RECIPES = ("w8a8", "w4a4", "mixed", "w8a8r")
 
 
 @functools.lru_cache(maxsize=1)
@@ -36,7 +37,7 @@ def all_digits() -> Iterable:
 
 def _spec(recipe: str) -> QuantSpec:
     bits = 4 if recipe == "w4a4" else 8
-    return QuantSpec(default=LayerSpec(weight_bits=bits, act_bits=bits))
+    return QuantSpec(default=LayerSpec(weight_bits=bits, act_bits=bits), quantize_residuals=recipe == "w8a8r")
 
 
 @functools.cache

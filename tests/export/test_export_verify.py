@@ -39,6 +39,18 @@ def test_verify_reports_int8_convs_and_accuracies(tmp_path: Path) -> None:
     assert unlabelled.torch_accuracy is None and "onnx_accuracy" not in unlabelled.as_metrics()
 
 
+def test_residual_quantizers_put_every_conv_in_int8(tmp_path: Path) -> None:
+    results = {}
+    for recipe in ("w8a8", "w8a8r"):
+        model = make_quantized("resnet8", recipe)
+        path = export_onnx(model, tmp_path / f"{recipe}.onnx", torch.randn(1, 1, 8, 8))
+        results[recipe] = verify_onnx(model, path, all_digits(), max_batches=2)
+    # without them the convs before each residual addition (and the stem) have no QuantizeLinear after them
+    assert results["w8a8"].float_convs > 0
+    assert results["w8a8r"].int8_convs == 9 and results["w8a8r"].float_convs == 0
+    assert results["w8a8r"].agreement >= 0.99
+
+
 def test_per_layer_names_first_divergent_layer(tmp_path: Path) -> None:
     model = make_quantized("lenet", "w8a8")
     path = export_onnx(model, tmp_path / "m.onnx", torch.randn(1, 1, 8, 8))
@@ -68,7 +80,9 @@ def test_verify_errors(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------- packed models
-@pytest.mark.parametrize(("arch", "recipe"), [("lenet", "mixed"), ("resnet8", "w4a4"), ("resnet8", "w8a8")])
+@pytest.mark.parametrize(
+    ("arch", "recipe"), [("lenet", "mixed"), ("resnet8", "w4a4"), ("resnet8", "w8a8"), ("resnet8", "w8a8r")]
+)
 def test_packed_model_round_trip_is_exact(arch: str, recipe: str, tmp_path: Path) -> None:
     model = make_quantized(arch, recipe)
     path = tmp_path / "model.lqpk"
