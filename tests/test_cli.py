@@ -165,6 +165,22 @@ def test_mnist_config_fits(tmp_path):
     assert 4.0 <= _metrics(log_dir)["quant/qat/avg_weight_bits"] < 5
 
 
+@pytest.mark.parametrize("config", ["threshold_tuning.yaml", "block_replacement.yaml"])
+def test_configs_take_trained_float_weights(config, tmp_path):
+    from lightning_quant.models import ImageClassifier, LeNet5
+
+    fp = ImageClassifier(LeNet5(in_channels=1, num_classes=10, input_size=28))
+    torch.save(fp.state_dict(), tmp_path / "fp.pt")
+    args = ["fit", *_config_args(CONFIGS / config), f"--trainer.default_root_dir={tmp_path}"]
+    # the path reaches ImageClassifier(weights=...), which loads it when the CLI builds the model (jsonargparse
+    # re-raises the model's error as a ValueError that quotes it)
+    with pytest.raises((FileNotFoundError, ValueError), match=r"`weights` file '.*missing.pt' does not exist"):
+        main([*args, f"--model.init_args.weights={tmp_path / 'missing.pt'}"])
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, f"--model.init_args.weights={tmp_path / 'fp.pt'}", "--print_config"])
+    assert exit_info.value.code == 0
+
+
 def test_help_lists_the_suites_own_subcommands(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Literal
 
 import lightning as L
@@ -54,11 +55,17 @@ class ImageClassifier(L.LightningModule):
         momentum: SGD momentum in [0, 1); ignored by Adam.
         scheduler: ``"none"`` or ``"cosine"`` (cosine annealing to 0 over ``trainer.max_epochs``,
             or per step over ``trainer.max_steps`` when the epoch count is unbounded).
+        weights: path of trained *float* weights to start from: a Lightning ``.ckpt`` of this module, or a
+            ``torch.save`` file of its ``state_dict()`` or of the backbone's. Loaded (strictly) here, before any
+            callback copies the model, so FP teachers (block replacement, FAT, data-free) are the trained
+            model; how to start the techniques that need a trained model from a LightningCLI YAML. Not saved
+            as a hyperparameter (a checkpoint of this module holds the weights themselves).
 
     Raises:
         TypeError: If ``backbone`` is not an ``nn.Module``.
         ValueError: If another argument is out of range; the message names the argument, the value
             and the fix.
+        FileNotFoundError: If ``weights`` does not exist.
     """
 
     def __init__(
@@ -70,6 +77,7 @@ class ImageClassifier(L.LightningModule):
         weight_decay: float = 0.0,
         momentum: float = 0.9,
         scheduler: Literal["none", "cosine"] = "none",
+        weights: str | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(backbone, nn.Module):
@@ -89,7 +97,7 @@ class ImageClassifier(L.LightningModule):
             raise ValueError(f"`momentum` must be within [0, 1), got {momentum!r}. Use e.g. momentum=0.9.")
         if scheduler not in _SCHEDULERS:
             raise ValueError(f"`scheduler` must be one of {_SCHEDULERS}, got {scheduler!r}.")
-        self.save_hyperparameters(ignore=["backbone"])
+        self.save_hyperparameters(ignore=["backbone", "weights"])
         self.backbone = backbone
         self.num_classes = num_classes
         self.lr = float(lr)
@@ -101,6 +109,30 @@ class ImageClassifier(L.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        if weights is not None:
+            self._load_float_weights(weights)
+
+    def _load_float_weights(self, path: str) -> None:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"`weights` file {path!r} does not exist. Pass the path of a trained float checkpoint "
+                "(a Lightning .ckpt or a torch.save'd state_dict), or leave `weights` unset."
+            )
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        if not isinstance(state, dict):
+            raise ValueError(f"`weights` file {path!r} holds a {type(state).__name__}, not a state_dict.")
+        target: nn.Module = self if any(k.startswith("backbone.") for k in state) else self.backbone
+        try:
+            target.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            detail = " ".join(str(err).split())
+            detail = detail if len(detail) <= 300 else detail[:300] + " ..."
+            raise ValueError(
+                f"`weights` file {path!r} does not fit this model ({detail}). It must hold float weights of the same "
+                "backbone; load a *quantized* checkpoint with `lightning_quant.load_quantized` instead."
+            ) from err
+        log.info("ImageClassifier: loaded float weights from %s", path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return the backbone's logits for images ``x``."""

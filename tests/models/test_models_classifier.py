@@ -147,6 +147,25 @@ def test_bad_arguments(kwargs: dict, match: str) -> None:
         ImageClassifier(LeNet5(), **kwargs)
 
 
+def test_weights_load_from_state_dicts_and_lightning_checkpoints(tmp_path) -> None:
+    torch.manual_seed(0)
+    trained = ImageClassifier(LeNet5(input_size=8))
+    x = torch.randn(2, 1, 8, 8)
+    expected = trained(x)
+    torch.save(trained.state_dict(), tmp_path / "module.pt")
+    torch.save(trained.backbone.state_dict(), tmp_path / "backbone.pt")
+    torch.save({"state_dict": trained.state_dict(), "epoch": 3}, tmp_path / "lightning.ckpt")
+    for name in ("module.pt", "backbone.pt", "lightning.ckpt"):
+        torch.manual_seed(1)  # a different initialisation, replaced by the file's weights
+        model = ImageClassifier(LeNet5(input_size=8), weights=str(tmp_path / name))
+        assert torch.equal(model(x), expected), name
+        assert "weights" not in model.hparams
+    with pytest.raises(FileNotFoundError, match=r"`weights` file '.*missing.pt' does not exist"):
+        ImageClassifier(LeNet5(input_size=8), weights=str(tmp_path / "missing.pt"))
+    with pytest.raises(ValueError, match=r"does not fit this model .*load_quantized"):
+        ImageClassifier(resnet8(in_channels=1), weights=str(tmp_path / "module.pt"))
+
+
 def test_backbone_must_be_module() -> None:
     with pytest.raises(TypeError, match=r"`backbone` must be a torch.nn.Module, got str"):
         ImageClassifier("resnet20")  # type: ignore[arg-type]
