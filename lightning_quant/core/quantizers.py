@@ -131,6 +131,10 @@ class UniformQuantizer(nn.Module):
         return self._bits == 1
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        if self.threshold_factors is None and f"{prefix}threshold_factors.alpha" in state_dict:
+            # a state saved after threshold tuning (FAT): the factors are part of the quantizer; torch loads
+            # child modules after this hook, so attaching them here lets a fresh model load it strictly
+            self.attach_threshold_factors()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         # the Python-side copies of the buffers are what forward reads (no device sync per step)
         self._bits = int(self.bit_width)

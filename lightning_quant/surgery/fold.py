@@ -45,10 +45,19 @@ from lightning_quant.surgery.layers import QuantizedBatchNorm, QuantizedLayer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["INEXACT_CHOICES", "find_conv_bn_pairs", "fold_batchnorm"]
+__all__ = ["INEXACT_CHOICES", "FoldedBatchNorm", "find_conv_bn_pairs", "fold_batchnorm"]
 
 #: what :func:`fold_batchnorm` does where a quantized conv cannot keep its integers exactly
 INEXACT_CHOICES: tuple[str, ...] = ("recalibrate", "skip", "error")
+
+
+class FoldedBatchNorm(nn.Identity):
+    """What a folded BatchNorm leaves behind: an identity that records the fold.
+
+    :meth:`QuantSpec.from_model <lightning_quant.surgery.QuantSpec.from_model>` reads it, so a recipe saved from a
+    folded model folds the freshly built model too before loading the state (whose convs have the folded biases
+    and no BatchNorm statistics).
+    """
 
 
 def _pairs_by_tracing(model: nn.Module) -> list[tuple[str, str]]:
@@ -145,7 +154,7 @@ def fold_batchnorm(
         >>> fold_batchnorm(net)
         [('0', '1')]
         >>> torch.allclose(net(x), before, atol=1e-6), type(net[1]).__name__
-        (True, 'Identity')
+        (True, 'FoldedBatchNorm')
     """
     if inexact not in INEXACT_CHOICES:
         raise QuantizationConfigError(f"`inexact` must be one of {list(INEXACT_CHOICES)}, got {inexact!r}.")
@@ -187,7 +196,7 @@ def fold_batchnorm(
             log.info("fold_batchnorm: recalibrated the weight quantizer of %s after folding %s.", conv_name, bn_name)
         _fold_bias(conv, factor, shift)
         # an output-quantized BatchNorm leaves its quantizer behind, now right after the (folded) conv
-        _set_module(model, bn_name, bn.output_quantizer if isinstance(bn, QuantizedBatchNorm) else nn.Identity())
+        _set_module(model, bn_name, bn.output_quantizer if isinstance(bn, QuantizedBatchNorm) else FoldedBatchNorm())
         folded.append((conv_name, bn_name))
     if folded:
         log.debug("fold_batchnorm: folded %d BatchNorm layers of %s", len(folded), type(model).__name__)

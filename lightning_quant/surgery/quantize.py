@@ -10,6 +10,7 @@ from torch import nn
 
 from lightning_quant.core.errors import QuantizationConfigError
 from lightning_quant.core.quantizers import UniformQuantizer
+from lightning_quant.surgery.fold import fold_batchnorm
 from lightning_quant.surgery.graph import residual_producers
 from lightning_quant.surgery.layers import (
     QUANTIZED_BN_TYPES,
@@ -46,6 +47,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> nn.Module
     * Atomic: the spec is resolved and every new layer is built before the first swap, so any error leaves
       ``model`` exactly as it was.
     * A layer used in several places (a shared layer) becomes one quantized layer used in the same places.
+    * With ``spec.fold_batchnorm``, BatchNorms are folded into their convolutions first (after every check).
     * With ``spec.quantize_residuals``, the tensors that enter residual additions from a quantized conv (or
       the BatchNorm right after it) get an output quantizer too (see :class:`QuantSpec`).
 
@@ -87,6 +89,10 @@ def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> nn.Module
             "The spec selects no layer of `model`: check `include`, `exclude` and `exclude_types` "
             f"against the quantizable layers {list(candidates)[:12]}."
         )
+    if spec.quantize_residuals:
+        residual_producers(model)  # an untraceable model fails here, before the fold changes anything
+    if spec.fold_batchnorm:
+        fold_batchnorm(model)
     residual_bns = _add_residual_outputs(model, resolved) if spec.quantize_residuals else {}
     # build everything first: nothing below this point raises on user input
     swaps: dict[nn.Module, nn.Module] = {

@@ -119,6 +119,9 @@ class QuantSpec:
             quantizer follows it, and without these the convolutions before each addition stay in float.
             Found with a :mod:`torch.fx` trace (a model fx cannot trace gets a clear error). Off by default:
             the extra quantizers cost a little accuracy at low activation bits.
+        fold_batchnorm: fold every BatchNorm that follows a convolution into it (eval-mode statistics) before
+            quantizing, as threshold tuning (FAT) does; recorded by :meth:`from_model` for folded models, so
+            their checkpoints load into a freshly built (unfolded) model.
 
     Example:
         >>> spec = QuantSpec(default=LayerSpec(weight_bits=4, act_bits=4), exclude=["fc"])
@@ -133,6 +136,7 @@ class QuantSpec:
     first_last_bits: int | None = 8
     layers: Mapping[str, LayerSpec] = field(default_factory=dict)
     quantize_residuals: bool = False
+    fold_batchnorm: bool = False
 
     def __post_init__(self) -> None:
         # accept lists from YAML/JSON but store tuples, so specs compare equal after a round trip
@@ -147,10 +151,9 @@ class QuantSpec:
             _check_choice("exclude_types", type_name, QUANTIZABLE_TYPES)
         if self.first_last_bits is not None:
             validate_bits("first_last_bits", self.first_last_bits)
-        if not isinstance(self.quantize_residuals, bool):
-            raise QuantizationConfigError(
-                f"`quantize_residuals` must be True or False, got {self.quantize_residuals!r}."
-            )
+        for flag in ("quantize_residuals", "fold_batchnorm"):
+            if not isinstance(getattr(self, flag), bool):
+                raise QuantizationConfigError(f"`{flag}` must be True or False, got {getattr(self, flag)!r}.")
         for key, layer in self.layers.items():
             if not isinstance(layer, LayerSpec):
                 raise QuantizationConfigError(f"`layers[{key!r}]` must be a LayerSpec, got {type(layer).__name__}.")
@@ -216,6 +219,7 @@ class QuantSpec:
             "first_last_bits": self.first_last_bits,
             "layers": {name: layer.to_dict() for name, layer in self.layers.items()},
             "quantize_residuals": self.quantize_residuals,
+            "fold_batchnorm": self.fold_batchnorm,
         }
 
     @classmethod
@@ -260,9 +264,11 @@ class QuantSpec:
     def from_model(cls, model: nn.Module) -> QuantSpec:
         """The exact recipe of a quantized model: one entry per quantized layer, with its current bit widths.
 
-        A model with output-quantized BatchNorms gets ``quantize_residuals=True``, which finds them again.
+        A model with output-quantized BatchNorms gets ``quantize_residuals=True``, which finds them again; a
+        model with folded BatchNorms gets ``fold_batchnorm=True``.
         """
-        from lightning_quant.surgery.layers import QuantizedBatchNorm, quantized_layers  # layers imports this
+        from lightning_quant.surgery.fold import FoldedBatchNorm  # these modules import this one
+        from lightning_quant.surgery.layers import QuantizedBatchNorm, quantized_layers
 
         layers = {name: module.current_spec() for name, module in quantized_layers(model).items()}
         if not layers:
@@ -270,5 +276,10 @@ class QuantSpec:
                 "`model` has no quantized layer: call `quantize_model(model, spec)` (or train with a "
                 "quantization callback) first."
             )
-        residuals = any(isinstance(m, QuantizedBatchNorm) for m in model.modules())
-        return cls(include=tuple(layers), first_last_bits=None, layers=layers, quantize_residuals=residuals)
+        return cls(
+            include=tuple(layers),
+            first_last_bits=None,
+            layers=layers,
+            quantize_residuals=any(isinstance(m, QuantizedBatchNorm) for m in model.modules()),
+            fold_batchnorm=any(isinstance(m, FoldedBatchNorm) for m in model.modules()),
+        )

@@ -383,3 +383,27 @@ def test_exports_the_tuned_grid(trainer_kwargs, tmp_path) -> None:
     trainer.fit(_model(), _loader(), _loader(n=32, seed=1))
     assert (tmp_path / "fat.onnx").exists()
     assert any(abs(f.alpha.item() - 1.0) > 0.01 for f in cb.threshold_factors().values())
+
+
+def test_tuned_model_loads_strictly_into_a_fresh_model(trainer_kwargs, tmp_path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_quant import load_quantized, save_quantized
+    from lightning_quant.surgery import QuantSpec
+
+    cb = ThresholdTuningCallback(bits=4, num_calibration_batches=2, lr=5e-2)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    model = _model()
+    L.Trainer(**trainer_kwargs(max_steps=6, callbacks=[cb, ckpt], enable_checkpointing=True)).fit(model, _loader())
+    model.eval()
+    assert QuantSpec.from_model(model).fold_batchnorm  # the BatchNorms were folded
+    save_quantized(model, tmp_path / "fat.pt")
+    x = torch.randn(8, 1, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+    # a freshly built model (BatchNorm unfolded, no factors) takes both files strictly and computes the same
+    for path in (tmp_path / "fat.pt", tmp_path / "ckpt" / "last.ckpt"):
+        fresh = load_quantized(_model(seed=1), path, strict=True).eval()
+        with torch.no_grad():
+            assert torch.allclose(fresh(x), expected, atol=1e-6), path
+        assert len([m for m in fresh.modules() if isinstance(m, ThresholdFactors)]) == len(cb.threshold_factors())

@@ -136,3 +136,20 @@ def test_bn_fed_by_two_users_is_not_folded() -> None:
             return self.bn(y) + y  # the conv output is used twice
 
     assert find_conv_bn_pairs(Branch()) == []
+
+
+def test_spec_fold_batchnorm_folds_before_quantizing_and_is_recorded() -> None:
+    from lightning_quant.surgery.fold import FoldedBatchNorm
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 2))
+    net[1].running_mean.uniform_(-1, 1)
+    net[1].running_var.uniform_(0.5, 2)
+    spec = QuantSpec(fold_batchnorm=True)
+    assert QuantSpec.from_json(spec.to_json()) == spec
+    quantize_model(net, spec)
+    assert isinstance(net[1], FoldedBatchNorm) and net[0].bias is not None
+    assert QuantSpec.from_model(net).fold_batchnorm
+    assert not QuantSpec.from_model(quantize_model(nn.Sequential(nn.Linear(2, 2)))).fold_batchnorm
+    with pytest.raises(QuantizationConfigError, match=r"`fold_batchnorm` must be True or False, got 1"):
+        QuantSpec(fold_batchnorm=1)
