@@ -184,7 +184,28 @@ def _table(rows: list[dict], args: argparse.Namespace) -> str:
             f"{r['fat_s']:.1f} s | "
             f"{lo:.3f}–{hi:.3f} |"
         )
+    lines += ["", *_aims(rows, len_test=10_000 if args.mnist else 360)]
     return "\n".join(lines) + "\n"
+
+
+def _aims(rows: list[dict], len_test: int) -> list[str]:
+    """The issue's two aims, checked row by row from the figures above (regenerated with them)."""
+    out = []
+    for r in rows:
+        name = f"{r['model']} W{r['bits']}A{r['bits']}"
+        if r["bits"] == 8:
+            gap = 100 * (r["fp_acc"] - r["fat_acc"])
+            verdict = "met" if gap <= 0.1 else "missed"
+            out.append(f"- Aim: 8-bit FAT within 0.1 point of FP. {name}: FP − FAT = {gap:+.2f} ({verdict}).")
+        else:
+            diff = 100 * (r["fat_acc"] - r["calib_acc"])
+            verdict = "met" if diff >= 0 else "missed"
+            images = round(abs(diff) / 100 * len_test)
+            out.append(
+                f"- Aim: FAT ≥ min-max calibration at {r['bits']} bits. {name}: FAT − calibration = {diff:+.2f} "
+                f"({verdict}; {images} of {len_test} test images)."
+            )
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
