@@ -48,3 +48,51 @@ def trainer_kwargs(tmp_path: Path):
         return tiny_trainer_kwargs(tmp_path, **overrides)
 
     return make
+
+
+def crash_and_resume(
+    tmp_path: Path,
+    trainer_kwargs,
+    build,
+    data,
+    crash_step: int,
+    *,
+    max_epochs: int = 3,
+    before_resume=None,
+):
+    """Train straight through; train again, killed at ``crash_step``; resume that run from its ``last.ckpt``.
+
+    ``build()`` returns ``(model, callbacks)`` (a fresh model and fresh callbacks each call, seeded inside).
+    Epoch checkpoints are written to ``<run>/ckpt``. ``before_resume(model)`` may disturb the freshly built
+    model of the resumed run (it must come back from the checkpoint). Returns ``((model, callbacks)`` of the
+    straight run, ``(model, callbacks)`` of the resumed run``)``.
+    """
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+    class CrashAt(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == crash_step:
+                raise RuntimeError("simulated crash")
+
+    def fit(run: str, extra: list, ckpt_path: Path | None = None):
+        model, callbacks = build()
+        ckpt = ModelCheckpoint(dirpath=tmp_path / run / "ckpt", save_last=True, every_n_epochs=1, save_top_k=-1)
+        kwargs = trainer_kwargs(
+            max_epochs=max_epochs,
+            enable_checkpointing=True,
+            callbacks=[*callbacks, ckpt, *extra],
+            default_root_dir=tmp_path / run,
+        )
+        if before_resume is not None and ckpt_path is not None:
+            before_resume(model)
+        L.Trainer(**kwargs).fit(model, data, ckpt_path=ckpt_path)
+        return model, callbacks
+
+    straight = fit("straight", [])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit("crashed", [CrashAt()])
+    last = tmp_path / "crashed" / "ckpt" / "last.ckpt"
+    assert last.exists(), "no checkpoint was written before the crash"
+    resumed = fit("resumed", [], ckpt_path=last)
+    return straight, resumed

@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
@@ -22,6 +22,7 @@ from lightning_quant import (
 from lightning_quant.allocation import layer_costs, trace_macs
 from lightning_quant.models import ImageClassifier, LeNet5
 from lightning_quant.surgery import SPEC_KEY, quantize_model, quantized_layers
+from tests.conftest import crash_and_resume
 
 
 def _loader(n: int = 32, channels: int = 1, size: int = 28, classes: int = 10, batch: int = 8, seed: int = 0):
@@ -219,44 +220,15 @@ def test_two_instances_have_distinct_state_keys() -> None:
 
 
 # -- resume and DDP ---------------------------------------------------------------------------------------------
-class CrashAt(Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise RuntimeError("simulated crash")
-
-
-def _resume_setup(tmp_path, trainer_kwargs, extra_callbacks):
-    L.seed_everything(0, workers=True)
-    model = _lenet()
-    qat = QuantizationAwareTraining(4, 8, num_calibration_batches=2)
-    callback = BitReallocationCallback(avg_weight_bits=3.0, every_n_steps=3)  # solves span the crash
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_epochs=1, save_top_k=-1)
-    trainer = L.Trainer(
-        **trainer_kwargs(
-            max_epochs=3,
-            enable_checkpointing=True,
-            callbacks=[qat, callback, ckpt, *extra_callbacks],
-            default_root_dir=tmp_path,
-        )
-    )
-    return model, callback, trainer
-
-
 def test_kill_and_resume_gives_the_same_allocation_history(tmp_path, trainer_kwargs) -> None:
+    def build():
+        L.seed_everything(0, workers=True)
+        qat = QuantizationAwareTraining(4, 8, num_calibration_batches=2)
+        callback = BitReallocationCallback(avg_weight_bits=3.0, every_n_steps=3)  # solves span the crash
+        return _lenet(), [qat, callback]
+
     data = _loader(n=32, batch=8)  # 4 steps per epoch: solves at 3, 6, 9, 12
-    model_a, cb_a, trainer_a = _resume_setup(tmp_path / "a", trainer_kwargs, [])
-    trainer_a.fit(model_a, data)
-
-    model_b, _, trainer_b = _resume_setup(tmp_path / "b", trainer_kwargs, [CrashAt(step=7)])
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        trainer_b.fit(model_b, data)
-    last = tmp_path / "b" / "ckpt" / "last.ckpt"
-    model_c, cb_c, trainer_c = _resume_setup(tmp_path / "c", trainer_kwargs, [])
-    trainer_c.fit(model_c, data, ckpt_path=last)
-
+    (model_a, [_, cb_a]), (model_c, [_, cb_c]) = crash_and_resume(tmp_path, trainer_kwargs, build, data, crash_step=7)
     assert [h["step"] for h in cb_a.history] == [0, 3, 6, 9, 12]
     assert cb_c.history == cb_a.history
     assert _weight_bits(model_c) == _weight_bits(model_a)

@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 import torchvision
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -21,6 +21,7 @@ from lightning_quant import (
 )
 from lightning_quant.models import ImageClassifier, resnet8
 from lightning_quant.surgery import is_quantized, quantized_layers
+from tests.conftest import crash_and_resume
 
 
 def _loader(n: int = 32, channels: int = 3, size: int = 16, batch: int = 8, seed: int = 0, labels: bool = True):
@@ -254,48 +255,22 @@ def test_ddp_two_processes(tmp_path, trainer_kwargs) -> None:
     assert torch.isfinite(torch.load(tmp_path / "loss0.pt")) and torch.isfinite(torch.load(tmp_path / "loss1.pt"))
 
 
-class CrashAt(Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise RuntimeError("simulated crash")
-
-
-def _resume_setup(tmp_path, trainer_kwargs, extra_callbacks):
-    L.seed_everything(0, workers=True)
-    model = ImageClassifier(resnet8(), lr=1e-2)
-    qat = QuantizationAwareTraining(4, 4, num_calibration_batches=2)
-    br = BlockReplacementCallback(num_sampled=1, mixed_ce_weight=0.5)  # the draw of M_i must resume too
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_epochs=1, save_top_k=-1)
-    trainer = L.Trainer(
-        **trainer_kwargs(
-            max_epochs=3,
-            enable_checkpointing=True,
-            callbacks=[qat, br, ckpt, *extra_callbacks],
-            default_root_dir=tmp_path,
-        )
-    )
-    return model, br, trainer
-
-
 def test_kill_and_resume_gives_the_same_result(tmp_path, trainer_kwargs) -> None:
-    data = _loader(n=16, batch=8)  # 2 steps per epoch
-    model_a, br_a, trainer_a = _resume_setup(tmp_path / "a", trainer_kwargs, [])
-    trainer_a.fit(model_a, data)
+    def build():
+        L.seed_everything(0, workers=True)
+        qat = QuantizationAwareTraining(4, 4, num_calibration_batches=2)
+        br = BlockReplacementCallback(num_sampled=1, mixed_ce_weight=0.5)  # the draw of M_i must resume too
+        return ImageClassifier(resnet8(), lr=1e-2), [qat, br]
 
-    model_b, _, trainer_b = _resume_setup(tmp_path / "b", trainer_kwargs, [CrashAt(step=3)])
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        trainer_b.fit(model_b, data)
-    last = tmp_path / "b" / "ckpt" / "last.ckpt"
-    assert last.exists()
-    model_c, br_c, trainer_c = _resume_setup(tmp_path / "c", trainer_kwargs, [])
-    with torch.no_grad():  # a resumed run starts from whatever model the user builds: F must come from the checkpoint
-        for p in model_c.parameters():
+    @torch.no_grad()
+    def disturb(model):  # a resumed run starts from whatever model the user builds: F must come from the checkpoint
+        for p in model.parameters():
             p.add_(1.0)
-    trainer_c.fit(model_c, data, ckpt_path=last)
 
+    data = _loader(n=16, batch=8)  # 2 steps per epoch
+    (model_a, [_, br_a]), (model_c, [_, br_c]) = crash_and_resume(
+        tmp_path, trainer_kwargs, build, data, crash_step=3, before_resume=disturb
+    )
     state_a, state_c = model_a.state_dict(), model_c.state_dict()
     assert state_a.keys() == state_c.keys()
     for key in state_a:

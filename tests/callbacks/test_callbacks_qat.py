@@ -6,7 +6,7 @@ import lightning as L
 import pytest
 import torch
 import torchvision
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -18,6 +18,7 @@ from lightning_quant import (
 )
 from lightning_quant.models import ImageClassifier, LeNet5, resnet8, resnet20
 from lightning_quant.surgery import SPEC_KEY, quantized_layers, quantizers
+from tests.conftest import crash_and_resume
 
 
 def _loader(n: int = 32, channels: int = 3, size: int = 32, classes: int = 10, batch: int = 8, seed: int = 0):
@@ -128,41 +129,14 @@ def test_bn_frozen_after_n_epochs(trainer_kwargs) -> None:
     assert trainer.callback_metrics["quant/qat/bn_frozen"] == 1.0
 
 
-class CrashAt(Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise RuntimeError("simulated crash")
-
-
-def _resume_setup(tmp_path, trainer_kwargs, extra_callbacks, ckpt_path=None):
-    L.seed_everything(0, workers=True)
-    model = ImageClassifier(resnet8(), lr=1e-2)
-    qat = QuantizationAwareTraining(4, 4, num_calibration_batches=6)  # calibration spans the crash
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_epochs=1, save_top_k=-1)
-    trainer = L.Trainer(
-        **trainer_kwargs(
-            max_epochs=3, enable_checkpointing=True, callbacks=[qat, ckpt, *extra_callbacks], default_root_dir=tmp_path
-        )
-    )
-    return model, qat, trainer
-
-
 def test_kill_and_resume_gives_the_same_result(tmp_path, trainer_kwargs) -> None:
+    def build():
+        L.seed_everything(0, workers=True)
+        qat = QuantizationAwareTraining(4, 4, num_calibration_batches=6)  # calibration spans the crash
+        return ImageClassifier(resnet8(), lr=1e-2), [qat]
+
     data = _loader(n=32, batch=8)  # 4 steps per epoch
-    model_a, qat_a, trainer_a = _resume_setup(tmp_path / "a", trainer_kwargs, [])
-    trainer_a.fit(model_a, data)
-
-    model_b, _, trainer_b = _resume_setup(tmp_path / "b", trainer_kwargs, [CrashAt(step=5)])
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        trainer_b.fit(model_b, data)
-    last = tmp_path / "b" / "ckpt" / "last.ckpt"
-    assert last.exists()
-    model_c, qat_c, trainer_c = _resume_setup(tmp_path / "c", trainer_kwargs, [])
-    trainer_c.fit(model_c, data, ckpt_path=last)
-
+    (model_a, [qat_a]), (model_c, [qat_c]) = crash_and_resume(tmp_path, trainer_kwargs, build, data, crash_step=5)
     assert qat_c.state_dict() == qat_a.state_dict()
     state_a, state_c = model_a.state_dict(), model_c.state_dict()
     assert state_a.keys() == state_c.keys()
