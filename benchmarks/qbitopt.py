@@ -210,7 +210,24 @@ def mnist_table(rows: list[dict]) -> str:
             f"| {name} | {statistics.mean(accs):.2f} ± {std:.2f} % | {len(rs)} | "
             f"{max(r['avg_bits'] for r in rs):.3f} | {rs[0]['bits']} | {seconds:.0f} |"
         )
+    lines += ["", *_paired_differences(rows, "uniform 3-bit")]
     return "\n".join(lines)
+
+
+def _paired_differences(rows: list[dict], baseline: str) -> list[str]:
+    """Each variant minus the baseline, seed by seed (same split and data order), mean ± std over seeds."""
+    base = {r["seed"]: 100 * r["acc"] for r in rows if r["variant"] == baseline}
+    out = []
+    for name in dict.fromkeys(r["variant"] for r in rows if r["variant"] != baseline):
+        diffs = [100 * r["acc"] - base[r["seed"]] for r in rows if r["variant"] == name and r["seed"] in base]
+        if diffs:
+            std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+            better = sum(d > 0 for d in diffs)
+            out.append(
+                f"- {name} − {baseline}, paired by seed: {statistics.mean(diffs):+.2f} ± {std:.2f} points "
+                f"(ahead on {better} of {len(diffs)} seeds)."
+            )
+    return out
 
 
 # -- report -------------------------------------------------------------------------------------------------------

@@ -53,6 +53,9 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
     if path.name == "02_mixed_precision_block_replacement_export.ipynb":
         _check_mixed_precision_notebook(notebook)
         return
+    if path.name == "03_threshold_tuning_and_data_free.ipynb":
+        _check_threshold_tuning_data_free_notebook(notebook)
+        return
     if path.name != "01_quickstart.ipynb":
         return
     text = _text_outputs(notebook)
@@ -94,3 +97,30 @@ def _check_mixed_precision_notebook(notebook: nbformat.NotebookNode) -> None:
     assert re.search(r"max logit diff: [\d.e+-]+", text), text
     size = re.search(r"mixed precision size: [\d.]+ KiB \(([\d.]+)x smaller", text)
     assert size and float(size.group(1)) > 5, text
+
+
+def _check_threshold_tuning_data_free_notebook(notebook: nbformat.NotebookNode) -> None:
+    text = _text_outputs(notebook)
+    accuracies = {
+        name: re.search(rf"{pattern} test accuracy:\s+([\d.]+)%", text)
+        for name, pattern in (
+            ("fp", "FP32"),
+            ("w8_calibration", "W8A8 min-max calibration"),
+            ("w8_fat", "W8A8 FAT"),
+            ("w4_calibration", "W4A4 min-max calibration"),
+            ("w4_fat", "W4A4 FAT"),
+            ("data_free", "data-free W4A4"),
+        )
+    }
+    assert all(accuracies.values()), text
+    accuracy = {name: float(m.group(1)) for name, m in accuracies.items()}
+    # two float epochs, a few FAT steps, one epoch of data-free QAT in fast mode; chance is 10 %
+    assert all(value > 50 for value in accuracy.values()), text
+    assert abs(accuracy["w8_fat"] - accuracy["fp"]) <= 5, text  # W8A8 FAT keeps the float accuracy, without labels
+    assert len(re.findall(r"W[48]A[48] FAT wall time: [\d.]+ s", text)) == 2, text
+    noise = re.search(r"Gaussian-noise W4A4 test accuracy:\s+([\d.]+)%", text)
+    assert noise and 0 <= float(noise.group(1)) <= 100, text  # the floor: no lower bound
+    generated = re.search(r"teacher accuracy on generated samples:\s+([\d.]+)%", text)
+    assert generated and float(generated.group(1)) > 30, text  # the generator learned the labels (chance: 10 %)
+    images = [o for c in notebook.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) == 2, "the alpha/beta plot and the grid of generated samples are not both displayed"

@@ -267,10 +267,24 @@ class BitReallocationCallback(QuantizationCallback):
             else:
                 self._tracer = MacTracer(pl_module)
         self._costs = layer_costs(pl_module, self._macs)
+        if self.activations:
+            self._check_unshared_inputs(pl_module)
         if self._macs is not None or self.bops_budget is None:
             self._build_constraints()
         if self.activations:
             self._attach_activation_hooks(pl_module)
+
+    def _check_unshared_inputs(self, pl_module: nn.Module) -> None:
+        owners: dict[int, str] = {}
+        for name, layer in self._units(pl_module).items():
+            quantizer = layer.input_quantizer
+            if isinstance(quantizer, UniformQuantizer) and owners.setdefault(id(quantizer), name) != name:
+                raise QuantizationConfigError(
+                    f"`activations=True` gives every layer its own input bits, but {owners[id(quantizer)]!r} and "
+                    f"{name!r} share one input quantizer (`quantize_residuals=True` quantizes a residual tensor once "
+                    "for all the layers it feeds). HINT: pass `activations=False`, or quantize without "
+                    "`quantize_residuals`."
+                )
 
     def _build_constraints(self) -> None:
         assert self._costs is not None

@@ -286,10 +286,10 @@ class ThresholdTuningCallback(QuantizationCallback):
 
     def factor_parameters(self) -> list[nn.Parameter]:
         """Every ``alpha`` and ``beta`` this callback trains."""
-        params: list[nn.Parameter] = []
-        for factors in self.threshold_factors().values():
-            params.extend([factors.alpha, factors.beta])
-        return params
+        params: dict[int, nn.Parameter] = {}
+        for factors in self.threshold_factors().values():  # a quantizer shared by two layers counts once
+            params.update({id(p): p for p in (factors.alpha, factors.beta)})
+        return list(params.values())
 
     def learning_rate(self, step: int | None = None, since_restart: int | None = None) -> float:
         """The official code's schedule at tuning step ``step`` (default: the next one)."""

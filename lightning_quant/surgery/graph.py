@@ -26,7 +26,8 @@ class LeafTracer(fx.Tracer):
     """fx tracer that keeps Conv/Linear/BatchNorm layers (float or quantized) as single call_module nodes."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, (*CONV_TYPES, *BN_TYPES, nn.Linear)):
+        # quantizers too: their forward branches on Python state that fx would try to trace through
+        if isinstance(m, (*CONV_TYPES, *BN_TYPES, nn.Linear)) or type(m).__name__.endswith("Quantizer"):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -40,6 +41,7 @@ def trace(model: nn.Module) -> fx.Graph:
 # placed before them serves every consumer after them
 _PASSTHROUGH_FUNCTIONS = (torch.relu, torch.nn.functional.relu, torch.nn.functional.max_pool2d)
 _PASSTHROUGH_MODULES = (nn.ReLU, nn.ReLU6, nn.Identity, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+_ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6)
 
 
 def _is_passthrough(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -56,21 +58,7 @@ def _is_add(node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in _ADD_METHODS
 
 
-def residual_producers(model: nn.Module) -> dict[str, str]:
-    """The layers whose output goes straight into a residual addition, mapped to the layer that feeds them.
-
-    For ``out = bn2(conv2(x)) + shortcut(x)`` with a projection shortcut ``conv -> bn`` this returns
-    ``{"bn2": "conv2", "shortcut.1": "shortcut.0"}``; a Conv/Linear output added directly maps to itself.
-    The path back from the addition may pass through ReLUs, max-pooling and ``nn.Identity``: a stem
-    ``conv -> bn -> relu`` whose output both enters the first block's convolution and its identity shortcut
-    gives ``{"bn1": "conv1"}`` (its
-    convolution has two consumers, so only a quantizer before the ReLU lets it run in int8). Inputs that are
-    no such layer's output (the sum of the previous block) are left out: no convolution writes them, so
-    they cost an int8 runtime nothing in float.
-
-    Raises:
-        QuantizationConfigError: fx cannot trace ``model`` (data-dependent control flow, for example).
-    """
+def _residual_trace(model: nn.Module) -> tuple[fx.Graph, dict[str, nn.Module]]:
     try:
         graph = trace(model)
     except Exception as err:  # fx raises many kinds of errors on untraceable models
@@ -79,13 +67,94 @@ def residual_producers(model: nn.Module) -> dict[str, str]:
             f"({type(err).__name__}: {err}). HINT: set `quantize_residuals=False`, or give the layers that feed "
             "an addition an output quantizer yourself with `LayerSpec(output_bits=8)` in `QuantSpec.layers`."
         ) from err
-    modules = dict(model.named_modules())
+    return graph, dict(model.named_modules())
+
+
+def _once_called_activations(graph: fx.Graph, modules: dict[str, nn.Module]) -> set[str]:
+    """ReLU modules called exactly once that take a residual sum or whose output reaches a residual addition.
+
+    A ReLU module used twice (torchvision's ``BasicBlock.relu``) cannot get a quantizer of its own per use.
+    """
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    found = set()
+    for node in graph.nodes:
+        target = str(node.target)
+        if node.op != "call_module" or calls[target] != 1 or not isinstance(modules.get(target), _ACTIVATION_MODULES):
+            continue
+        source = node.args[0] if node.args else None
+        if (isinstance(source, fx.Node) and _is_add(source)) or any(_is_add(u) for u in _reached(node, modules)):
+            found.add(target)
+    return found
+
+
+def _reached(node: fx.Node, modules: dict[str, nn.Module]) -> list[fx.Node]:
+    """The nodes that consume ``node``'s value, looking through pass-through ops (identity, max-pooling)."""
+    out = []
+    for user in node.users:
+        if _is_passthrough(user, modules) and not isinstance(modules.get(str(user.target)), _ACTIVATION_MODULES):
+            out += _reached(user, modules)
+        else:
+            out.append(user)
+    return out
+
+
+def residual_activations(model: nn.Module) -> dict[str, list[str]]:
+    """The ReLU modules at residual additions, each with the Conv/Linear layers that consume its output.
+
+    A ReLU (or ReLU6) module called once whose input is a residual sum, or whose output enters a residual
+    addition (through identity or max-pooling), e.g. ``relu2`` of a CIFAR ResNet block and the stem's ReLU:
+    quantizing its output -- with the same quantizer as the layers it feeds -- puts both inputs and the output
+    of the next addition on integer grids. The consumer lists name every Conv/Linear layer fed directly
+    (through identity or max-pooling).
+
+    Raises:
+        QuantizationConfigError: fx cannot trace ``model``.
+    """
+    graph, modules = _residual_trace(model)
+    result = {}
+    for node in graph.nodes:
+        if node.op == "call_module" and str(node.target) in _once_called_activations(graph, modules):
+            result[str(node.target)] = [
+                str(u.target)
+                for u in _reached(node, modules)
+                if u.op == "call_module" and isinstance(modules.get(str(u.target)), (*CONV_TYPES, nn.Linear))
+            ]
+    return result
+
+
+def residual_producers(model: nn.Module) -> dict[str, str]:
+    """The layers whose output goes straight into a residual addition, mapped to the layer that feeds them.
+
+    For ``out = bn2(conv2(x)) + shortcut(x)`` with a projection shortcut ``conv -> bn`` this returns
+    ``{"bn2": "conv2", "shortcut.1": "shortcut.0"}``; a Conv/Linear output added directly maps to itself.
+    The path back from the addition may pass through ReLUs, max-pooling and ``nn.Identity`` -- but not
+    through a ReLU module that :func:`residual_activations` quantizes itself. A stem
+    ``conv -> bn -> relu`` whose (shared, or functional) ReLU output both enters the first block's convolution
+    and its identity shortcut gives ``{"bn1": "conv1"}`` (its
+    convolution has two consumers, so only a quantizer before the ReLU lets it run in int8). Inputs that are
+    no such layer's output (the sum of the previous block) are left out: no convolution writes them, so
+    they cost an int8 runtime nothing in float.
+
+    Raises:
+        QuantizationConfigError: fx cannot trace ``model`` (data-dependent control flow, for example).
+    """
+    graph, modules = _residual_trace(model)
+    own_activations = _once_called_activations(graph, modules)
     producers: dict[str, str] = {}
     for node in graph.nodes:
         if not _is_add(node):
             continue
         for arg in node.args:
-            while isinstance(arg, fx.Node) and _is_passthrough(arg, modules) and arg.args:
+            # walk back through ReLUs and pooling, but not through a ReLU module that gets its own quantizer
+            while (
+                isinstance(arg, fx.Node)
+                and _is_passthrough(arg, modules)
+                and arg.args
+                and str(arg.target) not in own_activations
+            ):
                 arg = arg.args[0]
             if not (isinstance(arg, fx.Node) and arg.op == "call_module" and len(arg.users) == 1):
                 continue
@@ -103,4 +172,4 @@ def residual_producers(model: nn.Module) -> dict[str, str]:
     return producers
 
 
-__all__ = ["BN_TYPES", "CONV_TYPES", "LeafTracer", "residual_producers", "trace"]
+__all__ = ["BN_TYPES", "CONV_TYPES", "LeafTracer", "residual_activations", "residual_producers", "trace"]

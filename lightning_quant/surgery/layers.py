@@ -9,7 +9,9 @@ A third submodule, ``output_quantizer``, is ``nn.Identity`` unless the layer's o
 addition (``LayerSpec.output_bits``). For a BatchNorm that feeds a residual addition the same is done by
 :class:`QuantBatchNorm2d` (and its 1d/3d siblings): a BatchNorm that fake-quantizes its output. An int8
 runtime runs a convolution as ``QLinearConv`` only when a QuantizeLinear follows it, and after BatchNorm
-folding that is exactly where these quantizers sit.
+folding that is exactly where these quantizers sit. :class:`QuantReLU` quantizes the activation after a
+residual addition (and one that enters an identity shortcut) with the quantizer of the layers it feeds, so
+the addition itself runs in integers too.
 """
 
 from __future__ import annotations
@@ -151,19 +153,23 @@ QUANTIZED_TYPES: dict[type[nn.Module], type[QuantizedLayer]] = {
 }
 
 
-class QuantizedBatchNorm(nn.Module):
-    """Mixin of the BatchNorms whose output is fake-quantized (they feed a residual addition)."""
+class OutputQuantized(nn.Module):
+    """Mixin of the float modules whose output is fake-quantized: BatchNorms and ReLUs at residual additions.
+
+    The quantizer may be shared with the quantized layers that consume the output (their ``input_quantizer`` is
+    the same module), so the tensor is quantized once, with one step size, wherever it goes -- what lets an
+    int8 runtime keep a residual addition in integers (``QLinearAdd``).
+    """
 
     output_quantizer: UniformQuantizer
     float_type: type[nn.Module]
 
     @classmethod
-    def from_float(cls, module: nn.Module, spec: LayerSpec, bits: int) -> QuantizedBatchNorm:
-        """A copy of ``module`` sharing its parameters and running statistics, quantizing its output."""
+    def from_float(cls, module: nn.Module, quantizer: UniformQuantizer) -> OutputQuantized:
+        """A copy of ``module`` sharing its parameters and buffers, quantizing its output with ``quantizer``."""
         layer = _shallow_copy(module, cls)
         layer.float_type = type(module)
-        device = module.running_mean.device if module.running_mean is not None else None
-        layer.output_quantizer = activation_quantizer(spec, bits, device)
+        layer.output_quantizer = quantizer
         return layer  # type: ignore[return-value]
 
     def to_float(self) -> nn.Module:
@@ -174,6 +180,10 @@ class QuantizedBatchNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", out{self.output_quantizer.bits}"
+
+
+class QuantizedBatchNorm(OutputQuantized):
+    """Marker of the output-quantized BatchNorms (they fold into the conv before them, leaving the quantizer)."""
 
 
 class QuantBatchNorm1d(QuantizedBatchNorm, nn.BatchNorm1d):
@@ -188,11 +198,21 @@ class QuantBatchNorm3d(QuantizedBatchNorm, nn.BatchNorm3d):
     """:class:`torch.nn.BatchNorm3d` with a fake-quantized output."""
 
 
-#: BatchNorm type -> its output-quantized counterpart
-QUANTIZED_BN_TYPES: dict[type[nn.Module], type[QuantizedBatchNorm]] = {
+class QuantReLU(OutputQuantized, nn.ReLU):
+    """:class:`torch.nn.ReLU` with a fake-quantized output."""
+
+
+class QuantReLU6(OutputQuantized, nn.ReLU6):
+    """:class:`torch.nn.ReLU6` with a fake-quantized output."""
+
+
+#: float module type -> its output-quantized counterpart
+OUTPUT_QUANTIZED_TYPES: dict[type[nn.Module], type[OutputQuantized]] = {
     nn.BatchNorm1d: QuantBatchNorm1d,
     nn.BatchNorm2d: QuantBatchNorm2d,
     nn.BatchNorm3d: QuantBatchNorm3d,
+    nn.ReLU: QuantReLU,
+    nn.ReLU6: QuantReLU6,
 }
 
 

@@ -11,12 +11,13 @@ from torch import nn
 from lightning_quant.core.errors import QuantizationConfigError
 from lightning_quant.core.quantizers import UniformQuantizer
 from lightning_quant.surgery.fold import fold_batchnorm
-from lightning_quant.surgery.graph import residual_producers
+from lightning_quant.surgery.graph import residual_activations, residual_producers
 from lightning_quant.surgery.layers import (
-    QUANTIZED_BN_TYPES,
+    OUTPUT_QUANTIZED_TYPES,
     QUANTIZED_TYPES,
-    QuantizedBatchNorm,
+    OutputQuantized,
     QuantizedLayer,
+    activation_quantizer,
     quantized_layers,
     quantizers,
 )
@@ -94,6 +95,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> nn.Module
     if spec.fold_batchnorm:
         fold_batchnorm(model)
     residual_bns = _add_residual_outputs(model, resolved) if spec.quantize_residuals else {}
+    activations = residual_activations(model) if spec.quantize_residuals else {}
     # build everything first: nothing below this point raises on user input
     swaps: dict[nn.Module, nn.Module] = {
         float_layers[name]: QUANTIZED_TYPES[type(float_layers[name])].from_float(float_layers[name], layer_spec)
@@ -101,7 +103,8 @@ def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> nn.Module
         if name in float_layers
     }
     for bn, (layer_spec, bits) in residual_bns.items():
-        swaps[bn] = QUANTIZED_BN_TYPES[type(bn)].from_float(bn, layer_spec, bits)
+        swaps[bn] = OUTPUT_QUANTIZED_TYPES[type(bn)].from_float(bn, activation_quantizer(layer_spec, bits))
+    _share_activation_quantizers(model, spec, activations, swaps)
     for old, new in swaps.items():
         for parent, attr in list(_references(model, old)):
             parent._modules[attr] = new
@@ -122,15 +125,45 @@ def _add_residual_outputs(model: nn.Module, resolved: dict[str, LayerSpec]) -> d
         if producer == source:
             if layer_spec.output_bits is None:
                 resolved[source] = dataclasses.replace(layer_spec, output_bits=layer_spec.act_bits)
-        elif type(modules[producer]) in QUANTIZED_BN_TYPES:  # not yet output-quantized
+        elif type(modules[producer]) in OUTPUT_QUANTIZED_TYPES:  # not yet output-quantized
             bns[modules[producer]] = (layer_spec, layer_spec.act_bits)
     return bns
 
 
+def _share_activation_quantizers(
+    model: nn.Module, spec: QuantSpec, activations: dict[str, list[str]], swaps: dict[nn.Module, nn.Module]
+) -> None:
+    """Add the output-quantized ReLUs at residual additions to ``swaps``; each shares one quantizer with the
+    quantized layers it feeds (their input quantizers become that one module), so the tensor has one grid."""
+    modules = dict(model.named_modules())
+    for name, consumers in activations.items():
+        relu = modules[name]
+        if type(relu) not in OUTPUT_QUANTIZED_TYPES:
+            continue  # already quantized
+        layers = [swaps.get(modules[c], modules[c]) for c in consumers]
+        layers = [
+            m for m in layers if isinstance(m, QuantizedLayer) and isinstance(m.input_quantizer, UniformQuantizer)
+        ]
+        if layers:
+            shared = layers[0].input_quantizer
+            for layer in layers[1:]:
+                layer.input_quantizer = shared
+        elif spec.default.act_bits is not None:
+            shared = activation_quantizer(spec.default, spec.default.act_bits, _device(relu, model))
+        else:
+            continue
+        swaps[relu] = OUTPUT_QUANTIZED_TYPES[type(relu)].from_float(relu, shared)
+
+
+def _device(module: nn.Module, model: nn.Module):
+    tensors = [*module.parameters(), *module.buffers()] or [*model.parameters(), *model.buffers()]
+    return tensors[0].device if tensors else None
+
+
 def dequantize_model(model: nn.Module) -> nn.Module:
     """Swap every quantized layer back to its float layer (same parameters), in place; returns ``model``."""
-    quantized_bns = [m for m in model.modules() if isinstance(m, QuantizedBatchNorm)]
-    for layer in [*quantized_layers(model).values(), *quantized_bns]:
+    output_quantized = [m for m in model.modules() if isinstance(m, OutputQuantized)]
+    for layer in [*quantized_layers(model).values(), *output_quantized]:
         float_layer = layer.to_float()
         for parent, attr in list(_references(model, layer)):
             parent._modules[attr] = float_layer

@@ -114,11 +114,14 @@ class QuantSpec:
         layers: per-layer overrides, keyed by exact name or pattern; later keys win, and they win over
             ``first_last_bits``.
         quantize_residuals: also fake-quantize every tensor that a quantized convolution (or the BatchNorm
-            after it) feeds into a residual addition, at that layer's activation bits. Needed for int8
-            deployment: a runtime fuses a convolution into an integer kernel (``QLinearConv``) only when a
-            quantizer follows it, and without these the convolutions before each addition stay in float.
-            Found with a :mod:`torch.fx` trace (a model fx cannot trace gets a clear error). Off by default:
-            the extra quantizers cost a little accuracy at low activation bits.
+            after it) feeds into a residual addition, at that layer's activation bits, and the output of a
+            ReLU module at an addition (the block output, the stem's output) with the *same* quantizer as the
+            layers it feeds. Needed for int8 deployment: a runtime fuses a convolution into an integer kernel
+            (``QLinearConv``) only when a quantizer follows it, and an addition (``QLinearAdd``) only when
+            both inputs and the output are quantized. Found with a :mod:`torch.fx` trace (a model fx cannot
+            trace gets a clear error); a ReLU module called twice in one forward (torchvision's
+            ``BasicBlock.relu``) cannot carry a quantizer per use, so those additions stay in float. Off by
+            default: the extra quantizers cost a little accuracy at low activation bits.
         fold_batchnorm: fold every BatchNorm that follows a convolution into it (eval-mode statistics) before
             quantizing, as threshold tuning (FAT) does; recorded by :meth:`from_model` for folded models, so
             their checkpoints load into a freshly built (unfolded) model.
@@ -264,11 +267,11 @@ class QuantSpec:
     def from_model(cls, model: nn.Module) -> QuantSpec:
         """The exact recipe of a quantized model: one entry per quantized layer, with its current bit widths.
 
-        A model with output-quantized BatchNorms gets ``quantize_residuals=True``, which finds them again; a
+        A model with output-quantized BatchNorms or ReLUs gets ``quantize_residuals=True``, which finds them again; a
         model with folded BatchNorms gets ``fold_batchnorm=True``.
         """
         from lightning_quant.surgery.fold import FoldedBatchNorm  # these modules import this one
-        from lightning_quant.surgery.layers import QuantizedBatchNorm, quantized_layers
+        from lightning_quant.surgery.layers import OutputQuantized, quantized_layers
 
         layers = {name: module.current_spec() for name, module in quantized_layers(model).items()}
         if not layers:
@@ -280,6 +283,6 @@ class QuantSpec:
             include=tuple(layers),
             first_last_bits=None,
             layers=layers,
-            quantize_residuals=any(isinstance(m, QuantizedBatchNorm) for m in model.modules()),
+            quantize_residuals=any(isinstance(m, OutputQuantized) for m in model.modules()),
             fold_batchnorm=any(isinstance(m, FoldedBatchNorm) for m in model.modules()),
         )

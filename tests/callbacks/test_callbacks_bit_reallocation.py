@@ -296,3 +296,15 @@ def test_config_runs_through_the_cli(tmp_path, mnist_root) -> None:
     assert code in (0, None)
     plots = list(tmp_path.rglob("qbitopt_allocation.png"))
     assert len(plots) == 1
+
+
+def test_activation_bits_with_shared_residual_quantizers_raise(trainer_kwargs) -> None:
+    from lightning_quant.models import resnet8
+
+    model = ImageClassifier(resnet8(in_channels=1), lr=1e-2)
+    qat = QuantizationAwareTraining(8, 8, quantize_residuals=True)  # layer2.0.conv1 and its shortcut share one
+    callback = BitReallocationCallback(avg_weight_bits=4.0, activations=True)
+    trainer = L.Trainer(**trainer_kwargs(max_steps=1, callbacks=[qat, callback]))
+    with pytest.raises(QuantizationConfigError, match=r"share one input quantizer.*activations=False"):
+        trainer.fit(model, _loader(size=16))
+    assert trainer.global_step == 0

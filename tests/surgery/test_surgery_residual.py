@@ -21,16 +21,22 @@ from lightning_quant.surgery import (
     quantized_layers,
     save_quantized,
 )
-from lightning_quant.surgery.graph import residual_producers
-from lightning_quant.surgery.layers import QuantBatchNorm2d, activation_quantizers
+from lightning_quant.surgery.graph import residual_activations, residual_producers
+from lightning_quant.surgery.layers import QuantBatchNorm2d, QuantReLU, activation_quantizers
 
 RESNET8_PRODUCERS = {
-    "bn1": "conv1",  # the stem: its ReLU output feeds layer1's identity shortcut and its first conv
     "layer1.0.bn2": "layer1.0.conv2",
     "layer2.0.bn2": "layer2.0.conv2",
     "layer2.0.shortcut.1": "layer2.0.shortcut.0",
     "layer3.0.bn2": "layer3.0.conv2",
     "layer3.0.shortcut.1": "layer3.0.shortcut.0",
+}
+#: ReLU modules at residual additions -> the layers they feed (the stem's ReLU enters layer1's identity shortcut)
+RESNET8_ACTIVATIONS = {
+    "relu": ["layer1.0.conv1"],
+    "layer1.0.relu2": ["layer2.0.conv1", "layer2.0.shortcut.0"],
+    "layer2.0.relu2": ["layer3.0.conv1", "layer3.0.shortcut.0"],
+    "layer3.0.relu2": [],  # the last block's output goes to average pooling
 }
 
 
@@ -71,12 +77,15 @@ def _calibrated(model: nn.Module, shape: tuple[int, ...] = (8, 1, 16, 16)) -> nn
 
 def test_producers_of_our_resnet_and_torchvision_resnet() -> None:
     assert residual_producers(resnet8(in_channels=1)) == RESNET8_PRODUCERS
-    found = residual_producers(torchvision.models.resnet18())
-    # stem (through ReLU and max-pooling), every block's bn2 and the three downsample BatchNorms
-    assert found["bn1"] == "conv1"
+    assert residual_activations(resnet8(in_channels=1)) == RESNET8_ACTIVATIONS
+    model = torchvision.models.resnet18()
+    found = residual_producers(model)
+    # every block's bn2 and the three downsample BatchNorms
     assert found["layer3.0.downsample.1"] == "layer3.0.downsample.0"
     assert sorted(k for k in found if k.endswith("bn2")) == [f"layer{s}.{b}.bn2" for s in (1, 2, 3, 4) for b in (0, 1)]
-    assert len(found) == 1 + 8 + 3
+    assert len(found) == 8 + 3
+    # torchvision's blocks call one ReLU module twice, so only the stem's ReLU (through max-pooling) gets a quantizer
+    assert residual_activations(model) == {"relu": ["layer1.0.conv1"]}
     assert residual_producers(NoBatchNormBlock()) == {"conv2": "conv2"}
 
 
@@ -87,6 +96,11 @@ def test_quantize_residuals_places_output_quantizers() -> None:
         assert isinstance(modules[bn_name], QuantBatchNorm2d), bn_name
         assert modules[bn_name].output_quantizer.bits == 8
     assert not isinstance(modules["layer1.0.bn1"], QuantBatchNorm2d)  # feeds a ReLU -> conv only
+    # the ReLUs at the additions share one quantizer with the layers they feed: one grid per tensor
+    for relu_name, consumers in RESNET8_ACTIVATIONS.items():
+        assert isinstance(modules[relu_name], QuantReLU), relu_name
+        for consumer in consumers:
+            assert modules[consumer].input_quantizer is modules[relu_name].output_quantizer, consumer
     # the same parameter objects, and the BatchNorm still normalises
     plain = resnet8(in_channels=1)
     assert set(plain.state_dict()) <= set(model.state_dict())
@@ -120,7 +134,7 @@ def test_idempotent_dequantize_and_atomic_error() -> None:
     quantize_model(model, QuantSpec(quantize_residuals=True))
     assert [type(m) for m in model.modules()] == before
     dequantize_model(model)
-    assert not any(isinstance(m, (QuantBatchNorm2d, UniformQuantizer)) for m in model.modules())
+    assert not any(isinstance(m, (QuantBatchNorm2d, QuantReLU, UniformQuantizer)) for m in model.modules())
     assert type(dict(model.named_modules())["layer2.0.bn2"]) is nn.BatchNorm2d
 
     untraceable = Untraceable()
