@@ -109,6 +109,7 @@ class ImageClassifier(L.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self._warned_unlabeled = False
         if weights is not None:
             self._load_float_weights(weights)
 
@@ -150,7 +151,21 @@ class ImageClassifier(L.LightningModule):
         return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        """Cross-entropy loss of an ``(x, y)`` batch; logs ``train/loss`` and ``train/acc``."""
+        """Cross-entropy loss of an ``(x, y)`` batch; logs ``train/loss`` and ``train/acc``.
+
+        A batch of images only (a tensor, or a 1-tuple) has no labels, so the module's own loss is zero (still
+        attached to the graph): that is for label-free callbacks that supply the loss themselves, such as
+        :class:`~lightning_quant.ThresholdTuningCallback` (FAT's distillation). A warning says so once.
+        """
+        if isinstance(batch, torch.Tensor) or (isinstance(batch, (list, tuple)) and len(batch) == 1):
+            if not self._warned_unlabeled:
+                log.warning(
+                    "ImageClassifier: training batches hold images only (no labels), so its own loss is 0. That is "
+                    "right with a label-free callback (ThresholdTuningCallback); otherwise yield (images, labels)."
+                )
+                self._warned_unlabeled = True
+            images = batch if isinstance(batch, torch.Tensor) else batch[0]
+            return self(images).sum() * 0.0
         return self._shared_step(batch, "train", self.train_acc)
 
     def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:

@@ -8,6 +8,7 @@ as single ``call_module`` nodes, so node targets are the module names users see.
 
 from __future__ import annotations
 
+import copy
 import operator
 
 import torch
@@ -27,7 +28,8 @@ class LeafTracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         # quantizers too: their forward branches on Python state that fx would try to trace through
-        if isinstance(m, (*CONV_TYPES, *BN_TYPES, nn.Linear)) or type(m).__name__.endswith("Quantizer"):
+        leaf_types = (*CONV_TYPES, *BN_TYPES, nn.Linear, *_ACTIVATION_MODULES, *_POOL_MODULES)
+        if isinstance(m, leaf_types) or type(m).__name__.endswith("Quantizer"):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -42,6 +44,7 @@ def trace(model: nn.Module) -> fx.Graph:
 _PASSTHROUGH_FUNCTIONS = (torch.relu, torch.nn.functional.relu, torch.nn.functional.max_pool2d)
 _PASSTHROUGH_MODULES = (nn.ReLU, nn.ReLU6, nn.Identity, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 _ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6)
+_POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 
 
 def _is_passthrough(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -101,6 +104,44 @@ def _reached(node: fx.Node, modules: dict[str, nn.Module]) -> list[fx.Node]:
     return out
 
 
+def shared_activation_owners(model: nn.Module) -> list[str]:
+    """Names of the modules whose forward calls one ReLU child twice or more (torchvision's ``BasicBlock``).
+
+    Raises:
+        QuantizationConfigError: fx cannot trace ``model``.
+    """
+    graph, modules = _residual_trace(model)
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module" and isinstance(modules.get(str(node.target)), _ACTIVATION_MODULES):
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    owners = [target.rpartition(".")[0] for target, count in calls.items() if count > 1]
+    return list(dict.fromkeys(owners))
+
+
+def unshared_copy(module: nn.Module) -> fx.GraphModule:
+    """``module`` as a :class:`torch.fx.GraphModule` in which every further call of a ReLU child gets a copy.
+
+    ``relu`` called twice becomes ``relu`` and ``relu_1``: same computation, same parameters and state-dict
+    keys (ReLUs have none), but each use is a module of its own that can carry an output quantizer. The
+    GraphModule keeps the original class name; ``module`` itself is not changed.
+    """
+    graph = LeafTracer().trace(module)
+    gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
+    seen: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        target = str(node.target)
+        if node.op != "call_module" or "." in target or not isinstance(gm.get_submodule(target), _ACTIVATION_MODULES):
+            continue
+        seen[target] = seen.get(target, 0) + 1
+        if seen[target] > 1:
+            name = f"{target}_{seen[target] - 1}"
+            gm.add_submodule(name, copy.deepcopy(gm.get_submodule(target)))
+            node.target = name
+    gm.recompile()
+    return gm
+
+
 def residual_activations(model: nn.Module) -> dict[str, list[str]]:
     """The ReLU modules at residual additions, each with the Conv/Linear layers that consume its output.
 
@@ -108,20 +149,32 @@ def residual_activations(model: nn.Module) -> dict[str, list[str]]:
     addition (through identity or max-pooling), e.g. ``relu2`` of a CIFAR ResNet block and the stem's ReLU:
     quantizing its output -- with the same quantizer as the layers it feeds -- puts both inputs and the output
     of the next addition on integer grids. The consumer lists name every Conv/Linear layer fed directly
-    (through identity or max-pooling).
+    (through identity or max-pooling). A max-pooling module right after such a ReLU is listed too, with the
+    same consumers (it gets the same quantizer).
 
     Raises:
         QuantizationConfigError: fx cannot trace ``model``.
     """
     graph, modules = _residual_trace(model)
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
     result = {}
     for node in graph.nodes:
         if node.op == "call_module" and str(node.target) in _once_called_activations(graph, modules):
-            result[str(node.target)] = [
+            consumers = [
                 str(u.target)
                 for u in _reached(node, modules)
                 if u.op == "call_module" and isinstance(modules.get(str(u.target)), (*CONV_TYPES, nn.Linear))
             ]
+            result[str(node.target)] = consumers
+            # a max-pooling right after (the stem of torchvision's ResNet) gets the same quantizer: max-pooling
+            # on-grid values stays on the grid, and the runtime then pools in int8 for every consumer
+            (user,) = node.users if len(node.users) == 1 else (None,)
+            if user is not None and user.op == "call_module" and calls[str(user.target)] == 1:
+                if isinstance(modules.get(str(user.target)), _POOL_MODULES):
+                    result[str(user.target)] = consumers
     return result
 
 
@@ -172,4 +225,13 @@ def residual_producers(model: nn.Module) -> dict[str, str]:
     return producers
 
 
-__all__ = ["BN_TYPES", "CONV_TYPES", "LeafTracer", "residual_activations", "residual_producers", "trace"]
+__all__ = [
+    "BN_TYPES",
+    "CONV_TYPES",
+    "LeafTracer",
+    "residual_activations",
+    "residual_producers",
+    "shared_activation_owners",
+    "trace",
+    "unshared_copy",
+]

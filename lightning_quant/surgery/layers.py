@@ -206,6 +206,18 @@ class QuantReLU6(OutputQuantized, nn.ReLU6):
     """:class:`torch.nn.ReLU6` with a fake-quantized output."""
 
 
+class QuantMaxPool1d(OutputQuantized, nn.MaxPool1d):
+    """:class:`torch.nn.MaxPool1d` with a fake-quantized output."""
+
+
+class QuantMaxPool2d(OutputQuantized, nn.MaxPool2d):
+    """:class:`torch.nn.MaxPool2d` with a fake-quantized output."""
+
+
+class QuantMaxPool3d(OutputQuantized, nn.MaxPool3d):
+    """:class:`torch.nn.MaxPool3d` with a fake-quantized output."""
+
+
 #: float module type -> its output-quantized counterpart
 OUTPUT_QUANTIZED_TYPES: dict[type[nn.Module], type[OutputQuantized]] = {
     nn.BatchNorm1d: QuantBatchNorm1d,
@@ -213,6 +225,9 @@ OUTPUT_QUANTIZED_TYPES: dict[type[nn.Module], type[OutputQuantized]] = {
     nn.BatchNorm3d: QuantBatchNorm3d,
     nn.ReLU: QuantReLU,
     nn.ReLU6: QuantReLU6,
+    nn.MaxPool1d: QuantMaxPool1d,
+    nn.MaxPool2d: QuantMaxPool2d,
+    nn.MaxPool3d: QuantMaxPool3d,
 }
 
 

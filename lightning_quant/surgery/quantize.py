@@ -11,7 +11,12 @@ from torch import nn
 from lightning_quant.core.errors import QuantizationConfigError
 from lightning_quant.core.quantizers import UniformQuantizer
 from lightning_quant.surgery.fold import fold_batchnorm
-from lightning_quant.surgery.graph import residual_activations, residual_producers
+from lightning_quant.surgery.graph import (
+    residual_activations,
+    residual_producers,
+    shared_activation_owners,
+    unshared_copy,
+)
 from lightning_quant.surgery.layers import (
     OUTPUT_QUANTIZED_TYPES,
     QUANTIZED_TYPES,
@@ -91,7 +96,15 @@ def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> nn.Module
             f"against the quantizable layers {list(candidates)[:12]}."
         )
     if spec.quantize_residuals:
-        residual_producers(model)  # an untraceable model fails here, before the fold changes anything
+        # an untraceable model fails here, before anything changes; then give each use of a ReLU module that is
+        # called twice (torchvision's BasicBlock) a module of its own, so each can carry its quantizer
+        owners = shared_activation_owners(model)
+        modules = dict(model.named_modules())
+        for name in owners:
+            for parent, attr in list(_references(model, modules[name])):
+                parent._modules[attr] = unshared_copy(modules[name])
+        if owners:
+            log.info("quantize_model: %d modules re-traced so that each ReLU use is its own module", len(owners))
     if spec.fold_batchnorm:
         fold_batchnorm(model)
     residual_bns = _add_residual_outputs(model, resolved) if spec.quantize_residuals else {}

@@ -216,3 +216,13 @@ def test_lightning_cli_yaml_backbone(tmp_path, monkeypatch: pytest.MonkeyPatch) 
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert cli.trainer.global_step == 2
     assert "CifarResNet" in (tmp_path / "config.yaml").read_text()
+
+
+def test_unlabeled_training_batches_give_a_zero_loss_and_warn_once(caplog) -> None:
+    model = ImageClassifier(LeNet5(input_size=8))
+    x = torch.randn(4, 1, 8, 8)
+    with caplog.at_level("WARNING"):
+        for batch in (x, (x,)):
+            loss = model.training_step(batch, 0)
+            assert loss.item() == 0.0 and loss.requires_grad  # the graph stays, for a callback's loss
+    assert caplog.text.count("images only (no labels)") == 1

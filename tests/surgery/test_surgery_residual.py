@@ -21,7 +21,12 @@ from lightning_quant.surgery import (
     quantized_layers,
     save_quantized,
 )
-from lightning_quant.surgery.graph import residual_activations, residual_producers
+from lightning_quant.surgery.graph import (
+    residual_activations,
+    residual_producers,
+    shared_activation_owners,
+    unshared_copy,
+)
 from lightning_quant.surgery.layers import QuantBatchNorm2d, QuantReLU, activation_quantizers
 
 RESNET8_PRODUCERS = {
@@ -84,8 +89,8 @@ def test_producers_of_our_resnet_and_torchvision_resnet() -> None:
     assert found["layer3.0.downsample.1"] == "layer3.0.downsample.0"
     assert sorted(k for k in found if k.endswith("bn2")) == [f"layer{s}.{b}.bn2" for s in (1, 2, 3, 4) for b in (0, 1)]
     assert len(found) == 8 + 3
-    # torchvision's blocks call one ReLU module twice, so only the stem's ReLU (through max-pooling) gets a quantizer
-    assert residual_activations(model) == {"relu": ["layer1.0.conv1"]}
+    # torchvision's blocks call one ReLU module twice: before un-sharing only the stem's ReLU and max-pooling count
+    assert residual_activations(model) == {"relu": ["layer1.0.conv1"], "maxpool": ["layer1.0.conv1"]}
     assert residual_producers(NoBatchNormBlock()) == {"conv2": "conv2"}
 
 
@@ -172,3 +177,30 @@ def test_fold_moves_the_output_quantizer_behind_the_conv() -> None:
     # same prediction; logits within a few activation steps (float rounding of the fold can flip a rounding)
     assert (after.argmax(1) == before.argmax(1)).float().mean() >= 0.9
     assert (after - before).abs().max() < 0.1 * before.abs().max()
+
+
+def test_torchvision_blocks_get_one_relu_module_per_use(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=4).eval()
+    block = model.layer2[0]
+    x = torch.randn(2, 64, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(unshared_copy(block)(x), block(x))  # the same computation
+    assert shared_activation_owners(model) == [f"layer{s}.{b}" for s in (1, 2, 3, 4) for b in (0, 1)]
+    plain_keys = set(model.state_dict())
+    quantize_model(model, QuantSpec(quantize_residuals=True))
+    assert shared_activation_owners(model) == []
+    modules = dict(model.named_modules())
+    assert type(modules["layer2.0"]).__name__ == "BasicBlock"  # a GraphModule under the block's name
+    assert isinstance(modules["layer2.0.relu_1"], QuantReLU) and not isinstance(modules["layer2.0.relu"], QuantReLU)
+    assert modules["layer3.0.conv1"].input_quantizer is modules["layer2.1.relu_1"].output_quantizer
+    assert modules["layer3.0.downsample.0"].input_quantizer is modules["layer2.1.relu_1"].output_quantizer
+    assert modules["maxpool"].output_quantizer is modules["relu"].output_quantizer  # the stem: one grid
+    assert plain_keys <= set(model.state_dict())  # every float key is still there
+    # a checkpoint of it loads into a freshly built torchvision model, which gets the same surgery
+    _calibrated(model, (2, 3, 32, 32))
+    save_quantized(model, tmp_path / "r18.pt")
+    fresh = load_quantized(torchvision.models.resnet18(num_classes=4), tmp_path / "r18.pt").eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(fresh(images), model(images))
