@@ -280,6 +280,11 @@ class ThresholdTuningCallback(QuantizationCallback):
         """Whether the next training batch still calibrates the ranges."""
         return self._calibration_batches_seen < self.num_calibration_batches
 
+    @property
+    def tuning_steps(self) -> int:
+        """Optimizer steps of the threshold factors so far (after calibration; kept in the checkpoint)."""
+        return self._tuning_steps
+
     def threshold_factors(self) -> dict[str, ThresholdFactors]:
         """The trained factors by quantizer name (e.g. ``backbone.conv1.weight_quantizer``)."""
         return {name: q.threshold_factors for name, q in self._quantizers.items() if q.threshold_factors is not None}

@@ -371,6 +371,7 @@ def test_kill_and_resume_gives_the_same_factors(trainer_kwargs, tmp_path) -> Non
     got = {k: (f.alpha.item(), f.beta.item()) for k, f in resumed.threshold_factors().items()}
     assert got == expected
     assert all(f.is_calibrated for f in resumed.threshold_factors().values())
+    assert resumed.tuning_steps == straight.tuning_steps == 3 * 4 - 2  # 3 epochs of 4 batches, 2 calibrate
 
 
 def test_exports_the_tuned_grid(trainer_kwargs, tmp_path) -> None:
