@@ -7,6 +7,8 @@ a student starting from the teacher's weights is trained for the same number of 
 
 * ``generator``: ``GeneratorDataModule`` -- a ZS-CGAN conditional generator trained against the teacher
   (CE + BN-statistics Gaussian KL; its training time is reported), fresh samples each epoch;
+* ``distilled``: ``GeneratorDataModule(source="distilled")`` -- the ZeroQ-style baseline: a pool of inputs optimised
+  directly against the BN statistics (the generator's step budget), labelled by the teacher;
 * ``noise``: ``GeneratorDataModule(source="noise")`` -- standard-normal inputs labelled by the teacher (the floor);
 * ``real``: the real training data (the ceiling; same QAT + KD).
 
@@ -36,7 +38,7 @@ from common import quiet_logs, quiet_trainer, write_section  # benchmarks/common
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = "## Data-free QAT (ZS-CGAN)"
-SOURCES = ("generator", "noise", "real")
+SOURCES = ("generator", "distilled", "noise", "real")
 
 
 def _real(args: argparse.Namespace, seed: int):
@@ -100,8 +102,17 @@ def run(args: argparse.Namespace) -> dict:
         print(f"seed {seed}: generator {gen_times[-1]:.1f} s, teacher acc on generated {gen_acc[-1]:.3f}", flush=True)
         dm_noise = synthetic("noise", seed)
         dm_noise.setup("fit")
+        dm_distilled = synthetic("distilled", seed)
+        dm_distilled.setup("fit")
+        print(f"seed {seed}: ZeroQ-style distilled pool {dm_distilled.generator_seconds:.1f} s", flush=True)
         for bits in args.bits:
-            for source, dm in (("generator", dm_gen), ("noise", dm_noise), ("real", _real(args, seed))):
+            sources = (
+                ("generator", dm_gen),
+                ("distilled", dm_distilled),
+                ("noise", dm_noise),
+                ("real", _real(args, seed)),
+            )
+            for source, dm in sources:
                 L.seed_everything(seed)
                 student = copy.deepcopy(teacher)
                 callbacks = [
@@ -149,14 +160,16 @@ def section(args: argparse.Namespace, result: dict, command: str) -> str:
         f"(%) on {result['n_test']} images (one image = {100 / result['n_test']:.2f} pt), mean ± std over "
         f"{args.seeds} seed(s):",
         "",
-        "| bits | generator (ZS-CGAN) | Gaussian noise (floor) | real data (ceiling) | gap generator vs real |",
-        "|---|---|---|---|---|",
+        "| bits | generator (ZS-CGAN) | distilled inputs (ZeroQ-style) | Gaussian noise (floor) | real data (ceiling) "
+        "| gap generator vs real |",
+        "|---|---|---|---|---|---|",
     ]
     for bits in args.bits:
         acc = {s: [r["acc"] for r in result["rows"] if r["bits"] == bits and r["source"] == s] for s in SOURCES}
         gap = 100 * (statistics.mean(acc["real"]) - statistics.mean(acc["generator"]))
         lines.append(
-            f"| W{bits}A{bits} | {_ms(acc['generator'])} | {_ms(acc['noise'])} | {_ms(acc['real'])} | {gap:.2f} pt |"
+            f"| W{bits}A{bits} | {_ms(acc['generator'])} | {_ms(acc['distilled'])} | {_ms(acc['noise'])} | "
+            f"{_ms(acc['real'])} | {gap:.2f} pt |"
         )
     lines += [
         "",

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_quant.core.errors import QuantizationConfigError
 
-__all__ = ["ConditionalGenerator", "GeneratorDataModule", "GeneratorTrainer", "bn_layers"]
+__all__ = ["ConditionalGenerator", "GeneratorDataModule", "GeneratorTrainer", "bn_layers", "distill_inputs"]
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +218,51 @@ class _BNStatistics:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+def distill_inputs(
+    teacher: nn.Module,
+    num_samples: int,
+    input_shape: Sequence[int],
+    steps: int,
+    *,
+    batch_size: int = 128,
+    lr: float = 0.1,
+    bn_loss: str = "l2",
+    seed: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """ZeroQ-style distilled data: inputs optimised directly to match the teacher's BatchNorm statistics.
+
+    Cai et al., "ZeroQ: A Novel Zero Shot Quantization Framework" (CVPR 2020): start from Gaussian noise and
+    minimise, by gradient descent on the inputs themselves (no generator, no labels), the distance of every BN
+    layer's batch statistics to its running statistics. The pool is optimised in batches of ``batch_size``,
+    ``steps`` Adam steps in all, shared evenly between the batches; labels are the teacher's predictions.
+
+    Returns:
+        ``(x, y)``: ``num_samples`` inputs of ``input_shape`` and their teacher labels, on the CPU.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    device = next(iter([*teacher.parameters(), *teacher.buffers()]), torch.zeros(())).device
+    chunks = [min(batch_size, num_samples - i) for i in range(0, num_samples, batch_size)]
+    steps_per_chunk = max(1, steps // len(chunks))
+    stats = _BNStatistics(teacher, bn_loss)
+    xs, ys = [], []
+    try:
+        for size in chunks:
+            x = torch.randn(size, *input_shape, generator=generator).to(device).requires_grad_(True)
+            optimizer = torch.optim.Adam([x], lr=lr)
+            for _ in range(steps_per_chunk):
+                optimizer.zero_grad()
+                teacher(x)
+                stats.pop().backward()
+                optimizer.step()
+            with torch.no_grad():
+                ys.append(teacher(x).argmax(dim=1).cpu())
+                stats.pop()
+            xs.append(x.detach().cpu())
+    finally:
+        stats.remove()
+    return torch.cat(xs), torch.cat(ys)
 
 
 class _StepIndices(IterableDataset):
@@ -424,7 +469,9 @@ class GeneratorDataModule(L.LightningDataModule):
     ``"l2"``: squared distances of mean and variance, GDFQ-style). No adversarial student term, no diversity term.
 
     ``source="noise"`` serves standard-normal inputs labelled by the teacher's prediction instead: the data-free
-    floor of the benchmark (needs no BatchNorm, trains nothing).
+    floor of the benchmark (needs no BatchNorm, trains nothing). ``source="distilled"`` is the ZeroQ-style
+    baseline (Cai et al. 2020): no generator, a fixed pool of inputs optimised directly against the BN statistics
+    and labelled by the teacher, from which the batches are drawn.
 
     Resume: :meth:`state_dict` holds the generator's weights, so a checkpoint of the main run restores the exact
     generator (the generator is trained in ``setup`` before the restore; give ``generator_path`` to skip that).
@@ -448,7 +495,9 @@ class GeneratorDataModule(L.LightningDataModule):
         bn_weight: weight of the BN-statistics term.
         bn_loss: ``"kl"`` or ``"l2"``.
         val_samples: size of the validation pool (0: no val loader).
-        source: ``"generator"`` (ZS-CGAN) or ``"noise"`` (Gaussian inputs, teacher labels).
+        source: ``"generator"`` (ZS-CGAN), ``"distilled"`` (ZeroQ-style baseline: a pool of ``samples_per_epoch``
+            inputs optimised to match the BN statistics, ``generator_steps`` steps in all, see
+            :func:`distill_inputs`) or ``"noise"`` (Gaussian inputs, teacher labels).
         rank: this process's rank and ``world_size`` the number of ranks; ``None``: the Trainer's (or 0 and 1).
         world_size: see ``rank``.
         generator_trainer_kwargs: extra ``L.Trainer`` arguments for the generator training.
@@ -459,7 +508,7 @@ class GeneratorDataModule(L.LightningDataModule):
         >>> trainer.fit(student_with_teacher_weights, datamodule=dm)  # doctest: +SKIP
     """
 
-    SOURCES: ClassVar[tuple[str, ...]] = ("generator", "noise")
+    SOURCES: ClassVar[tuple[str, ...]] = ("generator", "distilled", "noise")
     BN_LOSSES: ClassVar[tuple[str, ...]] = ("kl", "l2")
 
     def __init__(
@@ -481,7 +530,7 @@ class GeneratorDataModule(L.LightningDataModule):
         bn_weight: float = 1.0,
         bn_loss: Literal["kl", "l2"] = "kl",
         val_samples: int = 1_000,
-        source: Literal["generator", "noise"] = "generator",
+        source: Literal["generator", "distilled", "noise"] = "generator",
         rank: int | None = None,
         world_size: int | None = None,
         generator_trainer_kwargs: dict[str, Any] | None = None,
@@ -505,7 +554,7 @@ class GeneratorDataModule(L.LightningDataModule):
             raise QuantizationConfigError(f"`val_samples` must be an integer >= 0, got {val_samples!r}.")
         if not bn_weight >= 0:
             raise QuantizationConfigError(f"`bn_weight` must be >= 0, got {bn_weight!r}.")
-        if source == "generator" and teacher_checkpoint is None and not bn_layers(teacher):
+        if source != "noise" and teacher_checkpoint is None and not bn_layers(teacher):
             raise QuantizationConfigError(f"`teacher` ({type(teacher).__name__}) has no BatchNorm layer. {_BN_HINT}")
         self.save_hyperparameters(ignore=["teacher"])
         self.teacher = teacher
@@ -529,6 +578,7 @@ class GeneratorDataModule(L.LightningDataModule):
         self._world_size = world_size
         self.generator_trainer_kwargs = dict(generator_trainer_kwargs or {})
         self.generator: ConditionalGenerator | None = None
+        self.pool: tuple[Tensor, Tensor] | None = None  # source="distilled": the optimised inputs and labels
         self.training_history: list[dict[str, float]] = []
         self.generator_seconds: float | None = None
         self._pending_state: dict[str, Tensor] | None = None
@@ -572,12 +622,24 @@ class GeneratorDataModule(L.LightningDataModule):
         self._load_teacher()
         self.teacher.eval()
         self.teacher.requires_grad_(False)
+        if self.source != "noise" and not bn_layers(self.teacher):
+            raise QuantizationConfigError(
+                f"`teacher` ({type(self.teacher).__name__}) has no BatchNorm layer. {_BN_HINT}"
+            )
         if self.source == "generator":
-            if not bn_layers(self.teacher):
-                raise QuantizationConfigError(
-                    f"`teacher` ({type(self.teacher).__name__}) has no BatchNorm layer. {_BN_HINT}"
-                )
             self.generator = self._build_generator()
+        elif self.source == "distilled" and self.pool is None:
+            start = time.perf_counter()
+            self.pool = distill_inputs(
+                self.teacher,
+                self.samples_per_epoch,
+                self.input_shape,
+                self.generator_steps,
+                batch_size=self.generator_batch_size,
+                bn_loss=self.bn_loss,
+                seed=self.seed,
+            )
+            self.generator_seconds = time.perf_counter() - start
         self._ready = True
 
     def _build_generator(self) -> ConditionalGenerator:
@@ -638,6 +700,10 @@ class GeneratorDataModule(L.LightningDataModule):
             x = torch.randn(n, *self.input_shape, generator=generator)
             y = self.teacher(x).argmax(dim=1)
             return x, y
+        if self.source == "distilled":
+            assert self.pool is not None
+            index = torch.randint(len(self.pool[0]), (n,), generator=generator)
+            return self.pool[0][index], self.pool[1][index]
         assert self.generator is not None
         return self.generator.sample(n, generator)
 
@@ -654,13 +720,18 @@ class GeneratorDataModule(L.LightningDataModule):
 
     # -- state -----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The generator's weights (so a resumed run serves the same samples)."""
+        """The generator's weights, or the distilled pool (so a resumed run serves the same samples)."""
+        if self.pool is not None:
+            return {"distilled_pool": self.pool}
         if self.generator is None:
             return {}
         return {"generator_state_dict": {k: v.detach().cpu() for k, v in self.generator.state_dict().items()}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
+        if "distilled_pool" in state_dict:
+            self.pool = state_dict["distilled_pool"]
+            return
         state = state_dict.get("generator_state_dict")
         if state is None:
             return

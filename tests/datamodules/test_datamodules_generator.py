@@ -171,11 +171,39 @@ def test_noise_source_labels_by_the_teacher_and_needs_no_bn():
     assert dm.generator is None
 
 
+def test_distilled_source_matches_the_bn_statistics_and_resumes(teacher):
+    from lightning_quant.datamodules.generator import _BNStatistics
+
+    dm = _dm(teacher, source="distilled", samples_per_epoch=128, generator_steps=120, generator_batch_size=64)
+    dm.setup("fit")
+    x, y = dm.pool
+    assert x.shape == (128, 1, 8, 8) and y.shape == (128,) and dm.generator is None
+    with torch.no_grad():
+        assert torch.equal(teacher(x).argmax(dim=1), y)  # labelled by the teacher
+        stats = _BNStatistics(teacher, "l2")
+        teacher(x)
+        distilled_loss = stats.pop().item()
+        teacher(torch.randn(128, 1, 8, 8, generator=torch.Generator().manual_seed(0)))
+        noise_loss = stats.pop().item()
+        stats.remove()
+    assert distilled_loss < 0.5 * noise_loss  # the optimisation matched the BN statistics far better than noise
+    batch_x, batch_y = _epoch(dm)
+    for row, label in zip(batch_x[:8], batch_y[:8], strict=True):  # batches are drawn from the pool, with its labels
+        (match,) = (row == x).flatten(1).all(1).nonzero()[:1].flatten().tolist()
+        assert y[match] == label
+    restored = _dm(teacher, source="distilled", samples_per_epoch=128)
+    restored.load_state_dict(dm.state_dict())
+    restored.setup("fit")  # the restored pool is used, nothing is optimised again
+    assert restored.generator_seconds is None and torch.equal(restored.pool[0], x)
+    assert torch.equal(_epoch(restored)[0], batch_x)
+
+
 def test_teacher_without_batchnorm_is_refused():
     lenet = LeNet5(in_channels=1, input_size=8)
     assert not bn_layers(lenet)
-    with pytest.raises(QuantizationConfigError, match=r"has no BatchNorm layer.*running|mean and variance stored"):
-        _dm(lenet)
+    for source in ("generator", "distilled"):
+        with pytest.raises(QuantizationConfigError, match=r"has no BatchNorm layer.*running|mean and variance stored"):
+            _dm(lenet, source=source)
 
 
 @pytest.mark.parametrize(
@@ -183,7 +211,7 @@ def test_teacher_without_batchnorm_is_refused():
     [
         ({"input_shape": (8, 8)}, r"`input_shape` must be the \(channels, height, width\)"),
         ({"samples_per_epoch": 0}, "`samples_per_epoch` must be a positive integer, got 0"),
-        ({"source": "gan"}, r"`source` must be one of \('generator', 'noise'\), got 'gan'"),
+        ({"source": "gan"}, r"`source` must be one of \('generator', 'distilled', 'noise'\), got 'gan'"),
         ({"bn_loss": "l1"}, r"`bn_loss` must be one of \('kl', 'l2'\)"),
         ({"bn_weight": -1.0}, "`bn_weight` must be >= 0, got -1.0"),
     ],
