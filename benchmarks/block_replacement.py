@@ -26,14 +26,18 @@ import argparse
 import datetime as dt
 import os
 import platform
-import shlex
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-from common import quiet_logs, quiet_trainer, write_section  # benchmarks/common.py (the script's folder is on sys.path)
+from common import (  # benchmarks/common.py (the script's folder is on sys.path)
+    quiet_logs,
+    quiet_trainer,
+    rerun_command,
+    write_section,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = "## Block replacement"
@@ -290,13 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_logs()
     acc_rows = accuracy(args)
     prefix_rows = prefix_cost(args)
-    shown, skip = [], False
-    for a in argv:  # the command as a reader would re-run it, without output/work paths
-        if skip or a.startswith(("--output", "--no-write", "--workdir")):
-            skip = a in ("--output", "--workdir")
-            continue
-        shown.append(a)
-    command = "python benchmarks/block_replacement.py" + ("" if not shown else " " + shlex.join(shown))
+    command = rerun_command("block_replacement.py", argv)
     text = section(args, acc_rows, prefix_rows, command)
     print(text)
     if not args.no_write:

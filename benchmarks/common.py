@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shlex
 import warnings
 from pathlib import Path
 
@@ -43,3 +44,14 @@ def write_section(path: Path, heading: str, text: str) -> None:
     else:
         updated = current.rstrip() + "\n\n" + text.rstrip() + "\n"
     path.write_text(updated)
+
+
+def rerun_command(script: str, argv: list[str]) -> str:
+    """The command a reader re-runs to reproduce a section: ``argv`` without output and work-directory paths."""
+    shown, skip = [], False
+    for a in argv:
+        if skip or a.startswith(("--output", "--no-write", "--workdir")):
+            skip = a in ("--output", "--workdir")
+            continue
+        shown.append(a)
+    return f"python benchmarks/{script}" + ("" if not shown else " " + shlex.join(shown))

@@ -27,14 +27,18 @@ import argparse
 import copy
 import datetime as dt
 import platform
-import shlex
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-from common import quiet_logs, quiet_trainer, write_section  # benchmarks/common.py (the script's folder is on sys.path)
+from common import (  # benchmarks/common.py (the script's folder is on sys.path)
+    quiet_logs,
+    quiet_trainer,
+    rerun_command,
+    write_section,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = "## Data-free QAT (ZS-CGAN)"
@@ -216,13 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     quiet_logs()
     result = run(args)
-    shown, skip = [], False
-    for a in argv:  # the command as a reader would re-run it, without output/work paths
-        if skip or a.startswith(("--output", "--no-write", "--workdir")):
-            skip = a in ("--output", "--workdir")
-            continue
-        shown.append(a)
-    command = "python benchmarks/data_free.py" + ("" if not shown else " " + shlex.join(shown))
+    command = rerun_command("data_free.py", argv)
     text = section(args, result, command)
     print(text)
     if not args.no_write:

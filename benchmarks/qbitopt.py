@@ -31,7 +31,6 @@ import argparse
 import datetime as dt
 import os
 import platform
-import shlex
 import statistics
 import sys
 import time
@@ -39,7 +38,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import quiet_logs, quiet_trainer, write_section  # benchmarks/common.py (the script's folder is on sys.path)
+from common import (  # benchmarks/common.py (the script's folder is on sys.path)
+    quiet_logs,
+    quiet_trainer,
+    rerun_command,
+    write_section,
+)
 
 from lightning_quant.allocation import BudgetConstraint, solve_milp, solve_relaxed
 
@@ -302,8 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, min(args.threads, os.cpu_count() or 1)))
     solver_rows = time_solvers(args.layers, args.repeats, args.milp_time_limit)
     mnist_rows = mnist(args) if args.mnist else None
-    shown = [a for a in argv if not a.startswith(("--output", "--no-write", "--workdir"))]
-    command = "python benchmarks/qbitopt.py" + ("" if not shown else " " + shlex.join(shown))
+    command = rerun_command("qbitopt.py", argv)
     text = section(args, solver_rows, mnist_rows, command)
     print(text)
     if not args.no_write:
