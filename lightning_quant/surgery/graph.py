@@ -1,9 +1,11 @@
 """What model surgery reads from a model's dataflow: a :mod:`torch.fx` trace with layers kept whole.
 
-Two things need the graph rather than the module tree: which BatchNorm directly follows which convolution
-(:mod:`~lightning_quant.surgery.fold`), and which tensors enter a residual addition
-(:func:`residual_producers`). The tracer keeps convolutions, linear layers, BatchNorms and quantized layers
-as single ``call_module`` nodes, so node targets are the module names users see.
+Some questions need the graph rather than the module tree: which BatchNorm directly follows which convolution
+(:mod:`~lightning_quant.surgery.fold`), which layers feed a residual addition (:func:`residual_producers`),
+which ReLUs sit at one and which layers they feed (:func:`residual_activations`), and which modules call one
+ReLU twice (:func:`shared_activation_owners`, :func:`unshared_copy`). The tracer keeps convolutions, linear
+layers, BatchNorms, ReLUs, max-pooling and quantizers as single ``call_module`` nodes, so node targets are the
+module names users see.
 """
 
 from __future__ import annotations
@@ -21,6 +23,12 @@ BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 _ADD_METHODS = ("add", "add_")
+_ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6)
+_POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+# ops that commute with a quantizer in front of them (monotonic, elementwise or max-pooling), so a quantizer
+# placed before them serves every consumer after them
+_PASSTHROUGH_FUNCTIONS = (torch.relu, torch.nn.functional.relu, torch.nn.functional.max_pool2d)
+_PASSTHROUGH_MODULES = (*_ACTIVATION_MODULES, nn.Identity, *_POOL_MODULES)
 
 
 class LeafTracer(fx.Tracer):
@@ -37,14 +45,6 @@ class LeafTracer(fx.Tracer):
 def trace(model: nn.Module) -> fx.Graph:
     """The fx graph of ``model`` (raises whatever fx raises on an untraceable model)."""
     return LeafTracer().trace(model)
-
-
-# ops that commute with a quantizer in front of them (monotonic, elementwise or max-pooling), so a quantizer
-# placed before them serves every consumer after them
-_PASSTHROUGH_FUNCTIONS = (torch.relu, torch.nn.functional.relu, torch.nn.functional.max_pool2d)
-_PASSTHROUGH_MODULES = (nn.ReLU, nn.ReLU6, nn.Identity, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
-_ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6)
-_POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 
 
 def _is_passthrough(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -73,15 +73,21 @@ def _residual_trace(model: nn.Module) -> tuple[fx.Graph, dict[str, nn.Module]]:
     return graph, dict(model.named_modules())
 
 
+def _call_counts(graph: fx.Graph) -> dict[str, int]:
+    """How often each module is called in one forward."""
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    return calls
+
+
 def _once_called_activations(graph: fx.Graph, modules: dict[str, nn.Module]) -> set[str]:
     """ReLU modules called exactly once that take a residual sum or whose output reaches a residual addition.
 
     A ReLU module used twice (torchvision's ``BasicBlock.relu``) cannot get a quantizer of its own per use.
     """
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    calls = _call_counts(graph)
     found = set()
     for node in graph.nodes:
         target = str(node.target)
@@ -111,11 +117,12 @@ def shared_activation_owners(model: nn.Module) -> list[str]:
         QuantizationConfigError: fx cannot trace ``model``.
     """
     graph, modules = _residual_trace(model)
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module" and isinstance(modules.get(str(node.target)), _ACTIVATION_MODULES):
-            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
-    owners = [target.rpartition(".")[0] for target, count in calls.items() if count > 1]
+    calls = _call_counts(graph)
+    owners = [
+        target.rpartition(".")[0]
+        for target, count in calls.items()
+        if count > 1 and isinstance(modules.get(target), _ACTIVATION_MODULES)
+    ]
     return list(dict.fromkeys(owners))
 
 
@@ -156,13 +163,11 @@ def residual_activations(model: nn.Module) -> dict[str, list[str]]:
         QuantizationConfigError: fx cannot trace ``model``.
     """
     graph, modules = _residual_trace(model)
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    calls = _call_counts(graph)
+    activations = _once_called_activations(graph, modules)
     result = {}
     for node in graph.nodes:
-        if node.op == "call_module" and str(node.target) in _once_called_activations(graph, modules):
+        if node.op == "call_module" and str(node.target) in activations:
             consumers = [
                 str(u.target)
                 for u in _reached(node, modules)
