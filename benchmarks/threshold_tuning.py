@@ -32,48 +32,10 @@ import time
 from pathlib import Path
 
 import torch
-from common import quiet_logs, write_section  # benchmarks/common.py (the script's folder is on sys.path)
+from common import quiet_logs, quiet_trainer, write_section  # benchmarks/common.py (the script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = "## Threshold tuning (FAT)"
-
-
-def _trainer(callbacks: list, root: Path, **kwargs):
-    import lightning as L
-
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
-        **kwargs,
-    )
-
-
-def _unlabeled_module(backbone: torch.nn.Module):
-    import lightning as L
-
-    class Unlabeled(L.LightningModule):
-        """Images only: the placeholder loss is replaced by FAT's distillation loss (distillation_only=True)."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.backbone = backbone
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.backbone(x)
-
-        def training_step(self, batch, batch_idx):
-            return self(batch).sum() * 0.0
-
-        def configure_optimizers(self):
-            return None  # only the callback's own optimizer trains (the factors)
-
-    return Unlabeled()
 
 
 def _models(size: int):
@@ -116,9 +78,9 @@ def run(args: argparse.Namespace) -> list[dict]:
             fp.load_state_dict(torch.load(fp_path))
         else:
             L.seed_everything(0)
-            _trainer([], out, max_epochs=args.fp_epochs).fit(fp, dm)
+            quiet_trainer(args.fp_epochs, [], out).fit(fp, dm)
             torch.save(fp.state_dict(), fp_path)
-        fp_acc = _trainer([], out).test(fp, dm, verbose=False)[0]["test/acc"]
+        fp_acc = quiet_trainer(1, [], out).test(fp, dm, verbose=False)[0]["test/acc"]
         print({"model": model_name, "fp_acc": fp_acc}, flush=True)
         with torch.no_grad():
             fp_logits = fp.eval()(test_images)
@@ -126,7 +88,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             row = {"model": model_name, "bits": bits, "fp_acc": fp_acc}
             for variant in ("calib", "fat"):
                 L.seed_everything(0)
-                student = _unlabeled_module(copy.deepcopy(fp.backbone))
+                # images only: ImageClassifier's own loss is 0 and FAT's distillation loss replaces it
+                student = ImageClassifier(copy.deepcopy(fp.backbone))
                 cb = ThresholdTuningCallback(
                     bits=bits,
                     num_calibration_batches=args.calib_batches,
@@ -135,15 +98,16 @@ def run(args: argparse.Namespace) -> list[dict]:
                     lr=args.lr,
                 )
                 loader = DataLoader(images, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(0))
-                kwargs = {"max_steps": args.calib_batches} if variant == "calib" else {"max_epochs": args.epochs}
+                max_steps = args.calib_batches if variant == "calib" else -1
                 start = time.perf_counter()
-                _trainer([cb], out, **kwargs).fit(student, loader)
+                quiet_trainer(1 if variant == "calib" else args.epochs, [cb], out, max_steps=max_steps).fit(
+                    student, loader
+                )
                 seconds = time.perf_counter() - start
-                evaluated = ImageClassifier(student.backbone)
-                acc = _trainer([cb], out).test(evaluated, dm, verbose=False)[0]["test/acc"]
+                acc = quiet_trainer(1, [cb], out).test(student, dm, verbose=False)[0]["test/acc"]
                 row[f"{variant}_acc"] = acc
                 with torch.no_grad():
-                    row[f"{variant}_kd"] = fat_loss(evaluated.eval()(test_images), fp_logits).item()
+                    row[f"{variant}_kd"] = fat_loss(student.eval()(test_images), fp_logits).item()
                 row[f"{variant}_s"] = seconds
                 if variant == "fat":
                     alphas = [float(f.alpha) for f in cb.threshold_factors().values()]
