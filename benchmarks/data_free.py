@@ -3,10 +3,12 @@
 A ResNet-8 teacher (with BatchNorm) is trained in full precision on real data (MNIST 28x28 with ``--mnist``, else
 sklearn's digits at 16x16). From it, for each bit width (W4A4, W8A8 by default; first/last layer 8-bit) and seed,
 a student starting from the teacher's weights is trained for the same number of steps with LSQ QAT
-(``QuantizationAwareTraining``) + ``DistillationCallback(teacher="copy", T=4)`` on:
+(``QuantizationAwareTraining``, BatchNorm statistics frozen at the teacher's) + ``DistillationCallback(teacher="copy",
+T=4)`` on:
 
 * ``generator``: ``GeneratorDataModule`` -- a ZS-CGAN conditional generator trained against the teacher
-  (CE + BN-statistics Gaussian KL; its training time is reported), fresh samples each epoch;
+  (CE + BN-statistics Gaussian KL + mode-seeking diversity; its training time is reported), fresh samples each epoch;
+* ``plain`` (with ``--ablate-diversity``): the same generator trained without the diversity term;
 * ``distilled``: ``GeneratorDataModule(source="distilled")`` -- the ZeroQ-style baseline: a pool of inputs optimised
   directly against the BN statistics (the generator's step budget), labelled by the teacher;
 * ``noise``: ``GeneratorDataModule(source="noise")`` -- standard-normal inputs labelled by the teacher (the floor);
@@ -42,7 +44,7 @@ from common import (  # benchmarks/common.py (the script's folder is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = "## Data-free QAT (ZS-CGAN)"
-SOURCES = ("generator", "distilled", "noise", "real")
+SOURCES = ("generator", "plain", "distilled", "noise", "real")
 
 
 def _real(args: argparse.Namespace, seed: int):
@@ -79,7 +81,7 @@ def run(args: argparse.Namespace) -> dict:
     fp_acc = _test(teacher, args, out)
     print(f"FP teacher: test accuracy {fp_acc:.4f}", flush=True)
 
-    def synthetic(source: str, seed: int) -> GeneratorDataModule:
+    def synthetic(source: str, seed: int, diversity_weight: float = args.diversity_weight) -> GeneratorDataModule:
         return GeneratorDataModule(
             copy.deepcopy(teacher),
             num_classes=10,
@@ -90,6 +92,7 @@ def run(args: argparse.Namespace) -> dict:
             generator_batch_size=128,
             generator_lr=args.generator_lr,
             bn_weight=args.bn_weight,
+            diversity_weight=diversity_weight,
             val_samples=0,
             source=source,
             seed=seed,
@@ -104,6 +107,11 @@ def run(args: argparse.Namespace) -> dict:
         gen_times.append(time.perf_counter() - t0)
         gen_acc.append(statistics.mean(h["teacher_acc"] for h in dm_gen.training_history[-20:]))
         print(f"seed {seed}: generator {gen_times[-1]:.1f} s, teacher acc on generated {gen_acc[-1]:.3f}", flush=True)
+        dm_plain = None
+        if args.ablate_diversity:
+            dm_plain = synthetic("generator", seed, diversity_weight=0.0)
+            dm_plain.setup("fit")
+            print(f"seed {seed}: generator without diversity term {dm_plain.generator_seconds:.1f} s", flush=True)
         dm_noise = synthetic("noise", seed)
         dm_noise.setup("fit")
         dm_distilled = synthetic("distilled", seed)
@@ -112,15 +120,19 @@ def run(args: argparse.Namespace) -> dict:
         for bits in args.bits:
             sources = (
                 ("generator", dm_gen),
+                ("plain", dm_plain),
                 ("distilled", dm_distilled),
                 ("noise", dm_noise),
                 ("real", _real(args, seed)),
             )
             for source, dm in sources:
+                if dm is None:
+                    continue
                 L.seed_everything(seed)
-                student = copy.deepcopy(teacher)
+                student = copy.deepcopy(teacher).train()
                 callbacks = [
-                    QuantizationAwareTraining(weight_bits=bits, act_bits=bits),
+                    # BatchNorm keeps the teacher's (real-data) statistics, the same for every source
+                    QuantizationAwareTraining(weight_bits=bits, act_bits=bits, freeze_bn_after_epochs=0),
                     DistillationCallback(teacher="copy", temperature=4.0),
                 ]
                 student.lr = args.lr
@@ -148,6 +160,10 @@ def _ms(values: list[float]) -> str:
     return f"{100 * mean:.2f}" + (f" ± {100 * statistics.stdev(values):.2f}" if len(values) > 1 else "")
 
 
+def _per_seed(values: list[float]) -> str:
+    return " (" + ", ".join(f"{100 * v:.2f}" for v in values) + ")" if len(values) > 1 else ""
+
+
 def section(args: argparse.Namespace, result: dict, command: str) -> str:
     data = "MNIST 28x28" if args.mnist else "sklearn digits 16x16"
     lines = [
@@ -155,8 +171,10 @@ def section(args: argparse.Namespace, result: dict, command: str) -> str:
         "",
         f"{data}; ResNet-8 (width {args.width}, BatchNorm) FP teacher trained {args.fp_epochs} epochs on real data: "
         f"test accuracy {100 * result['fp_acc']:.2f} %. Students start from the teacher and train {args.qat_epochs} "
-        f"epochs of {result['n_train']} samples with LSQ QAT + KD from the FP teacher (T = 4); first/last layer "
-        f"8-bit. Generator: {args.generator_steps} steps, batch 128, CE + {args.bn_weight} x BN Gaussian KL; "
+        f"epochs of {result['n_train']} samples with LSQ QAT + KD from the FP teacher (T = 4), BatchNorm statistics "
+        f"frozen at the teacher's; first/last layer "
+        f"8-bit. Generator: {args.generator_steps} steps, batch 128, CE + {args.bn_weight} x BN Gaussian KL + "
+        f"{args.diversity_weight} x mode-seeking diversity; "
         f"trained in {statistics.mean(result['gen_times']):.1f} s (mean over seeds, CPU, "
         f"{torch.get_num_threads()} thread(s)); the teacher's accuracy on the generated labels at the end of its "
         f"training: {_ms(result['gen_acc'])} % (per-seed generator times "
@@ -164,17 +182,26 @@ def section(args: argparse.Namespace, result: dict, command: str) -> str:
         f"(%) on {result['n_test']} images (one image = {100 / result['n_test']:.2f} pt), mean ± std over "
         f"{args.seeds} seed(s):",
         "",
-        "| bits | generator (ZS-CGAN) | distilled inputs (ZeroQ-style) | Gaussian noise (floor) | real data (ceiling) "
-        "| gap generator vs real |",
-        "|---|---|---|---|---|---|",
+    ]
+    titles = {
+        "generator": "generator (ZS-CGAN)",
+        "plain": "generator without diversity term",
+        "distilled": "distilled inputs (ZeroQ-style)",
+        "noise": "Gaussian noise (floor)",
+        "real": "real data (ceiling)",
+    }
+    shown = [s for s in SOURCES if any(r["source"] == s for r in result["rows"])]
+    lines += [
+        "| bits | " + " | ".join(titles[s] for s in shown) + " | gap generator vs real |",
+        "|---" * (len(shown) + 2) + "|",
     ]
     for bits in args.bits:
-        acc = {s: [r["acc"] for r in result["rows"] if r["bits"] == bits and r["source"] == s] for s in SOURCES}
+        acc = {s: [r["acc"] for r in result["rows"] if r["bits"] == bits and r["source"] == s] for s in shown}
         gap = 100 * (statistics.mean(acc["real"]) - statistics.mean(acc["generator"]))
-        lines.append(
-            f"| W{bits}A{bits} | {_ms(acc['generator'])} | {_ms(acc['distilled'])} | {_ms(acc['noise'])} | "
-            f"{_ms(acc['real'])} | {gap:.2f} pt |"
-        )
+        cells = [_ms(acc[s]) + (_per_seed(acc[s]) if s in ("generator", "plain") else "") for s in shown]
+        lines.append(f"| W{bits}A{bits} | " + " | ".join(cells) + f" | {gap:.2f} pt |")
+    if args.seeds > 1:
+        lines += ["", f"Generator columns: mean ± std, then the {args.seeds} seeds' values."]
     lines += [
         "",
         f"Command: `{command}` ({dt.date.today().isoformat()}, {platform.processor() or platform.machine()}, "
@@ -201,6 +228,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--generator-steps", type=int, default=None, help="default: 500 (digits), 2000 (MNIST)")
     p.add_argument("--generator-lr", type=float, default=3e-3)
     p.add_argument("--bn-weight", type=float, default=1.0)
+    p.add_argument("--diversity-weight", type=float, default=1.0, help="generator's mode-seeking term (0: off)")
+    p.add_argument("--ablate-diversity", action="store_true", help="also train a generator without the diversity term")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads (1: robust on a shared 2-core machine)")
     p.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
     p.add_argument("--no-write", action="store_true")

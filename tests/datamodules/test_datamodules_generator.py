@@ -13,7 +13,7 @@ from torch import nn
 from lightning_quant import QuantizationAwareTraining, QuantizationConfigError
 from lightning_quant.callbacks import DistillationCallback
 from lightning_quant.datamodules import ConditionalGenerator, DigitsDataModule, GeneratorDataModule
-from lightning_quant.datamodules.generator import bn_layers
+from lightning_quant.datamodules.generator import bn_layers, mode_seeking_loss
 from lightning_quant.models import ImageClassifier, LeNet5, resnet8
 from tests.conftest import tiny_trainer_kwargs
 
@@ -42,7 +42,7 @@ def teacher(tmp_path_factory) -> ImageClassifier:
 
 @pytest.fixture(scope="module")
 def trained(teacher) -> GeneratorDataModule:
-    """A generator trained for a few seconds against the teacher."""
+    """A generator trained for a few seconds against the teacher (with the default diversity term)."""
     dm = _dm(teacher, generator_steps=200, generator_lr=3e-3)
     dm.setup("fit")
     return dm
@@ -136,6 +136,41 @@ def test_short_training_makes_the_teacher_recognise_the_labels_and_bn_loss_falls
     assert accuracy > 0.6  # chance: 0.1
 
 
+def test_mode_seeking_loss_matches_a_reference_loop():
+    g = torch.Generator().manual_seed(0)
+    x, z = torch.randn(6, 1, 4, 4, generator=g), torch.randn(6, 5, generator=g)
+    # reference: pairs (i, i + 3); mean absolute differences over all their elements
+    dx = sum(float((x[i] - x[i + 3]).abs().sum()) for i in range(3)) / (3 * 16)
+    dz = sum(float((z[i] - z[i + 3]).abs().sum()) for i in range(3)) / (3 * 5)
+    assert mode_seeking_loss(x, z).item() == pytest.approx(1 / (dx / dz + 1e-5), rel=1e-5)
+    # an odd batch ignores its last sample; pairs that come out alike are penalised hard
+    assert mode_seeking_loss(torch.cat([x, x[:1]]), torch.cat([z, z[:1]])).item() == pytest.approx(
+        mode_seeking_loss(x, z).item(), rel=1e-6
+    )
+    collapsed = x[:3].repeat(2, 1, 1, 1)
+    assert mode_seeking_loss(collapsed, z).item() > 1e4
+
+
+def _within_class_spread(dm: GeneratorDataModule) -> float:
+    """Mean pairwise distance of 32 samples of the same label, averaged over the labels (fixed latents)."""
+    generator = dm.generator.eval()
+    z = torch.randn(32, generator.latent_dim, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        spreads = [torch.pdist(generator(z, torch.full((32,), c)).flatten(1)).mean() for c in range(10)]
+    return float(torch.stack(spreads).mean())
+
+
+def test_diversity_term_spreads_the_samples_of_a_class(trained, teacher):
+    plain = _dm(teacher, generator_steps=200, generator_lr=3e-3, diversity_weight=0.0)
+    plain.setup("fit")
+    assert "diversity" in trained.training_history[0] and "diversity" not in plain.training_history[0]
+    assert _within_class_spread(trained) > 1.2 * _within_class_spread(plain)
+    # the samples stay recognisable: the teacher still labels them as conditioned
+    x, y = _epoch(trained)
+    with torch.no_grad():
+        assert (teacher(x).argmax(dim=1) == y).float().mean().item() > 0.6
+
+
 def test_save_load_and_state_dict_resume(trained, teacher, tmp_path: Path):
     path = tmp_path / "gen.pt"
     trained.generator.save(path)
@@ -214,6 +249,7 @@ def test_teacher_without_batchnorm_is_refused():
         ({"source": "gan"}, r"`source` must be one of \('generator', 'distilled', 'noise'\), got 'gan'"),
         ({"bn_loss": "l1"}, r"`bn_loss` must be one of \('kl', 'l2'\)"),
         ({"bn_weight": -1.0}, "`bn_weight` must be >= 0, got -1.0"),
+        ({"diversity_weight": -0.5}, "`diversity_weight` must be >= 0, got -0.5. HINT: 0 turns"),
     ],
 )
 def test_argument_errors(teacher, kwargs, match):
