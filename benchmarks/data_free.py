@@ -228,7 +228,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--generator-steps", type=int, default=None, help="default: 500 (digits), 2000 (MNIST)")
     p.add_argument("--generator-lr", type=float, default=3e-3)
     p.add_argument("--bn-weight", type=float, default=1.0)
-    p.add_argument("--diversity-weight", type=float, default=1.0, help="generator's mode-seeking term (0: off)")
+    p.add_argument("--diversity-weight", type=float, default=0.3, help="generator's mode-seeking term (0: off)")
     p.add_argument("--ablate-diversity", action="store_true", help="also train a generator without the diversity term")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads (1: robust on a shared 2-core machine)")
     p.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
