@@ -75,7 +75,8 @@ def run(args: argparse.Namespace) -> dict:
     batch = real.batch_size
 
     L.seed_everything(0)
-    teacher = ImageClassifier(resnet8(in_channels=1, num_classes=10, width=args.width), lr=args.fp_lr)
+    backbone = resnet8(in_channels=1, num_classes=10, width=args.width)
+    teacher = ImageClassifier(backbone, lr=args.fp_lr, scheduler="cosine")  # cosine: a settled teacher
     quiet_trainer(args.fp_epochs, [], out).fit(teacher, real)
     teacher.eval()
     fp_acc = _test(teacher, args, out)
@@ -169,7 +170,8 @@ def section(args: argparse.Namespace, result: dict, command: str) -> str:
     lines = [
         HEADER,
         "",
-        f"{data}; ResNet-8 (width {args.width}, BatchNorm) FP teacher trained {args.fp_epochs} epochs on real data: "
+        f"{data}; ResNet-8 (width {args.width}, BatchNorm) FP teacher trained {args.fp_epochs} epochs on real data "
+        "(Adam, cosine schedule): "
         f"test accuracy {100 * result['fp_acc']:.2f} %. Students start from the teacher and train {args.qat_epochs} "
         f"epochs of {result['n_train']} samples with LSQ QAT + KD from the FP teacher (T = 4), BatchNorm statistics "
         f"frozen at the teacher's; first/last layer "

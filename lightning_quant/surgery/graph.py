@@ -3,9 +3,9 @@
 Some questions need the graph rather than the module tree: which BatchNorm directly follows which convolution
 (:mod:`~lightning_quant.surgery.fold`), which layers feed a residual addition (:func:`residual_producers`),
 which ReLUs sit at one and which layers they feed (:func:`residual_activations`), and which modules call one
-ReLU twice (:func:`shared_activation_owners`, :func:`unshared_copy`). The tracer keeps convolutions, linear
-layers, BatchNorms, ReLUs, max-pooling and quantizers as single ``call_module`` nodes, so node targets are the
-module names users see.
+ReLU twice or apply a functional ReLU at one (:func:`retrace_owners`, :func:`unshared_copy`). The tracer keeps
+convolutions, linear layers, BatchNorms, ReLUs, max-pooling and quantizers as single ``call_module`` nodes, so
+node targets are the module names users see.
 """
 
 from __future__ import annotations
@@ -25,9 +25,7 @@ _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 _ADD_METHODS = ("add", "add_")
 _ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6)
 _POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
-# ops that commute with a quantizer in front of them (monotonic, elementwise or max-pooling), so a quantizer
-# placed before them serves every consumer after them
-_PASSTHROUGH_FUNCTIONS = (torch.relu, torch.nn.functional.relu, torch.nn.functional.max_pool2d)
+_RELU_FUNCTIONS = (torch.relu, torch.nn.functional.relu)
 _PASSTHROUGH_MODULES = (*_ACTIVATION_MODULES, nn.Identity, *_POOL_MODULES)
 
 
@@ -47,12 +45,18 @@ def trace(model: nn.Module) -> fx.Graph:
     return LeafTracer().trace(model)
 
 
+def _is_functional_relu(node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCTIONS
+    return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
 def _is_passthrough(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Ops that commute with a quantizer in front of them (monotonic elementwise, max-pooling): a quantizer
+    placed before them serves every consumer after them."""
     if node.op == "call_module":
         return isinstance(modules.get(str(node.target)), _PASSTHROUGH_MODULES)
-    if node.op == "call_function":
-        return node.target in _PASSTHROUGH_FUNCTIONS
-    return node.op == "call_method" and node.target in ("relu", "relu_")
+    return _is_functional_relu(node) or (node.op == "call_function" and node.target is torch.nn.functional.max_pool2d)
 
 
 def _is_add(node: fx.Node) -> bool:
@@ -93,8 +97,7 @@ def _once_called_activations(graph: fx.Graph, modules: dict[str, nn.Module]) -> 
         target = str(node.target)
         if node.op != "call_module" or calls[target] != 1 or not isinstance(modules.get(target), _ACTIVATION_MODULES):
             continue
-        source = node.args[0] if node.args else None
-        if (isinstance(source, fx.Node) and _is_add(source)) or any(_is_add(u) for u in _reached(node, modules)):
+        if _at_residual(node, modules):
             found.add(target)
     return found
 
@@ -110,8 +113,22 @@ def _reached(node: fx.Node, modules: dict[str, nn.Module]) -> list[fx.Node]:
     return out
 
 
-def shared_activation_owners(model: nn.Module) -> list[str]:
-    """Names of the modules whose forward calls one ReLU child twice or more (torchvision's ``BasicBlock``).
+def _at_residual(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` takes a residual sum or its output reaches a residual addition."""
+    source = node.args[0] if node.args else None
+    return (isinstance(source, fx.Node) and _is_add(source)) or any(_is_add(u) for u in _reached(node, modules))
+
+
+def retrace_owners(model: nn.Module) -> list[str]:
+    """Names of the submodules to re-trace with :func:`unshared_copy` before residual quantizers are placed.
+
+    A submodule qualifies when its forward calls one ReLU child twice or more (torchvision's ``BasicBlock``), or
+    applies a functional ReLU (``F.relu``, ``torch.relu``, ``x.relu()``) at a residual addition -- the common
+    ``return F.relu(out + self.shortcut(x))`` -- and holds no residual addition in a submodule of its own. Neither
+    has a module of its own per use that could carry an output quantizer. The last condition keeps whole
+    networks out: a backbone whose own forward applies ``F.relu`` to its stem (feeding the first block's
+    shortcut) is not turned into a GraphModule, so that one addition stays in float. A functional ReLU in
+    ``model``'s own forward is left alone too.
 
     Raises:
         QuantizationConfigError: fx cannot trace ``model``.
@@ -123,26 +140,55 @@ def shared_activation_owners(model: nn.Module) -> list[str]:
         for target, count in calls.items()
         if count > 1 and isinstance(modules.get(target), _ACTIVATION_MODULES)
     ]
+    add_owners = {_owner(node) for node in graph.nodes if _is_add(node)}
+    for node in graph.nodes:
+        owner = _owner(node)
+        if owner and _is_functional_relu(node) and _at_residual(node, modules):
+            if not any(a.startswith(owner + ".") for a in add_owners):
+                owners.append(owner)
     return list(dict.fromkeys(owners))
 
 
-def unshared_copy(module: nn.Module) -> fx.GraphModule:
-    """``module`` as a :class:`torch.fx.GraphModule` in which every further call of a ReLU child gets a copy.
+def _owner(node: fx.Node) -> str:
+    """The qualified name of the innermost module whose forward made ``node`` (``""``: the traced model's own)."""
+    stack = list(node.meta.get("nn_module_stack", {}))
+    return stack[-1] if stack else ""
 
-    ``relu`` called twice becomes ``relu`` and ``relu_1``: same computation, same parameters and state-dict
-    keys (ReLUs have none), but each use is a module of its own that can carry an output quantizer. The
-    GraphModule keeps the original class name; ``module`` itself is not changed.
+
+def unshared_copy(module: nn.Module) -> fx.GraphModule:
+    """``module`` as a :class:`torch.fx.GraphModule` in which every ReLU use is a module of its own.
+
+    ``relu`` called twice becomes ``relu`` and ``relu_1``, and a functional ReLU (``F.relu(...)``,
+    ``torch.relu``, ``x.relu()``) becomes a call of a new ``nn.ReLU`` child (``relu``, or ``relu_<k>`` when
+    that name is taken): same computation, same parameters and state-dict keys (ReLUs have none), but each use
+    can carry an output quantizer. The GraphModule keeps the original class name; ``module`` is not changed.
     """
     graph = LeafTracer().trace(module)
     gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
+
+    def free_name(base: str) -> str:
+        names = dict(gm.named_children())
+        k = 0
+        while (f"{base}_{k}" if k else base) in names:
+            k += 1
+        return f"{base}_{k}" if k else base
+
     seen: dict[str, int] = {}
-    for node in gm.graph.nodes:
+    for node in list(gm.graph.nodes):
+        if _is_functional_relu(node):
+            name = free_name("relu")
+            gm.add_submodule(name, nn.ReLU())
+            with gm.graph.inserting_before(node):
+                call = gm.graph.call_module(name, args=(node.args[0],))
+            node.replace_all_uses_with(call)
+            gm.graph.erase_node(node)
+            continue
         target = str(node.target)
         if node.op != "call_module" or "." in target or not isinstance(gm.get_submodule(target), _ACTIVATION_MODULES):
             continue
         seen[target] = seen.get(target, 0) + 1
         if seen[target] > 1:
-            name = f"{target}_{seen[target] - 1}"
+            name = free_name(target)
             gm.add_submodule(name, copy.deepcopy(gm.get_submodule(target)))
             node.target = name
     gm.recompile()
@@ -236,7 +282,7 @@ __all__ = [
     "LeafTracer",
     "residual_activations",
     "residual_producers",
-    "shared_activation_owners",
+    "retrace_owners",
     "trace",
     "unshared_copy",
 ]

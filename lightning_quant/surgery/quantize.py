@@ -14,7 +14,7 @@ from lightning_quant.surgery.fold import fold_batchnorm
 from lightning_quant.surgery.graph import (
     residual_activations,
     residual_producers,
-    shared_activation_owners,
+    retrace_owners,
     unshared_copy,
 )
 from lightning_quant.surgery.layers import (
@@ -97,8 +97,9 @@ def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> nn.Module
         )
     if spec.quantize_residuals:
         # an untraceable model fails here, before anything changes; then give each use of a ReLU module that is
-        # called twice (torchvision's BasicBlock) a module of its own, so each can carry its quantizer
-        owners = shared_activation_owners(model)
+        # called twice (torchvision's BasicBlock), and each functional ReLU at an addition, a module of its own,
+        # so each can carry its quantizer
+        owners = retrace_owners(model)
         modules = dict(model.named_modules())
         for name in owners:
             for parent, attr in list(_references(model, modules[name])):

@@ -119,10 +119,11 @@ class QuantSpec:
             layers it feeds. Needed for int8 deployment: a runtime fuses a convolution into an integer kernel
             (``QLinearConv``) only when a quantizer follows it, and an addition (``QLinearAdd``) only when
             both inputs and the output are quantized. Found with a :mod:`torch.fx` trace (a model fx cannot
-            trace gets a clear error). A module whose forward calls one ReLU twice (torchvision's
-            ``BasicBlock``) is re-traced into a ``torch.fx.GraphModule`` (same name, computation and state-dict
-            keys) that gives each use a ReLU module of its own. Off by default: the extra quantizers cost a
-            little accuracy at low activation bits.
+            trace gets a clear error). A block whose forward calls one ReLU twice (torchvision's
+            ``BasicBlock``) or applies a functional ReLU at its addition (``F.relu(out + shortcut)``) is
+            re-traced into a ``torch.fx.GraphModule`` (same name, computation and state-dict keys) that gives
+            each use a ReLU module of its own (see :func:`~lightning_quant.surgery.graph.retrace_owners`). Off by
+            default: the extra quantizers cost a little accuracy at low activation bits.
         fold_batchnorm: fold every BatchNorm that follows a convolution into it (eval-mode statistics) before
             quantizing, as threshold tuning (FAT) does; recorded by :meth:`from_model` for folded models, so
             their checkpoints load into a freshly built (unfolded) model.

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torchvision
 from torch import nn
+from torch.nn import functional as F
 
 from lightning_quant import QuantizationConfigError
 from lightning_quant.core.quantizers import UniformQuantizer
@@ -24,7 +25,7 @@ from lightning_quant.surgery import (
 from lightning_quant.surgery.graph import (
     residual_activations,
     residual_producers,
-    shared_activation_owners,
+    retrace_owners,
     unshared_copy,
 )
 from lightning_quant.surgery.layers import QuantBatchNorm2d, QuantReLU, activation_quantizers
@@ -57,6 +58,32 @@ class NoBatchNormBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.add(self.conv2(torch.relu(self.conv1(x))), x)
         return self.head(torch.relu(out).mean((2, 3)))
+
+
+class FunctionalBlock(nn.Module):
+    """A user-style block with functional ReLUs: ``F.relu(bn2(conv2(F.relu(bn1(conv1(x))))) + x)``."""
+
+    def __init__(self, channels: int = 4) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels)
+        self.conv2, self.bn2 = nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + x)
+
+
+class FunctionalNet(nn.Module):
+    """A stem (with a functional ReLU in the network's own forward) and two :class:`FunctionalBlock`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.blocks = nn.Sequential(FunctionalBlock(), FunctionalBlock())
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.blocks(F.relu(self.bn(self.conv(x)))).mean((2, 3)))
 
 
 class Untraceable(nn.Module):
@@ -186,10 +213,10 @@ def test_torchvision_blocks_get_one_relu_module_per_use(tmp_path: Path) -> None:
     x = torch.randn(2, 64, 16, 16)
     with torch.no_grad():
         assert torch.equal(unshared_copy(block)(x), block(x))  # the same computation
-    assert shared_activation_owners(model) == [f"layer{s}.{b}" for s in (1, 2, 3, 4) for b in (0, 1)]
+    assert retrace_owners(model) == [f"layer{s}.{b}" for s in (1, 2, 3, 4) for b in (0, 1)]
     plain_keys = set(model.state_dict())
     quantize_model(model, QuantSpec(quantize_residuals=True))
-    assert shared_activation_owners(model) == []
+    assert retrace_owners(model) == []
     modules = dict(model.named_modules())
     assert type(modules["layer2.0"]).__name__ == "BasicBlock"  # a GraphModule under the block's name
     assert isinstance(modules["layer2.0.relu_1"], QuantReLU) and not isinstance(modules["layer2.0.relu"], QuantReLU)
@@ -204,3 +231,32 @@ def test_torchvision_blocks_get_one_relu_module_per_use(tmp_path: Path) -> None:
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(fresh(images), model(images))
+
+
+def test_functional_relus_at_additions_become_quantized_modules(tmp_path: Path) -> None:
+    from lightning_quant.export import export_onnx, verify_onnx
+
+    torch.manual_seed(0)
+    wrapped = nn.Sequential(FunctionalNet())  # the network below the model, as in a LightningModule
+    # the blocks qualify; the network itself does not (its stem ReLU would make it a GraphModule)
+    assert retrace_owners(wrapped) == ["0.blocks.0", "0.blocks.1"]
+    block = FunctionalBlock().eval()
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(unshared_copy(block)(x), block(x))  # the same computation
+    plain_keys = set(wrapped.state_dict())
+    quantize_model(wrapped, QuantSpec(quantize_residuals=True, first_last_bits=None))
+    modules = dict(wrapped.named_modules())
+    assert type(modules["0"]).__name__ == "FunctionalNet" and not isinstance(modules["0"], torch.fx.GraphModule)
+    for b in (0, 1):
+        # F.relu after bn1 becomes `relu` (not at an addition: no quantizer), the one after the addition `relu_1`
+        assert type(modules[f"0.blocks.{b}.relu"]) is nn.ReLU
+        assert isinstance(modules[f"0.blocks.{b}.relu_1"], QuantReLU)
+    assert modules["0.blocks.1.conv1"].input_quantizer is modules["0.blocks.0.relu_1"].output_quantizer
+    assert plain_keys <= set(wrapped.state_dict())
+    _calibrated(wrapped, (16, 1, 8, 8))
+    path = export_onnx(wrapped, tmp_path / "functional.onnx", torch.randn(1, 1, 8, 8))
+    result = verify_onnx(wrapped, path, [torch.randn(16, 1, 8, 8)])
+    # every conv in int8; block 1's addition takes two quantized tensors (block 0's sum and its bn2) -> QLinearAdd
+    assert result.float_convs == 0 and result.int8_ops.get("QLinearAdd") == 1
+    assert result.agreement == 1.0
