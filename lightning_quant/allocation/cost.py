@@ -13,6 +13,7 @@ the user's unit (an average bit width, for instance) for messages and logs.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_quant.core.quantizers import UniformQuantizer
+from lightning_quant.core.quantizers import Quantizer
 from lightning_quant.surgery.layers import quantized_layers
 
 #: bits of an activation that is not quantized (a float32 input)
@@ -83,8 +84,11 @@ class LayerCosts:
         params: weight elements per layer.
         weight_bits: current weight bit width per layer.
         act_bits: current input bit width per layer (:data:`FLOAT_ACT_BITS` for a float input).
-        frozen: whether an allocator must leave the layer alone (``LayerSpec.frozen``).
+        frozen: whether an allocator must leave the layer alone (``LayerSpec.frozen``, and every layer whose
+            weight quantizer is not one uniform width: per-channel widths, codebooks).
         macs: multiply-accumulates per sample per layer (from :func:`trace_macs`), or ``None`` if not traced.
+        payload_bits: the weight's storage bits per layer, the quantizer's own account (``weight_bits`` is
+            ``payload_bits / params``, the average bits per parameter); what frozen layers cost.
     """
 
     names: tuple[str, ...]
@@ -93,22 +97,28 @@ class LayerCosts:
     act_bits: np.ndarray
     frozen: np.ndarray
     macs: np.ndarray | None = field(default=None)
+    payload_bits: np.ndarray | None = field(default=None)
 
     @property
     def free(self) -> np.ndarray:
         """Boolean mask of the layers an allocator may change."""
         return ~self.frozen
 
+    @property
+    def weight_payload(self) -> np.ndarray:
+        """Storage bits of each layer's weight (``params x weight_bits`` when not given)."""
+        return self.payload_bits if self.payload_bits is not None else self.params * self.weight_bits
+
     def with_macs(self, macs: Mapping[str, int]) -> LayerCosts:
         """A copy with the MACs of each layer (layers never called by the forward count 0)."""
         values = np.array([float(macs.get(n, 0)) for n in self.names])
-        return LayerCosts(self.names, self.params, self.weight_bits, self.act_bits, self.frozen, values)
+        return dataclasses.replace(self, macs=values)
 
 
 def layer_costs(model: nn.Module, macs: Mapping[str, int] | None = None) -> LayerCosts:
     """Collect the cost-model inputs of a quantized model's layers (shared layers counted once)."""
     layers = quantized_layers(model)
-    names, params, wbits, abits, frozen = [], [], [], [], []
+    names, params, payload, abits, frozen = [], [], [], [], []
     seen: set[int] = set()
     for name, layer in layers.items():
         if id(layer) in seen:
@@ -116,16 +126,22 @@ def layer_costs(model: nn.Module, macs: Mapping[str, int] | None = None) -> Laye
         seen.add(id(layer))
         names.append(name)
         params.append(layer.weight.numel())
-        wbits.append(layer.weight_quantizer.bits)
+        weight_quantizer = layer.weight_quantizer
+        payload.append(weight_quantizer.payload_bits(layer.weight))
         quantizer = layer.input_quantizer
-        abits.append(quantizer.bits if isinstance(quantizer, UniformQuantizer) else FLOAT_ACT_BITS)
-        frozen.append(bool(layer.layer_spec.frozen))
+        abits.append(quantizer.bits if isinstance(quantizer, Quantizer) else FLOAT_ACT_BITS)
+        # a layer allocators can change has one uniform width (they set `bits`); others count at their own size
+        allocatable = weight_quantizer.WIDTH_SETTABLE and isinstance(weight_quantizer.bits, int)
+        frozen.append(bool(layer.layer_spec.frozen) or not allocatable)
+    param_array = np.array(params, dtype=np.float64)
+    payload_array = np.array(payload, dtype=np.float64)
     costs = LayerCosts(
         tuple(names),
-        np.array(params, dtype=np.float64),
-        np.array(wbits, dtype=np.float64),
+        param_array,
+        payload_array / np.maximum(param_array, 1.0),
         np.array(abits, dtype=np.float64),
         np.array(frozen, dtype=bool),
+        payload_bits=payload_array,
     )
     return costs.with_macs(macs) if macs is not None else costs
 
@@ -201,7 +217,7 @@ def trace_macs(model: nn.Module, example_input: Any) -> dict[str, int]:
     """
     tracer = MacTracer(model)
     modes = {m: m.training for m in model.modules()}
-    enabled = {q: q.enabled for q in model.modules() if isinstance(q, UniformQuantizer)}
+    enabled = {q: q.enabled for q in model.modules() if isinstance(q, Quantizer)}
     try:
         model.eval()
         for q in enabled:
@@ -231,7 +247,7 @@ def avg_bits_constraint(costs: LayerCosts, avg_bits: float) -> BudgetConstraint:
         "avg_weight_bits",
         costs.params[free],
         avg_bits * total,
-        offset=float(np.dot(costs.params[~free], costs.weight_bits[~free])),
+        offset=float(costs.weight_payload[~free].sum()),
         display_scale=1.0 / total,
         argument="avg_weight_bits",
     )
@@ -244,7 +260,7 @@ def size_constraint(costs: LayerCosts, size_bits: float) -> BudgetConstraint:
         "size_bits",
         costs.params[free],
         float(size_bits),
-        offset=float(np.dot(costs.params[~free], costs.weight_bits[~free])),
+        offset=float(costs.weight_payload[~free].sum()),
         argument="size_budget",
     )
 

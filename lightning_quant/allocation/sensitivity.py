@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_quant.core.errors import QuantizationConfigError
-from lightning_quant.core.quantizers import UniformQuantizer
+from lightning_quant.core.quantizers import Quantizer, UniformQuantizer
 
 
 def channel_sum(x: Tensor, ch_axis: int | None) -> Tensor:
@@ -177,7 +177,7 @@ def hutchinson_sensitivities(
     for name, layer in quantized_layers(model).items():
         if all(layer is not other for other in layers.values()):
             layers[name] = layer
-    quantizers = [q for q in model.modules() if isinstance(q, UniformQuantizer)]
+    quantizers = [q for q in model.modules() if isinstance(q, Quantizer)]
     enabled = [q.enabled for q in quantizers]
     try:
         for q in quantizers:

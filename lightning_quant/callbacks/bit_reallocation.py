@@ -28,7 +28,7 @@ from lightning_quant.allocation.sensitivity import FisherEMA, channel_sq_sum, no
 from lightning_quant.allocation.solvers import SOLVERS, SolverName, allocate, check_feasible, validate_bit_choices
 from lightning_quant.callbacks.base import QuantizationCallback
 from lightning_quant.core.errors import QuantizationConfigError
-from lightning_quant.core.quantizers import UniformQuantizer
+from lightning_quant.core.quantizers import Quantizer
 from lightning_quant.surgery.layers import QuantizedLayer, quantized_layers
 from lightning_quant.surgery.quantize import is_quantized, quantize_model
 from lightning_quant.surgery.spec import QuantSpec
@@ -278,7 +278,7 @@ class BitReallocationCallback(QuantizationCallback):
         owners: dict[int, str] = {}
         for name, layer in self._units(pl_module).items():
             quantizer = layer.input_quantizer
-            if isinstance(quantizer, UniformQuantizer) and owners.setdefault(id(quantizer), name) != name:
+            if isinstance(quantizer, Quantizer) and owners.setdefault(id(quantizer), name) != name:
                 raise QuantizationConfigError(
                     f"`activations=True` gives every layer its own input bits, but {owners[id(quantizer)]!r} and "
                     f"{name!r} share one input quantizer (`quantize_residuals=True` quantizes a residual tensor once "
@@ -301,7 +301,7 @@ class BitReallocationCallback(QuantizationCallback):
     def _attach_activation_hooks(self, pl_module: nn.Module) -> None:
         for name, layer in self._units(pl_module).items():
             quantizer = layer.input_quantizer
-            if isinstance(quantizer, UniformQuantizer):
+            if isinstance(quantizer, Quantizer):
                 self._act_handles.append(quantizer.register_forward_hook(self._activation_hook(name)))
 
     def _activation_hook(self, name: str):
@@ -344,7 +344,7 @@ class BitReallocationCallback(QuantizationCallback):
         for name, layer in self._units(pl_module).items():
             s = noise_sensitivity(self._ema[name], layer.weight_quantizer) if name in self._ema else 0.0
             quantizer = layer.input_quantizer
-            if self.activations and isinstance(quantizer, UniformQuantizer) and name + _INPUT in self._ema:
+            if self.activations and isinstance(quantizer, Quantizer) and name + _INPUT in self._ema:
                 s += noise_sensitivity(self._ema[name + _INPUT], quantizer)
             out[name] = s
         return out
@@ -419,7 +419,7 @@ class BitReallocationCallback(QuantizationCallback):
         for name, b in bits.items():
             layer = units[name]
             layer.weight_quantizer.bits = b
-            if self.activations and isinstance(layer.input_quantizer, UniformQuantizer):
+            if self.activations and isinstance(layer.input_quantizer, Quantizer):
                 layer.input_quantizer.bits = b
 
     # -- end of training -------------------------------------------------------------------------------------
@@ -482,7 +482,7 @@ def save_allocation_plot(
 def _avg_weight_bits(model: nn.Module) -> float:
     layers = {id(m): m for m in quantized_layers(model).values()}.values()
     params = sum(m.weight.numel() for m in layers)
-    return sum(m.weight.numel() * m.weight_quantizer.bits for m in layers) / max(params, 1)
+    return sum(m.weight_quantizer.payload_bits(m.weight) for m in layers) / max(params, 1)
 
 
 def _check_budget(argument: str, value: object) -> None:

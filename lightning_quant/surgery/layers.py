@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_quant.core.quantizers import UniformQuantizer
+from lightning_quant.core.quantizers import Quantizer, UniformQuantizer, build_weight_quantizer
 from lightning_quant.surgery.spec import LayerSpec
 
 
@@ -64,32 +64,29 @@ class QuantizedLayer(nn.Module):
     """Mixin of the quantized layers: quantizers built from a :class:`LayerSpec` and the swap from/to float."""
 
     weight: nn.Parameter
-    weight_quantizer: UniformQuantizer
+    weight_quantizer: Quantizer
     input_quantizer: UniformQuantizer | nn.Identity
     output_quantizer: UniformQuantizer | nn.Identity
     layer_spec: LayerSpec
     float_type: type[nn.Module]
 
     @classmethod
-    def from_float(cls, module: nn.Module, spec: LayerSpec) -> QuantizedLayer:
+    def from_float(cls, module: nn.Module, spec: LayerSpec, name: str = "") -> QuantizedLayer:
         """A quantized copy of ``module`` that shares its parameters, buffers, submodules and hooks.
 
-        ``module`` itself is not modified, so a failed model surgery can leave the model as it was.
+        The weight quantizer is the kind ``spec.weight_kind`` names (the quantizer registry). ``module`` itself is
+        not modified, so a failed model surgery can leave the model as it was.
+
+        Raises:
+            QuantizationConfigError: a spec that does not fit the layer (e.g. per-channel widths of the wrong
+                length), naming ``name``.
         """
+        weight = module.weight
+        quantizer = build_weight_quantizer(weight, spec, f"Layer {name!r}" if name else type(module).__name__)
         layer = _shallow_copy(module, cls)
         layer.float_type = type(module)
         layer.layer_spec = spec
-        weight = module.weight
-        per_channel = spec.weight_granularity == "per_channel"
-        layer.weight_quantizer = UniformQuantizer(
-            spec.weight_bits,
-            symmetric=spec.weight_symmetric,
-            signed=True,
-            ch_axis=0 if per_channel else None,
-            num_channels=weight.shape[0] if per_channel else 1,
-            learnable=spec.scale_mode == "lsq",
-            observer=spec.weight_observer,
-        ).to(weight.device)
+        layer.weight_quantizer = quantizer
         layer.input_quantizer = _optional_activation_quantizer(spec, spec.act_bits, weight.device)
         layer.output_quantizer = _optional_activation_quantizer(spec, spec.output_bits, weight.device)
         return layer  # type: ignore[return-value]
@@ -112,7 +109,9 @@ class QuantizedLayer(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", w{self.weight_quantizer.bits}a{self.current_spec().act_bits or 'fp'}"
+        bits = self.weight_quantizer.bits
+        weight = f"w{bits}" if isinstance(bits, int) else "wmixed"
+        return super().extra_repr() + f", {weight}a{self.current_spec().act_bits or 'fp'}"
 
 
 def _bits(quantizer: nn.Module) -> int | None:
@@ -236,11 +235,15 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantizedLayer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLayer)}
 
 
-def quantizers(model: nn.Module) -> dict[str, UniformQuantizer]:
-    """Every quantizer module of ``model`` by qualified name."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, UniformQuantizer)}
+def quantizers(model: nn.Module) -> dict[str, Quantizer]:
+    """Every quantizer module of ``model`` (weights and activations, every kind) by qualified name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, Quantizer)}
 
 
 def activation_quantizers(model: nn.Module) -> dict[str, UniformQuantizer]:
     """The quantizers of activations (layer inputs and residual outputs), by qualified name."""
-    return {name: q for name, q in quantizers(model).items() if not name.endswith("weight_quantizer")}
+    return {
+        name: q
+        for name, q in quantizers(model).items()
+        if not name.endswith("weight_quantizer") and isinstance(q, UniformQuantizer)
+    }

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from torch import nn
 
 from lightning_quant.core.errors import QuantizationConfigError
-from lightning_quant.core.quantizers import UniformQuantizer
+from lightning_quant.core.quantizers import Quantizer, UniformQuantizer, build_weight_quantizer
 from lightning_quant.surgery.fold import fold_batchnorm
 from lightning_quant.surgery.graph import (
     residual_activations,
@@ -95,6 +95,9 @@ def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> nn.Module
             "The spec selects no layer of `model`: check `include`, `exclude` and `exclude_types` "
             f"against the quantizable layers {list(candidates)[:12]}."
         )
+    for name, layer_spec in resolved.items():
+        if name in float_layers:  # a spec that does not fit its layer fails here, before anything changes
+            build_weight_quantizer(float_layers[name].weight, layer_spec, f"Layer {name!r}")
     if spec.quantize_residuals:
         # an untraceable model fails here, before anything changes; then give each use of a ReLU module that is
         # called twice (torchvision's BasicBlock), and each functional ReLU at an addition, a module of its own,
@@ -112,7 +115,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> nn.Module
     activations = residual_activations(model) if spec.quantize_residuals else {}
     # build everything first: nothing below this point raises on user input
     swaps: dict[nn.Module, nn.Module] = {
-        float_layers[name]: QUANTIZED_TYPES[type(float_layers[name])].from_float(float_layers[name], layer_spec)
+        float_layers[name]: QUANTIZED_TYPES[type(float_layers[name])].from_float(float_layers[name], layer_spec, name)
         for name, layer_spec in resolved.items()
         if name in float_layers
     }
@@ -155,9 +158,7 @@ def _share_activation_quantizers(
         if type(relu) not in OUTPUT_QUANTIZED_TYPES:
             continue  # already quantized
         layers = [swaps.get(modules[c], modules[c]) for c in consumers]
-        layers = [
-            m for m in layers if isinstance(m, QuantizedLayer) and isinstance(m.input_quantizer, UniformQuantizer)
-        ]
+        layers = [m for m in layers if isinstance(m, QuantizedLayer) and isinstance(m.input_quantizer, Quantizer)]
         if layers:
             shared = layers[0].input_quantizer
             for layer in layers[1:]:
