@@ -25,7 +25,14 @@ from lightning_quant.allocation.cost import (
     trace_macs,
 )
 from lightning_quant.allocation.sensitivity import FisherEMA, channel_sq_sum, noise_sensitivity
-from lightning_quant.allocation.solvers import SOLVERS, SolverName, allocate, check_feasible, validate_bit_choices
+from lightning_quant.allocation.solvers import (
+    SOLVERS,
+    SolverName,
+    allocate,
+    check_feasible,
+    noise_objective_table,
+    validate_bit_choices,
+)
 from lightning_quant.callbacks.base import QuantizationCallback
 from lightning_quant.core.errors import QuantizationConfigError
 from lightning_quant.core.quantizers import Quantizer
@@ -389,7 +396,8 @@ class BitReallocationCallback(QuantizationCallback):
             else:
                 sens = self.sensitivities(pl_module)
             names = list(units)
-            result = allocate(np.array([sens[n] for n in names]), self._constraints, self.bit_choices, self.solver)
+            table = noise_objective_table(np.array([sens[n] for n in names]), self.bit_choices)
+            result = allocate(table, self._constraints, self.bit_choices, self.solver)
             record = {
                 "step": int(trainer.global_step),
                 "reason": reason,
