@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_quant.core.quantizers import Quantizer
+from lightning_quant.surgery.capture import Call, Capture, modes_kept, quantizers_disabled
 from lightning_quant.surgery.layers import quantized_layers
 
 #: bits of an activation that is not quantized (a float32 input)
@@ -168,7 +169,8 @@ def layer_macs(layer: nn.Module, output: Tensor) -> int:
 
 
 class MacTracer:
-    """Forward hooks that record each quantized layer's MACs per sample during the next forward(s).
+    """Forward hooks (a :class:`~lightning_quant.surgery.capture.Capture`) that record each quantized layer's MACs
+    per sample during the next forward(s).
 
     Used by :func:`trace_macs` (one forward of its own) and by callbacks, which attach it to a training forward
     that runs anyway. A layer called several times (a shared layer) accumulates its MACs per call.
@@ -180,22 +182,11 @@ class MacTracer:
 
     def __init__(self, model: nn.Module) -> None:
         self.macs: dict[str, int] = {}
-        self._handles: list[Any] = []
-        self._calls = 0
-        names_by_layer: dict[int, str] = {}
-        for name, layer in quantized_layers(model).items():
-            if id(layer) in names_by_layer:
-                continue
-            names_by_layer[id(layer)] = name
-            self._handles.append(layer.register_forward_hook(self._hook(name)))
-        self._first_layer = next(iter(names_by_layer.values()), None)
+        self._capture = Capture(model, quantized_layers(model), on_call=self._record)
 
-    def _hook(self, name: str):
-        def hook(module: nn.Module, inputs: Any, output: Tensor) -> None:
-            if isinstance(output, Tensor):
-                self.macs[name] = self.macs.get(name, 0) + layer_macs(module, output)
-
-        return hook
+    def _record(self, name: str, module: nn.Module, call: Call) -> None:
+        if isinstance(call.output, Tensor):
+            self.macs[name] = self.macs.get(name, 0) + layer_macs(module, call.output)
 
     @property
     def traced(self) -> bool:
@@ -203,9 +194,7 @@ class MacTracer:
         return bool(self.macs)
 
     def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        self._capture.remove()
 
 
 @torch.no_grad()
@@ -216,22 +205,12 @@ def trace_macs(model: nn.Module, example_input: Any) -> dict[str, int]:
     uninitialised step size is touched; the model's modes are restored afterwards.
     """
     tracer = MacTracer(model)
-    modes = {m: m.training for m in model.modules()}
-    enabled = {q: q.enabled for q in model.modules() if isinstance(q, Quantizer)}
+    args = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
     try:
-        model.eval()
-        for q in enabled:
-            q.enabled = False
-        if isinstance(example_input, (tuple, list)):
-            model(*example_input)
-        else:
-            model(example_input)
+        with quantizers_disabled(model), modes_kept(model, training=False):
+            model(*args)
     finally:
         tracer.remove()
-        for m, mode in modes.items():
-            m.training = mode
-        for q, value in enabled.items():
-            q.enabled = value
     return tracer.macs
 
 

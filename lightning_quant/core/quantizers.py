@@ -518,7 +518,7 @@ class UniformQuantizer(Quantizer):
                 else ("a per-channel mixed-width" if self.mixed else "an LSQ (learned step size)")
             )
             raise QuantizationConfigError(
-                f"Threshold factors need an observer-mode multi-bit quantizer of one width, got {kind} quantizer. "
+                f"Threshold factors need an observer-mode multi-bit quantizer, got {kind} quantizer. "
                 'HINT: quantize with `scale_mode="observer"` (and `weight_bits >= 2`), or let '
                 "ThresholdTuningCallback quantize."
             )

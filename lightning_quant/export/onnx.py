@@ -67,6 +67,7 @@ from torch import Tensor, nn
 from lightning_quant.core.errors import QuantizationConfigError, UnsupportedModuleError
 from lightning_quant.core.functional import fake_quantize
 from lightning_quant.core.quantizers import Quantizer
+from lightning_quant.surgery.capture import capture
 from lightning_quant.surgery.fold import fold_batchnorm as _fold_batchnorm
 from lightning_quant.surgery.layers import activation_quantizers, quantized_layers
 from lightning_quant.surgery.quantize import is_quantized
@@ -618,17 +619,8 @@ def _per_layer_diffs(
             "verify_onnx(per_layer=True) needs the layer scopes that torch's dynamo exporter writes into the "
             "ONNX nodes; this file has none (exported with dynamo=False?). HINT: export with `dynamo=True`."
         )
-    captured: dict[str, Tensor] = {}
-    handles = [
-        layers[name].register_forward_hook(lambda _m, _i, out, name=name: captured.__setitem__(name, out.detach()))
-        for name in outputs
-    ]
-    try:
-        with torch.no_grad():
-            prepared(x.cpu())
-    finally:
-        for handle in handles:
-            handle.remove()
+    calls = capture(prepared, x.cpu(), {name: layers[name] for name in outputs}, training=None)
+    captured = {name: calls[name][0].output for name in outputs}
     probe = copy.deepcopy(onnx_model)
     existing = {o.name for o in probe.graph.output}
     for tensor_name in outputs.values():

@@ -36,6 +36,21 @@ def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if type(m) in QUANTIZED_TYPES}
 
 
+def layer_candidates(model: nn.Module) -> dict[str, str]:
+    """Every layer a spec may select, float or already quantized: name -> layer type name, in registration order.
+
+    Already-quantized layers take part in pattern checks and the first/last rule, so a second
+    :func:`quantize_model` with the same spec resolves the same way and swaps nothing.
+    """
+    float_layers = quantizable_layers(model)
+    done = quantized_layers(model)
+    return {
+        name: (m.float_type if isinstance(m, QuantizedLayer) else type(m)).__name__
+        for name, m in model.named_modules()
+        if name in float_layers or name in done
+    }
+
+
 def _references(model: nn.Module, target: nn.Module) -> Iterator[tuple[nn.Module, str]]:
     """Every ``(parent, attribute)`` that holds ``target`` (a layer shared by two parents has two)."""
     for parent in model.modules():
@@ -76,14 +91,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> nn.Module
             f"`spec` must be a QuantSpec, got {type(spec).__name__}. HINT: `QuantSpec.from_dict(...)` reads a dict."
         )
     float_layers = quantizable_layers(model)
-    done = quantized_layers(model)
-    # already-quantized layers take part in pattern checks and the first/last rule, so a second call with
-    # the same spec resolves the same way and swaps nothing
-    candidates = {
-        name: (m.float_type if isinstance(m, QuantizedLayer) else type(m)).__name__
-        for name, m in model.named_modules()
-        if name in float_layers or name in done
-    }
+    candidates = layer_candidates(model)
     if not candidates:
         raise QuantizationConfigError(
             f"`model` ({type(model).__name__}) has no layer that can be quantized; supported types are "
@@ -200,6 +208,7 @@ __all__ = [
     "UniformQuantizer",
     "dequantize_model",
     "is_quantized",
+    "layer_candidates",
     "quantizable_layers",
     "quantize_model",
     "set_observing",

@@ -339,15 +339,31 @@ def test_composes_with_an_earlier_observer_mode_qat(trainer_kwargs) -> None:
     assert torch.isfinite(trainer.callback_metrics["quant/fat/loss"])
 
 
-def test_lsq_quantizers_from_an_earlier_callback_raise(trainer_kwargs) -> None:
-    from lightning_quant import QuantizationAwareTraining
+def test_lsq_quantizers_of_a_model_quantized_before_fit_raise(trainer_kwargs) -> None:
+    from lightning_quant import LayerSpec, QuantSpec, quantize_model
 
-    callbacks = [QuantizationAwareTraining(weight_bits=4, act_bits=4), ThresholdTuningCallback()]
-    trainer = L.Trainer(**trainer_kwargs(max_steps=1, callbacks=callbacks))
+    # the user quantized with learned step sizes before fit: FAT cannot adjust those thresholds
+    model = quantize_model(_model(), QuantSpec(default=LayerSpec(weight_bits=4, act_bits=4)))
+    trainer = L.Trainer(**trainer_kwargs(max_steps=1, callbacks=[ThresholdTuningCallback()]))
     with pytest.raises(
         QuantizationConfigError, match=r"Layer 'backbone.conv1': Threshold factors need an observer-mode"
     ):
-        trainer.fit(_model(), _loader())
+        trainer.fit(model, _loader())
+
+
+def test_default_qat_beside_fat_gets_fat_fixed_ranges_in_either_order(trainer_kwargs) -> None:
+    from lightning_quant import QuantizationAwareTraining
+    from lightning_quant.surgery import quantized_layers
+
+    for order in (0, 1):
+        callbacks = [QuantizationAwareTraining(weight_bits=4, act_bits=4), ThresholdTuningCallback()]
+        model = _model()
+        L.Trainer(**trainer_kwargs(max_steps=1, callbacks=callbacks[::-1] if order else callbacks)).fit(
+            model, _loader()
+        )
+        specs = [layer.current_spec() for layer in quantized_layers(model).values()]
+        assert all(s.scale_mode == "observer" for s in specs)
+        assert [s.weight_bits for s in specs][1:-1] == [4] * (len(specs) - 2)  # QAT's bits (set explicitly)
 
 
 def test_kill_and_resume_gives_the_same_factors(trainer_kwargs, tmp_path) -> None:
