@@ -17,9 +17,11 @@ from lightning_quant.callbacks import (
     ThresholdTuningCallback,
 )
 from lightning_quant.core.errors import QuantizationConfigError, UnsupportedModuleError
+from lightning_quant.core.quantizers import Quantizer, register_quantizer
 from lightning_quant.datamodules.generator import GeneratorDataModule
 from lightning_quant.surgery import (
     LayerSpec,
+    QuantizationRequest,
     QuantSpec,
     dequantize_model,
     find_blocks,
@@ -42,7 +44,9 @@ __all__ = [
     "QuantizationCallback",
     "QuantizationConfigError",
     "QuantizationLossMixin",
+    "QuantizationRequest",
     "QuantizedExport",
+    "Quantizer",
     "ThresholdTuningCallback",
     "UnsupportedModuleError",
     "__version__",
@@ -51,5 +55,6 @@ __all__ = [
     "load_quantized",
     "quantization_summary",
     "quantize_model",
+    "register_quantizer",
     "save_quantized",
 ]
