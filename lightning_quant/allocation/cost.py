@@ -159,6 +159,11 @@ def layer_macs(layer: nn.Module, output: Tensor) -> int:
     >>> layer_macs(nn.Linear(16, 4), torch.zeros(2, 4))
     64
     """
+    if isinstance(layer, nn.Embedding):
+        return 0  # a table lookup
+    if isinstance(layer, nn.MultiheadAttention):  # the in-projection (the output projection is its own layer)
+        tokens = output.shape[1] if layer.batch_first and output.dim() == 3 else output.shape[0]
+        return int(tokens * 3 * layer.embed_dim * layer.embed_dim)
     per_sample = output[0].numel() if output.dim() > 1 else output.numel()
     if isinstance(layer, nn.modules.conv._ConvNd):
         kernel = int(np.prod(layer.kernel_size))
@@ -185,8 +190,9 @@ class MacTracer:
         self._capture = Capture(model, quantized_layers(model), on_call=self._record)
 
     def _record(self, name: str, module: nn.Module, call: Call) -> None:
-        if isinstance(call.output, Tensor):
-            self.macs[name] = self.macs.get(name, 0) + layer_macs(module, call.output)
+        output = call.output[0] if isinstance(call.output, tuple) and call.output else call.output
+        if isinstance(output, Tensor):
+            self.macs[name] = self.macs.get(name, 0) + layer_macs(module, output)
 
     @property
     def traced(self) -> bool:

@@ -737,7 +737,7 @@ def _quantized_parts(model: torch.nn.Module) -> tuple[dict[str, Any], set[str]]:
     replaced = set()
     for name, module in quantizers(model).items():
         replaced.update(f"{name}.{key}" for key, _ in module.state_dict().items())
-    replaced.update(f"{name}.weight" for name in layers)
+    replaced.update(f"{name}.{layer.WEIGHT_NAME}" for name, layer in layers.items())
     return layers, replaced
 
 
