@@ -126,13 +126,15 @@ def layer_costs(model: nn.Module, macs: Mapping[str, int] | None = None) -> Laye
             continue
         seen.add(id(layer))
         names.append(name)
-        params.append(layer.weight.numel())
+        weights = layer.quantized_parameters()
+        params.append(sum(param.numel() for _, param, _ in weights))
         weight_quantizer = layer.weight_quantizer
-        payload.append(weight_quantizer.payload_bits(layer.weight))
+        payload.append(sum(q.payload_bits(param) for _, param, q in weights))
         quantizer = layer.input_quantizer
         abits.append(quantizer.bits if isinstance(quantizer, Quantizer) else FLOAT_ACT_BITS)
-        # a layer allocators can change has one uniform width (they set `bits`); others count at their own size
-        allocatable = weight_quantizer.WIDTH_SETTABLE and isinstance(weight_quantizer.bits, int)
+        # a layer allocators can change has one quantized weight of one uniform width (they set `bits`); others
+        # count at their own size
+        allocatable = len(weights) == 1 and weight_quantizer.WIDTH_SETTABLE and isinstance(weight_quantizer.bits, int)
         frozen.append(bool(layer.layer_spec.frozen) or not allocatable)
     param_array = np.array(params, dtype=np.float64)
     payload_array = np.array(payload, dtype=np.float64)
@@ -161,6 +163,10 @@ def layer_macs(layer: nn.Module, output: Tensor) -> int:
     """
     if isinstance(layer, nn.Embedding):
         return 0  # a table lookup
+    if isinstance(layer, nn.RNNBase):  # every weight matrix is used once per time step
+        steps = output.shape[1] if layer.batch_first and output.dim() == 3 else output.shape[0]
+        matrices = sum(w.numel() for n, w in layer.named_parameters(recurse=False) if n.startswith("weight_"))
+        return int(steps * matrices)
     if isinstance(layer, nn.MultiheadAttention):  # the in-projection (the output projection is its own layer)
         tokens = output.shape[1] if layer.batch_first and output.dim() == 3 else output.shape[0]
         return int(tokens * 3 * layer.embed_dim * layer.embed_dim)

@@ -115,6 +115,17 @@ class QuantizedLayer(nn.Module):
         """The fake-quantized weight used in forward."""
         return self.weight_quantizer(self.weight)
 
+    def quantized_parameters(self) -> list[tuple[str, nn.Parameter, Quantizer]]:
+        """Every quantized Parameter of the layer with its quantizer, by its name in the layer's state dict (one,
+        ``WEIGHT_NAME``, except for recurrent layers, which quantize every weight matrix)."""
+        return [(self.WEIGHT_NAME, self.weight, self.weight_quantizer)]
+
+    def set_weight_quantizer(self, name: str, quantizer: nn.Module) -> None:
+        """Replace the quantizer of the quantized Parameter ``name`` (see :meth:`quantized_parameters`)."""
+        if name != self.WEIGHT_NAME:
+            raise KeyError(f"{type(self).__name__} quantizes no Parameter named {name!r}")
+        self.weight_quantizer = quantizer  # type: ignore[assignment]
+
     def current_spec(self) -> LayerSpec:
         """This layer's recipe with its current bit widths (which callbacks may have changed)."""
         return dataclasses.replace(
@@ -289,8 +300,83 @@ class QuantMultiheadAttention(QuantizedLayer, nn.MultiheadAttention):
         return self.output_quantizer(out), attention
 
 
+class QuantizedRNN(QuantizedLayer):
+    """Mixin of the quantized recurrent layers (LSTM, GRU, RNN): every weight matrix (``weight_ih_l*``,
+    ``weight_hh_l*``, reverse directions included) fake-quantized per output row with the layer's recipe, and the
+    input sequence quantized; hidden states stay in float (they never leave the fused recurrent kernel).
+
+    ``weight_quantizer`` quantizes ``weight_ih_l0``; ``weight_quantizers`` holds one quantizer for each other
+    matrix. Forward runs the float module's own recurrent kernel on the fake-quantized matrices.
+    """
+
+    WEIGHT_NAME = "weight_ih_l0"
+    weight_quantizers: nn.ModuleDict
+
+    @property
+    def weight(self) -> nn.Parameter:  # type: ignore[override]
+        """The first input-to-hidden matrix (``weight_ih_l0``)."""
+        return self.weight_ih_l0
+
+    def _adopt(self, spec: LayerSpec, name: str) -> None:
+        where = f"Layer {name!r}" if name else type(self).__name__
+        others = {
+            weight: build_weight_quantizer(getattr(self, weight), spec, f"{where} ({weight})")
+            for weight in self._flat_weights_names
+            if weight.startswith("weight_") and weight != self.WEIGHT_NAME
+        }
+        self.weight_quantizers = nn.ModuleDict(others)
+
+    def to_float(self) -> nn.Module:
+        return _strip(
+            self, self.float_type, ("weight_quantizer", "input_quantizer", "output_quantizer", "weight_quantizers")
+        )
+
+    def quantized_parameters(self) -> list[tuple[str, nn.Parameter, Quantizer]]:
+        entries = [(self.WEIGHT_NAME, self.weight_ih_l0, self.weight_quantizer)]
+        entries += [(weight, getattr(self, weight), q) for weight, q in self.weight_quantizers.items()]
+        return entries
+
+    def set_weight_quantizer(self, name: str, quantizer: nn.Module) -> None:
+        if name == self.WEIGHT_NAME:
+            self.weight_quantizer = quantizer  # type: ignore[assignment]
+        else:
+            self.weight_quantizers[name] = quantizer
+
+    def forward(self, input: Tensor, hx: object = None) -> object:  # type: ignore[override]
+        if isinstance(input, nn.utils.rnn.PackedSequence):
+            data = self.input_quantizer(input.data)
+            input = nn.utils.rnn.PackedSequence(data, input.batch_sizes, input.sorted_indices, input.unsorted_indices)
+        else:
+            input = self.input_quantizer(input)
+        quantizers = {name: q for name, _, q in self.quantized_parameters()}
+        saved = self._flat_weights
+        # the recurrent kernel reads `_flat_weights`: hand it the fake-quantized matrices for this call
+        self._flat_weights = [
+            quantizers[name](w) if name in quantizers else w
+            for name, w in zip(self._flat_weights_names, saved, strict=True)
+        ]
+        try:
+            return super().forward(input, hx)  # type: ignore[misc]
+        finally:
+            self._flat_weights = saved
+
+
+class QuantLSTM(QuantizedRNN, nn.LSTM):
+    """:class:`torch.nn.LSTM` with fake-quantized weight matrices and input (see :class:`QuantizedRNN`)."""
+
+
+class QuantGRU(QuantizedRNN, nn.GRU):
+    """:class:`torch.nn.GRU` with fake-quantized weight matrices and input (see :class:`QuantizedRNN`)."""
+
+
+class QuantRNN(QuantizedRNN, nn.RNN):
+    """:class:`torch.nn.RNN` with fake-quantized weight matrices and input (see :class:`QuantizedRNN`)."""
+
+
 def unsupported_reason(module: nn.Module) -> str | None:
     """Why a module of a quantizable type cannot be quantized as it is configured (``None``: it can)."""
+    if type(module) in (nn.LSTM, nn.GRU, nn.RNN) and getattr(module, "proj_size", 0):
+        return "LSTM projections (proj_size > 0) are not supported"
     if type(module) is nn.MultiheadAttention:
         if not module._qkv_same_embed_dim:
             return "separate q/k/v projection weights (kdim or vdim != embed_dim) are not supported"
@@ -307,6 +393,9 @@ QUANTIZED_TYPES: dict[type[nn.Module], type[QuantizedLayer]] = {
     nn.Linear: QuantLinear,
     nn.Embedding: QuantEmbedding,
     nn.MultiheadAttention: QuantMultiheadAttention,
+    nn.LSTM: QuantLSTM,
+    nn.GRU: QuantGRU,
+    nn.RNN: QuantRNN,
 }
 
 

@@ -30,7 +30,17 @@ ScaleMode = Literal["lsq", "observer"]
 ObserverName = Literal["minmax", "moving_average", "percentile", "mse"]
 
 #: layer types that :func:`~lightning_quant.surgery.quantize.quantize_model` can wrap, by class name
-QUANTIZABLE_TYPES: tuple[str, ...] = ("Conv1d", "Conv2d", "Conv3d", "Linear", "Embedding", "MultiheadAttention")
+QUANTIZABLE_TYPES: tuple[str, ...] = (
+    "Conv1d",
+    "Conv2d",
+    "Conv3d",
+    "Linear",
+    "Embedding",
+    "MultiheadAttention",
+    "LSTM",
+    "GRU",
+    "RNN",
+)
 
 
 def _check_choice(argument: str, value: object, choices: Iterable[object]) -> None:

@@ -180,3 +180,73 @@ def test_transformer_qat_at_w8a8_stays_within_a_point_of_float(tmp_path):
     assert fp > 0.85, fp  # the task is learned
     assert w8a8 >= fp - 0.01, (fp, w8a8)
     assert w4a4 > 0.75, (fp, w4a4)
+
+
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU, nn.RNN])
+def test_recurrent_layers_quantize_every_weight_matrix(cls, tmp_path):
+    torch.manual_seed(0)
+    reference = cls(6, 8, 2, batch_first=True, bidirectional=True)
+    holder = quantize_model(
+        nn.Sequential(copy.deepcopy(reference)), QuantSpec(default=LayerSpec(4, 4), first_last_bits=None)
+    )
+    rnn = holder[0]
+    names = [name for name, _, _ in rnn.quantized_parameters()]
+    assert names == [n for n in reference._flat_weights_names if n.startswith("weight_")]
+    x = torch.randn(3, 5, 6)
+    with quantizers_disabled(holder):
+        torch.testing.assert_close(rnn(x)[0], reference(x)[0], atol=0, rtol=0)
+    out = rnn(x)[0]
+    out.sum().backward()
+    # every matrix is 4-bit per row, and every step size learns
+    for _, weight, quantizer in rnn.quantized_parameters():
+        assert all(row.unique().numel() <= 16 for row in quantizer(weight).detach())
+        assert quantizer.scale.grad is not None
+    # packed sequences, summary, packing and checkpoints carry every matrix
+    packed = nn.utils.rnn.pack_padded_sequence(x, torch.tensor([5, 3, 2]), batch_first=True)
+    assert rnn(packed)[0].data.shape[0] == 10
+    row = quantization_summary(holder).rows[0]
+    assert row.params == sum(w.numel() for n, w in reference.named_parameters() if n.startswith("weight_"))
+    assert row.payload_bits == 4 * row.params
+    holder.eval()
+    save_packed_model(holder, tmp_path / "rnn.lqp")
+    restored = load_packed_model(
+        nn.Sequential(cls(6, 8, 2, batch_first=True, bidirectional=True)), tmp_path / "rnn.lqp"
+    )
+    assert torch.equal(restored.eval()[0](x)[0], rnn(x)[0])
+    save_quantized(holder, tmp_path / "rnn.pt")
+    reloaded = load_quantized(nn.Sequential(cls(6, 8, 2, batch_first=True, bidirectional=True)), tmp_path / "rnn.pt")
+    assert torch.equal(reloaded.eval()[0](x)[0], rnn(x)[0])
+
+
+class LSTMTask(SequenceTask):
+    def __init__(self, lr: float = 1e-2) -> None:
+        super().__init__(lr)
+        self.net = nn.ModuleDict(
+            {"embed": nn.Embedding(12, 16), "lstm": nn.LSTM(16, 32, batch_first=True), "head": nn.Linear(32, 2)}
+        )
+
+    def forward(self, tokens):
+        out, _ = self.net["lstm"](self.net["embed"](tokens))
+        return self.net["head"](out[:, -1])
+
+
+@pytest.mark.slow
+def test_lstm_qat_at_w8a8_stays_within_a_point_of_float(tmp_path):
+    train, test = _sequence_data(2048, 0), _sequence_data(1000, 1)
+
+    def fit(callbacks: list) -> float:
+        L.seed_everything(0)
+        model = LSTMTask()
+        trainer = L.Trainer(
+            max_epochs=8, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, callbacks=callbacks, default_root_dir=tmp_path,
+        )  # fmt: skip
+        trainer.fit(model, DataLoader(train, batch_size=64, shuffle=True))
+        return _accuracy(model, test)
+
+    fp = fit([])
+    w8a8 = fit([QuantizationAwareTraining(8, 8)])
+    w4a4 = fit([QuantizationAwareTraining(4, 4)])
+    assert fp > 0.85, fp
+    assert w8a8 >= fp - 0.01, (fp, w8a8)
+    assert w4a4 > 0.75, (fp, w4a4)
