@@ -1054,6 +1054,7 @@ class MixedPrecisionSearch:
                 reason = f"over budget ({costs['slack']}): known before training, not trained"
                 trial.set_user_attr("skipped", reason)
                 raise optuna.TrialPruned(reason)
+            # the heartbeat (storages without Optuna's own) runs until the objective returns; Optuna's tell follows
             with TrialHeartbeat(study._storage, trial._trial_id, self.heartbeat_interval):
                 try:
                     accuracy, model, source = self._fine_tune(arch, spec)
@@ -1062,9 +1063,9 @@ class MixedPrecisionSearch:
                     trial.set_user_attr("error", f"{type(err).__name__}: {err}")
                     log.warning("trial %d failed: %s: %s", trial.number, type(err).__name__, err)
                     raise
-            trial.set_user_attr("measured_size_bits", int(measured))
-            trial.set_user_attr("float_weights", source)
-            trial.set_user_attr("accuracy", accuracy)
+                trial.set_user_attr("measured_size_bits", int(measured))
+                trial.set_user_attr("float_weights", source)
+                trial.set_user_attr("accuracy", accuracy)
             if measured != costs["size_bits"]:
                 log.warning(
                     "trial %d: the trained model measures %d bits, the cost account said %d",

@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = "lightning-quant 
     parser = build_parser(prog)
     config = parser.parse_args(_underscored(sys.argv[1:] if argv is None else argv))
     try:
-        init = parser.instantiate_classes(config)
+        init = parser.instantiate(config)
         init.pop("config", None)
         init.pop("__path__", None)
         search = MixedPrecisionSearch(**init)

@@ -18,6 +18,7 @@ storage without one) :class:`TrialHeartbeat` writes the same kind of heartbeat i
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 import warnings
@@ -26,6 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
+import sqlalchemy.exc
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
@@ -40,6 +42,7 @@ log = logging.getLogger(__name__)
 HEARTBEAT_ATTR = "lightning_quant:heartbeat"
 _RDB_SCHEMES = ("sqlite:", "postgresql", "postgres:", "mysql")
 _JOURNAL_SUFFIXES = (".log", ".journal")
+_CREATE_ATTEMPTS = 5
 
 
 def _journal_path(url: str) -> Path | None:
@@ -88,13 +91,22 @@ def make_storage(url: str, *, heartbeat_interval: int, grace_period: int, max_re
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
     try:
-        with _quiet_experimental():
-            return RDBStorage(
-                url,
-                heartbeat_interval=heartbeat_interval,
-                grace_period=grace_period,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retry),
-            )
+        for attempt in range(_CREATE_ATTEMPTS):
+            try:
+                with _quiet_experimental():
+                    return RDBStorage(
+                        url,
+                        heartbeat_interval=heartbeat_interval,
+                        grace_period=grace_period,
+                        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retry),
+                    )
+            except sqlalchemy.exc.SQLAlchemyError:
+                # workers that start together race to create the schema (its version row is unique): the loser
+                # finds the tables there on the next attempt
+                if attempt == _CREATE_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.2 + random.random())
+        raise AssertionError("unreachable")
     except ImportError as err:
         raise QuantizationConfigError(
             f"`storage` = {url!r} needs a database driver that is not installed ({err.__cause__ or err}). HINT: "
