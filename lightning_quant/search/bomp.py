@@ -1011,6 +1011,16 @@ class MixedPrecisionSearch:
             os.replace(tmp, cache)
             return "trained"
 
+    def train_float_weights(self) -> dict[str, str]:
+        """Train (or find) the float weights of every architecture now, e.g. before starting several workers.
+
+        Returns:
+            Architecture key -> where its weights come from: ``"checkpoint"``, ``"cache"`` or ``"trained"``.
+        """
+        space = self.prepare()
+        with _quiet():
+            return {a.key: self._float_weights(self._build(a.choices), a) for a in space.architectures.values()}
+
     def _fine_tune(self, arch: Architecture, spec: QuantSpec) -> tuple[float, pl.LightningModule, str]:
         model = self._build(arch.choices)
         source = self._float_weights(model, arch)
