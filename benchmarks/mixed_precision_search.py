@@ -154,9 +154,10 @@ def report(args, argv, uniform: SearchResult, runs, fp_seconds: float, total_sec
         f"MNIST ({args.train_subset} training images, {args.val_size} validation images scoring every trial), "
         f"CIFAR-style ResNet-8, width multiplier in {args.widths}, 2/3/4/8-bit weights per inner layer (stem and head "
         f"8-bit, inputs 8-bit, LSQ), hard budget **{budget:g} KiB** (the quantized model: packed weight codes, float32 "
-        f"scales, BatchNorm). Float weights: {args.fp_epochs} epochs per width, trained once ({fp_seconds:.0f} s); "
-        f"each trial: {args.qat_epochs} epoch of QAT (batch {args.batch_size}) from them, then the validation accuracy. "
-        f"{args.trials} trials per sampler ({args.startup} random start-up trials for GP and TPE), {args.seeds} "
+        f"scales, BatchNorm). Float weights: {args.fp_epochs} epoch(s) per width, trained once ({fp_seconds:.0f} s); "
+        f"each trial: {args.qat_epochs} epoch(s) of QAT (batch {args.batch_size}) from them, then the validation accuracy. "
+        f"{args.trials} trials per sampler ({args.startup} random start-up trials for GP and TPE; GP's are the same as "
+        f"random search's, one seeded RandomSampler), {args.seeds} "
         f"seed(s), no warm start in the sampler comparison. Total wall time {total_seconds / 60:.0f} min on a shared "
         f"2-core CPU ({args.threads} torch thread), {dt.date.today().isoformat()}, Python "
         f"{platform.python_version()}, torch {torch.__version__}.",
