@@ -292,3 +292,18 @@ def test_result_reads_back_from_the_storage(tmp_path):
     assert [r.number for r in result.front] == [r.number for r in first.front]
     # running it again with the study complete trains nothing
     assert [r.state for r in again.run().trials] == [r.state for r in first.trials]
+
+
+def test_image_classifier_factory_scales_the_width_and_names_bad_backbones():
+    factory = ImageClassifierFactory(backbone_args={"depth": 8, "in_channels": 1})
+    assert factory(width_multiplier=0.5).backbone.width == 8
+    assert factory(width_multiplier=0.75, depth=14).backbone.depth == 14
+    assert factory().backbone.width == 16
+    with pytest.raises(QuantizationConfigError, match=r"`backbone` = 'no_such_module.Net' cannot be imported"):
+        ImageClassifierFactory(backbone="no_such_module.Net")
+    lenet = ImageClassifierFactory(backbone="lightning_quant.models.LeNet5")
+    with pytest.raises(QuantizationConfigError, match=r"`width_multiplier` scales the backbone argument `width`"):
+        lenet(width_multiplier=0.5)
+    import lightning_quant
+
+    assert lightning_quant.MixedPrecisionSearch is MixedPrecisionSearch
