@@ -33,12 +33,23 @@ from lightning_quant.surgery import (
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> object:
+    # the search drivers import Optuna: loaded on first use, so `import lightning_quant` stays light
+    if name == "MixedPrecisionSearch":
+        from lightning_quant.search import MixedPrecisionSearch
+
+        return MixedPrecisionSearch
+    raise AttributeError(f"module 'lightning_quant' has no attribute {name!r}")
+
+
 __all__ = [
     "BitReallocationCallback",
     "BlockReplacementCallback",
     "DistillationCallback",
     "GeneratorDataModule",
     "LayerSpec",
+    "MixedPrecisionSearch",
     "QuantSpec",
     "QuantizationAwareTraining",
     "QuantizationCallback",
