@@ -196,7 +196,7 @@ def test_validate_test_predict_after_fit_do_not_change_the_model(trainer_kwargs)
         ({"weight_granularity": "per_block"}, r"`weight_granularity` must be one of \['per_channel', 'per_tensor'\]"),
         ({"binary_weights": True, "weight_bits": 4}, r"`binary_weights=True` quantizes weights to 1 bit"),
         ({"num_calibration_batches": -1}, r"`num_calibration_batches` must be a non-negative integer"),
-        ({"exclude_types": ["GRU"]}, r"`exclude_types` must be one of"),
+        ({"exclude_types": ["LayerNorm"]}, r"`exclude_types` must be one of"),
     ],
 )
 def test_bad_arguments_fail_fast(kwargs, match) -> None:
