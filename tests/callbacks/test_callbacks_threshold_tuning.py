@@ -17,7 +17,7 @@ from lightning_quant.callbacks.threshold_tuning import fat_loss
 from lightning_quant.core import ThresholdFactors, UniformQuantizer
 from lightning_quant.datamodules import DigitsDataModule
 from lightning_quant.models import ImageClassifier, LeNet5
-from lightning_quant.surgery import quantized_layers
+from lightning_quant.surgery import quantize_model, quantized_layers
 from tests.conftest import tiny_trainer_kwargs
 
 
@@ -266,6 +266,26 @@ def test_untrained_model_warns(trainer_kwargs) -> None:
         cb = ThresholdTuningCallback(num_calibration_batches=1)
         L.Trainer(**trainer_kwargs(max_steps=1, callbacks=[cb])).fit(_model(), _loader())
     assert not [w for w in caught if "looks untrained" in str(w.message)]
+
+
+def test_calibrates_a_quantized_model_that_arrives_in_eval_mode(trainer_kwargs) -> None:
+    # Lightning keeps each module's own train/eval mode at fit start, and observers update only in training mode: a
+    # model quantized earlier (e.g. by `load_quantized`) and then evaluated must calibrate like one in train mode
+    def fit(eval_mode: bool) -> dict[str, torch.Tensor]:
+        model = _model()
+        cb = ThresholdTuningCallback(bits=8, num_calibration_batches=3, lr=1e-2, first_last_bits=None)
+        quantize_model(model, cb.spec)
+        model.train(not eval_mode)
+        L.Trainer(**trainer_kwargs(max_steps=3, callbacks=[cb])).fit(model, _loader())
+        assert not cb.calibrating
+        for name, layer in quantized_layers(model).items():
+            assert layer.input_quantizer.observer.num_batches.item() == 3, name
+        return model.state_dict()
+
+    in_train, in_eval = fit(eval_mode=False), fit(eval_mode=True)
+    assert in_eval.keys() == in_train.keys()
+    for key in in_train:
+        torch.testing.assert_close(in_eval[key], in_train[key], atol=0, rtol=0, msg=key)
 
 
 @pytest.fixture(scope="module")
