@@ -16,7 +16,7 @@ from lightning_quant.callbacks import (
     QuantizedExport,
     ThresholdTuningCallback,
 )
-from lightning_quant.core.errors import QuantizationConfigError, UnsupportedModuleError
+from lightning_quant.core.errors import NonFiniteError, QuantizationConfigError, UnsupportedModuleError
 from lightning_quant.core.quantizers import Quantizer, register_quantizer
 from lightning_quant.datamodules.generator import GeneratorDataModule
 from lightning_quant.surgery import (
@@ -50,6 +50,7 @@ __all__ = [
     "GeneratorDataModule",
     "LayerSpec",
     "MixedPrecisionSearch",
+    "NonFiniteError",
     "QuantSpec",
     "QuantizationAwareTraining",
     "QuantizationCallback",

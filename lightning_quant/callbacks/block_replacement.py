@@ -263,6 +263,7 @@ class BlockReplacementCallback(QuantizationCallback):
     def load_state(self, state: dict[str, Any]) -> None:
         self._rng_state = state["rng_state"].clone()
         self._rng = None
+        self._block_names = list(state.get("block_names") or self._block_names)
         self._fp_copy.load_state_dict(state["fp_state_dict"])
 
     @property
@@ -724,6 +725,7 @@ class BlockReplacementCallback(QuantizationCallback):
     # -- clean-up --------------------------------------------------------------------------------------------
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_end(trainer, pl_module)
         self._remove_hooks()
 
     @override

@@ -18,6 +18,7 @@ from typing_extensions import override
 
 from lightning_quant.callbacks.base import QuantizationCallback
 from lightning_quant.core.errors import QuantizationConfigError
+from lightning_quant.core.validation import check_bool
 from lightning_quant.export.onnx import DEFAULT_OPSET, VerificationResult, export_onnx, int8_ready, verify_onnx
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,8 @@ class QuantizedExport(QuantizationCallback):
         opset: ONNX opset.
         fold_batchnorm: fold BatchNorm into the convolutions (needed for int8 speed); ``auto`` folds only when
             every quantized activation is 8-bit, where folding keeps the export exact (see ``export_onnx``).
+        dynamo: export with PyTorch's dynamo exporter (the default); ``False`` uses the TorchScript exporter, which
+            is much faster on small models (seconds less per export) but deprecated by PyTorch.
 
     Example:
         >>> export = QuantizedExport("model.onnx", num_batches=4)
@@ -68,6 +71,7 @@ class QuantizedExport(QuantizationCallback):
         overwrite: bool = False,
         opset: int = DEFAULT_OPSET,
         fold_batchnorm: bool | Literal["auto"] = "auto",
+        dynamo: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
@@ -92,6 +96,7 @@ class QuantizedExport(QuantizationCallback):
         self.overwrite = overwrite
         self.opset = opset
         self.fold_batchnorm = fold_batchnorm
+        self.dynamo = check_bool("dynamo", dynamo)
         self._result: VerificationResult | None = None
         self._exported = False
 
@@ -106,6 +111,7 @@ class QuantizedExport(QuantizationCallback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.check_setup(trainer, pl_module)
         if stage == "fit" and trainer.is_global_zero and self.path.exists() and not self.overwrite:
             # fail before training, not after it
             raise QuantizationConfigError(
@@ -136,6 +142,7 @@ class QuantizedExport(QuantizationCallback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_end(trainer, pl_module)
         if trainer.is_global_zero:
             self.export(trainer, pl_module)
         trainer.strategy.barrier("quantized_export")
@@ -143,7 +150,12 @@ class QuantizedExport(QuantizationCallback):
     def export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> VerificationResult | None:
         """Export (and verify) now; what ``on_fit_end`` runs on rank zero."""
         loader = self._val_loader(trainer)
-        batch = next(iter(loader))
+        batch = next(iter(loader), None)
+        if batch is None:
+            raise QuantizationConfigError(
+                "QuantizedExport: the validation dataloader is empty, so there is no example input to export with. "
+                "HINT: pass a non-empty `val_dataloaders` (or check `limit_val_batches`)."
+            )
         example = batch[0] if isinstance(batch, (list, tuple)) else batch
         if not isinstance(example, torch.Tensor):
             raise QuantizationConfigError(
@@ -158,6 +170,7 @@ class QuantizedExport(QuantizationCallback):
             overwrite=self.overwrite or self._exported,
             opset=self.opset,
             fold_batchnorm=self.fold_batchnorm,
+            dynamo=self.dynamo,
         )
         self._exported = True
         metrics: dict[str, float] = {"file_kib": self.path.stat().st_size / 1024}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
@@ -51,6 +51,8 @@ class QuantizationAwareTraining(QuantizationCallback):
             residual additions. Turn it on for int8 deployment: without it an int8 runtime keeps the
             convolutions before each addition in float (see :class:`~lightning_quant.surgery.QuantSpec`).
         spec: a whole :class:`QuantSpec` instead of the arguments above (they must then stay at defaults).
+        on_nonfinite: a training step with a NaN/Inf loss ``raise``s :class:`~lightning_quant.NonFiniteError` naming
+            the first layer whose output is not finite, or is ``skip``ped (its gradients dropped, buffers restored).
 
     Example:
         >>> trainer = L.Trainer(callbacks=[QuantizationAwareTraining(weight_bits=4, act_bits=4)])  # doctest: +SKIP
@@ -77,8 +79,9 @@ class QuantizationAwareTraining(QuantizationCallback):
         exclude_types: list[str] | None = None,
         quantize_residuals: bool = False,
         spec: QuantSpec | None = None,
+        on_nonfinite: Literal["raise", "skip"] = "raise",
     ) -> None:
-        super().__init__()
+        super().__init__(on_nonfinite)
         validate_bits("weight_bits", weight_bits, allow_binary=binary_weights)
         if binary_weights and weight_bits != 1:
             raise QuantizationConfigError(

@@ -263,7 +263,7 @@ class ThresholdTuningCallback(QuantizationCallback):
             "calibration_batches_seen": self._calibration_batches_seen,
             "tuning_steps": self._tuning_steps,
             "steps_since_restart": self._steps_since_restart,
-            "optimizer": None if self._optimizer is None else self._optimizer.state_dict(),
+            "optimizer": self._pending_optimizer_state if self._optimizer is None else self._optimizer.state_dict(),
             "teacher": self._teacher.state_dict(),
         }
 
@@ -402,6 +402,7 @@ class ThresholdTuningCallback(QuantizationCallback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_end(trainer, pl_module)
         self._remove_hook()
 
     @override
@@ -546,6 +547,8 @@ class ThresholdTuningCallback(QuantizationCallback):
             p.grad = None  # a user optimizer that also lists the factors must not move them again
         for factors in self.threshold_factors().values():
             factors.clip_()
+        for quantizer in self._quantizers.values():
+            quantizer.refresh_tuned_grid()  # the buffers follow the moved factors (a checkpoint saved now is exact)
         self._tuning_steps += 1
         self._steps_since_restart += 1
         self.log_metric(pl_module, "lr", lr)

@@ -2,7 +2,7 @@
 kinds (uniform, codebook), k-means, observers, errors."""
 
 from lightning_quant.core.codebook import CodebookQuantizer, index_bits_for
-from lightning_quant.core.errors import QuantizationConfigError, UnsupportedModuleError
+from lightning_quant.core.errors import NonFiniteError, QuantizationConfigError, UnsupportedModuleError
 from lightning_quant.core.functional import (
     binarize,
     fake_quantize,
@@ -39,6 +39,7 @@ __all__ = [
     "MSEObserver",
     "MinMaxObserver",
     "MovingAverageObserver",
+    "NonFiniteError",
     "Observer",
     "PercentileObserver",
     "QuantizationConfigError",

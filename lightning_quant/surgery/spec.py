@@ -23,6 +23,7 @@ from lightning_quant.core.errors import QuantizationConfigError
 from lightning_quant.core.functional import validate_bits
 from lightning_quant.core.observers import OBSERVERS
 from lightning_quant.core.quantizers import QUANTIZER_KINDS
+from lightning_quant.core.validation import check_bool, config_error
 
 Granularity = Literal["per_channel", "per_tensor"]
 CodebookVector = Literal["scalar", "kernel"]
@@ -122,6 +123,9 @@ class LayerSpec:
             validate_bits("act_bits", self.act_bits)
         if self.output_bits is not None:
             validate_bits("output_bits", self.output_bits)
+        for f in dataclasses.fields(self):
+            if f.type in ("bool", bool):
+                check_bool(f.name, getattr(self, f.name))
         _check_choice("weight_granularity", self.weight_granularity, self.GRANULARITIES)
         _check_choice("scale_mode", self.scale_mode, self.SCALE_MODES)
         _check_choice("weight_observer", self.weight_observer, sorted(OBSERVERS))
@@ -174,6 +178,8 @@ class LayerSpec:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "LayerSpec") -> LayerSpec:
+        if not isinstance(data, Mapping):
+            raise config_error(where, "a mapping of LayerSpec fields", data, "e.g. `{weight_bits: 4, act_bits: 8}`.")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -233,6 +239,8 @@ class QuantSpec:
             value = getattr(self, name)
             if isinstance(value, str):
                 value = (value,)
+            if not isinstance(value, Iterable) or not all(isinstance(v, str) for v in value):
+                raise config_error(name, "a list of layer-name patterns (strings)", value, f"e.g. `{name}=['conv*']`.")
             object.__setattr__(self, name, tuple(value))
         if not isinstance(self.default, LayerSpec):
             raise QuantizationConfigError(f"`default` must be a LayerSpec, got {type(self.default).__name__}.")
@@ -243,6 +251,8 @@ class QuantSpec:
         for flag in ("quantize_residuals", "fold_batchnorm"):
             if not isinstance(getattr(self, flag), bool):
                 raise QuantizationConfigError(f"`{flag}` must be True or False, got {getattr(self, flag)!r}.")
+        if not isinstance(self.layers, Mapping):
+            raise config_error("layers", "a mapping of layer name -> LayerSpec", self.layers)
         for key, layer in self.layers.items():
             if not isinstance(layer, LayerSpec):
                 raise QuantizationConfigError(f"`layers[{key!r}]` must be a LayerSpec, got {type(layer).__name__}.")
@@ -316,6 +326,10 @@ class QuantSpec:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> QuantSpec:
+        if not isinstance(data, Mapping):
+            raise config_error("QuantSpec", "a mapping of its fields", data, "e.g. `{default: {weight_bits: 4}}`.")
+        if not isinstance(data.get("layers", {}), Mapping):
+            raise config_error("layers", "a mapping of layer name -> LayerSpec fields", data["layers"])
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:

@@ -18,7 +18,6 @@ from lightning_quant import (
 )
 from lightning_quant.models import ImageClassifier, LeNet5, resnet8, resnet20
 from lightning_quant.surgery import SPEC_KEY, quantize_model, quantized_layers, quantizers
-from tests.conftest import crash_and_resume
 
 
 def _loader(n: int = 32, channels: int = 3, size: int = 32, classes: int = 10, batch: int = 8, seed: int = 0):
@@ -146,21 +145,6 @@ def test_bn_frozen_after_n_epochs(trainer_kwargs) -> None:
     torch.testing.assert_close(stats[1], stats[0], atol=0, rtol=0)  # frozen from epoch 1 on
     torch.testing.assert_close(stats[2], stats[0], atol=0, rtol=0)
     assert trainer.callback_metrics["quant/qat/bn_frozen"] == 1.0
-
-
-def test_kill_and_resume_gives_the_same_result(tmp_path, trainer_kwargs) -> None:
-    def build():
-        L.seed_everything(0, workers=True)
-        qat = QuantizationAwareTraining(4, 4, num_calibration_batches=6)  # calibration spans the crash
-        return ImageClassifier(resnet8(), lr=1e-2), [qat]
-
-    data = _loader(n=32, batch=8)  # 4 steps per epoch
-    (model_a, [qat_a]), (model_c, [qat_c]) = crash_and_resume(tmp_path, trainer_kwargs, build, data, crash_step=5)
-    assert qat_c.state_dict() == qat_a.state_dict()
-    state_a, state_c = model_a.state_dict(), model_c.state_dict()
-    assert state_a.keys() == state_c.keys()
-    for key in state_a:
-        torch.testing.assert_close(state_c[key], state_a[key], atol=0, rtol=0, msg=key)
 
 
 def test_checkpoint_reloads_strictly_into_a_fresh_model(tmp_path, trainer_kwargs) -> None:

@@ -394,30 +394,6 @@ def test_default_qat_beside_fat_gets_fat_fixed_ranges_in_either_order(trainer_kw
         assert [s.weight_bits for s in specs][1:-1] == [4] * (len(specs) - 2)  # QAT's bits (set explicitly)
 
 
-def test_kill_and_resume_gives_the_same_factors(trainer_kwargs, tmp_path) -> None:
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    def make() -> ThresholdTuningCallback:
-        return ThresholdTuningCallback(bits=4, num_calibration_batches=2, lr=5e-2, first_last_bits=None)
-
-    loader = _loader(n=64, batch=16)  # 4 batches per epoch
-    straight = make()
-    L.Trainer(**trainer_kwargs(max_epochs=3, callbacks=[straight])).fit(_model(), loader)
-
-    first = make()
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    kwargs = trainer_kwargs(max_epochs=2, callbacks=[first, ckpt], enable_checkpointing=True)
-    L.Trainer(**kwargs).fit(_model(), loader)
-    resumed = make()
-    kwargs = trainer_kwargs(max_epochs=3, callbacks=[resumed], enable_checkpointing=True)
-    L.Trainer(**kwargs).fit(_model(), loader, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
-    expected = {k: (f.alpha.item(), f.beta.item()) for k, f in straight.threshold_factors().items()}
-    got = {k: (f.alpha.item(), f.beta.item()) for k, f in resumed.threshold_factors().items()}
-    assert got == expected
-    assert all(f.is_calibrated for f in resumed.threshold_factors().values())
-    assert resumed.tuning_steps == straight.tuning_steps == 3 * 4 - 2  # 3 epochs of 4 batches, 2 calibrate
-
-
 def test_exports_the_tuned_grid(trainer_kwargs, tmp_path) -> None:
     pytest.importorskip("onnxruntime")
     from lightning_quant import QuantizedExport
