@@ -27,6 +27,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_quant.core.errors import QuantizationConfigError
+from lightning_quant.core.io import load_weights_only
 from lightning_quant.surgery.capture import Call, Capture
 
 __all__ = ["ConditionalGenerator", "GeneratorDataModule", "GeneratorTrainer", "bn_layers", "distill_inputs"]
@@ -658,7 +659,7 @@ class GeneratorDataModule(L.LightningDataModule):
     def _load_teacher(self) -> None:
         if self.teacher_checkpoint is None:
             return
-        ckpt = torch.load(self.teacher_checkpoint, map_location="cpu", weights_only=False)
+        ckpt = load_weights_only(self.teacher_checkpoint, "teacher_checkpoint")
         state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else ckpt
         self.teacher.load_state_dict(state)
         self.teacher_checkpoint = None  # loaded once

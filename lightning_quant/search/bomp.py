@@ -31,6 +31,7 @@ from lightning_quant.allocation.solvers import linear_objective_table, round_to_
 from lightning_quant.callbacks.qat import QuantizationAwareTraining
 from lightning_quant.core.errors import QuantizationConfigError
 from lightning_quant.core.functional import validate_bits
+from lightning_quant.core.io import load_weights_only
 from lightning_quant.search.factory import ModelFactory
 from lightning_quant.search.results import SearchResult
 from lightning_quant.search.storage import TrialHeartbeat, fail_stale, make_storage
@@ -426,7 +427,7 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 
 def _state_dict_of(path: Path) -> dict[str, torch.Tensor]:
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_weights_only(path, "weights")
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict):
         raise QuantizationConfigError(

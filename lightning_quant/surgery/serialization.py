@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lightning_quant.core.errors import QuantizationConfigError
+from lightning_quant.core.io import load_weights_only
 from lightning_quant.surgery.quantize import quantize_model
 from lightning_quant.surgery.spec import QuantSpec
 
@@ -38,7 +39,7 @@ def load_quantized(model: nn.Module, checkpoint: str | Path | Mapping[str, Any],
         >>> model = load_quantized(ImageClassifier(LeNet5()), "epoch=9.ckpt")  # doctest: +SKIP
     """
     if not isinstance(checkpoint, Mapping):
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        checkpoint = load_weights_only(checkpoint, "checkpoint")
     if SPEC_KEY not in checkpoint:
         raise QuantizationConfigError(
             f"`checkpoint` has no {SPEC_KEY!r} entry, so it was not saved from a quantized model. "
