@@ -1,7 +1,7 @@
 """Quantization numerics: fake-quant functions with straight-through gradients, the quantizer protocol and its
 kinds (uniform, codebook), k-means, observers, errors."""
 
-from lightning_quant.core.codebook import CodebookQuantizer, index_bits_for
+from lightning_quant.core.codebook import CodebookQuantizer, fit_shared_codebook, index_bits_for, share_codebook
 from lightning_quant.core.errors import QuantizationConfigError, UnsupportedModuleError
 from lightning_quant.core.functional import (
     binarize,
@@ -50,6 +50,7 @@ __all__ = [
     "binarize",
     "build_weight_quantizer",
     "fake_quantize",
+    "fit_shared_codebook",
     "index_bits_for",
     "kmeans",
     "kmeans_plus_plus",
@@ -59,4 +60,5 @@ __all__ = [
     "quantize_to_int",
     "register_quantizer",
     "scale_zero_point_from_bounds",
+    "share_codebook",
 ]

@@ -17,6 +17,15 @@ state dict, so a checkpoint restores it exactly):
 * ``partial`` -- incremental mode (SLQ/MLQ): weights whose entry is not frozen pass through in float and train as
   usual; only weights of frozen entries take their entry's value.
 
+Shared codebooks (kernel quantization's ``codebook="shared"``): :func:`share_codebook` makes several quantizers --
+one per layer, each with its own ``indices`` -- use the codebook of the first of them (its *owner*). The others keep
+no ``codebook``/``codebook_scale``/``frozen``/``frozen_values`` of their own and read the owner's, so there is one
+Parameter (one optimizer entry, gradients from every layer summed into it) and one step size; the owner alone stores
+them (:meth:`~CodebookQuantizer.side_tensors`, state dict), so sizes count the codebook once. A shared codebook is
+fitted by :func:`fit_shared_codebook` on the kernels of all its layers together; fitting one of its quantizers alone
+raises. The grouping is structural (``LayerSpec.codebook_share``): ``quantize_model`` links the quantizers, so a
+checkpoint of a model with shared codebooks loads strictly into a model quantized with the same recipe.
+
 Outside incremental mode every weight takes its entry's value in forward; the float weight behind it still gets the
 straight-through gradient of its entry (where the entry is not frozen), so a later :meth:`reassign` can move it to
 another entry. A quantizer that has never been fitted fits itself (seeded k-means++ and Lloyd,
@@ -73,10 +82,15 @@ class CodebookQuantizer(Quantizer):
         iterations: Lloyd iterations of a fit.
         fixed_values: entries with these exact scalar values are kept fixed during every fit (SLQ's 0); scalar
             codebooks only.
+        shared: the quantizer will share its codebook with others (:func:`share_codebook`): the entries may
+            outnumber this weight's vectors (the group's vectors together must not be fewer).
     """
 
     KIND = "codebook"
     VECTORS: ClassVar[tuple[str, ...]] = ("scalar", "kernel")
+    # class-level defaults of the shared-codebook links (instances set their own in __init__ / share_codebook)
+    _shared: bool = False
+    _codebook_owner: CodebookQuantizer | None = None
 
     def __init__(
         self,
@@ -89,6 +103,7 @@ class CodebookQuantizer(Quantizer):
         seed: int = 0,
         iterations: int = 20,
         fixed_values: Sequence[float] = (),
+        shared: bool = False,
     ) -> None:
         super().__init__()
         shape = tuple(int(s) for s in weight_shape)
@@ -103,7 +118,7 @@ class CodebookQuantizer(Quantizer):
         num_vectors = math.prod(shape) // dim
         if isinstance(num_entries, bool) or not isinstance(num_entries, int) or num_entries < 1:
             raise QuantizationConfigError(f"`num_entries` must be a positive integer, got {num_entries!r}.")
-        if num_entries > num_vectors:
+        if num_entries > num_vectors and not shared:
             unit = "kernels" if vector == "kernel" else "weights"
             raise QuantizationConfigError(
                 f"A codebook of {num_entries} entries is larger than the {num_vectors} {unit} it encodes (weight "
@@ -150,6 +165,18 @@ class CodebookQuantizer(Quantizer):
         self._initialized = False
         self._partial = False
         self._any_frozen = False
+        # shared codebooks (see `share_codebook`): plain attributes, not submodules, so that the owner is
+        # registered (and saved) once, under its own layer
+        self._shared = shared
+        self._codebook_owner: CodebookQuantizer | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        # a quantizer that shares another's codebook reads the owner's entries, step size and frozen state
+        if name in _SHARED_STATE:
+            owner = self.__dict__.get("_codebook_owner")
+            if owner is not None:
+                return getattr(owner, name)
+        return super().__getattr__(name)
 
     @classmethod
     def for_weight(cls, weight: Tensor, spec: Any, where: str = "layer") -> CodebookQuantizer:
@@ -169,6 +196,7 @@ class CodebookQuantizer(Quantizer):
                 index_bits=spec.weight_bits,
                 codebook_bits=spec.codebook_bits,
                 fixed_values=(0.0,) if spec.codebook_zero else (),
+                shared=getattr(spec, "codebook_share", None) is not None,
             ).to(weight.device)
         except QuantizationConfigError as err:
             raise QuantizationConfigError(f"{where}: {err}") from None
@@ -187,6 +215,16 @@ class CodebookQuantizer(Quantizer):
     def frozen_mask(self) -> Tensor:
         """Boolean mask of the frozen entries."""
         return self.frozen.bool()
+
+    @property
+    def is_shared(self) -> bool:
+        """Whether this quantizer belongs to a shared codebook (as its owner or as a member)."""
+        return self._shared
+
+    @property
+    def codebook_owner(self) -> CodebookQuantizer:
+        """The quantizer that holds the codebook this one uses (itself unless it is a member of a shared one)."""
+        return self._codebook_owner if self._codebook_owner is not None else self
 
     @property
     def is_partial(self) -> bool:
@@ -212,6 +250,8 @@ class CodebookQuantizer(Quantizer):
 
     def effective_codebook(self) -> Tensor:
         """The ``[K, D]`` entries forward uses: fake-quantized to ``codebook_bits``, frozen entries frozen."""
+        if self._codebook_owner is not None:
+            return self._codebook_owner.effective_codebook()
         book = self.codebook
         if self.codebook_bits is not None:
             qmin, qmax = self._grid()
@@ -272,6 +312,8 @@ class CodebookQuantizer(Quantizer):
         return torch.clamp(torch.round(book * (1.0 / self.codebook_scale)), qmin, qmax).to(torch.int32)
 
     def side_tensors(self) -> dict[str, tuple[Tensor, int]]:
+        if self._codebook_owner is not None:
+            return {}  # a shared codebook is stored once, with its owner
         if self.codebook_bits is None:
             return {"codebook": (self.effective_codebook().detach().float(), FLOAT_BITS)}
         return {
@@ -281,6 +323,13 @@ class CodebookQuantizer(Quantizer):
 
     @torch.no_grad()
     def load_codes(self, codes: Tensor, side: dict[str, Tensor]) -> None:
+        if self._codebook_owner is not None:  # the owner loads the shared codebook from its own entry
+            self.indices.copy_(codes.reshape(-1).long())
+            self.partial.zero_()
+            self._partial = False
+            self.initialized.fill_(1)
+            self._initialized = True
+            return
         book = side["codebook"].reshape(self.num_entries, self.dim)
         if self.codebook_bits is not None:
             self.codebook_scale.copy_(side["codebook_scale"].reshape(1))
@@ -310,7 +359,18 @@ class CodebookQuantizer(Quantizer):
         clustered into the unfrozen entries (starting from their current values once fitted, from k-means++
         otherwise). ``fixed_values`` entries never move. The codebook scale is reset from the entries when no entry
         is frozen.
+
+        Raises:
+            QuantizationConfigError: the quantizer shares its codebook (fit the group with
+                :func:`fit_shared_codebook`).
         """
+        if self._shared:
+            raise QuantizationConfigError(
+                f"This codebook quantizer ({self.extra_repr()}) shares its codebook with other layers, so fitting it "
+                "on its own weight alone would re-cluster the others' entries. HINT: fit the group together with "
+                "`lightning_quant.core.codebook.fit_shared_codebook(quantizers, weights)` (KernelQuantizationCallback "
+                "does this when training starts)."
+            )
         vectors = self._vectors(x.detach()).float()
         frozen = self.frozen.bool()
         free = ~frozen
@@ -378,7 +438,11 @@ class CodebookQuantizer(Quantizer):
 
     @torch.no_grad()
     def freeze(self, entries: Tensor | Sequence[int]) -> None:
-        """Freeze entries (a boolean mask or indices) at their current effective values."""
+        """Freeze entries (a boolean mask or indices) at their current effective values (of the shared codebook,
+        for a quantizer that shares one)."""
+        if self._codebook_owner is not None:
+            self._codebook_owner.freeze(entries)
+            return
         mask = torch.zeros(self.num_entries, dtype=torch.bool, device=self.frozen.device)
         if isinstance(entries, Tensor) and entries.dtype == torch.bool:
             mask |= entries.to(mask.device)
@@ -408,7 +472,125 @@ class CodebookQuantizer(Quantizer):
             f"entries={self.num_entries}, vector={self.vector}, index_bits={self.index_bits}, codebook={book}"
             + (f", frozen={frozen}" if frozen else "")
             + (", partial" if self._partial else "")
+            + (", shared" if self._shared else "")
         )
 
 
-__all__ = ["CodebookQuantizer", "index_bits_for"]
+#: the state a quantizer reads from its owner when it shares the owner's codebook
+_SHARED_STATE = frozenset({"codebook", "codebook_scale", "frozen", "frozen_values"})
+
+
+def check_shareable(quantizers: Sequence[Quantizer], names: Sequence[str] | None = None) -> None:
+    """Raise what :func:`share_codebook` would raise for these quantizers, changing nothing."""
+    where = list(names) if names is not None else [f"quantizer {i}" for i in range(len(quantizers))]
+    if not quantizers:
+        raise QuantizationConfigError("`share_codebook` needs at least one quantizer.")
+    owner = quantizers[0]
+    for name, q in zip(where, quantizers, strict=True):
+        if not isinstance(q, CodebookQuantizer):
+            raise QuantizationConfigError(
+                f"{name} cannot share a codebook: its weight quantizer is a {type(q).__name__}. HINT: give every "
+                "layer of a shared codebook `weight_kind='codebook'`."
+            )
+        if not q.is_shared:
+            raise QuantizationConfigError(
+                f"{name}'s codebook quantizer was not built to share its codebook. HINT: build it with `shared=True` "
+                "(a LayerSpec with `codebook_share` does)."
+            )
+        if q._codebook_owner is not None and q._codebook_owner is not owner:
+            raise QuantizationConfigError(f"{name} already shares another layer's codebook.")
+    first = where[0]
+    assert isinstance(owner, CodebookQuantizer)
+    for name, q in zip(where[1:], quantizers[1:], strict=True):
+        assert isinstance(q, CodebookQuantizer)
+        mine = (q.num_entries, q.vector, q.dim, q.codebook_bits)
+        theirs = (owner.num_entries, owner.vector, owner.dim, owner.codebook_bits)
+        if mine != theirs:
+            raise QuantizationConfigError(
+                f"{name} cannot share the codebook of {first}: (entries, vector, entry size, codebook bits) are {mine} "
+                f"and {theirs}. HINT: a shared codebook needs equal entries and codebook bits, and kernels of one "
+                "size (group layers by kernel size)."
+            )
+    vectors = sum(q.num_vectors for q in quantizers)  # type: ignore[attr-defined]
+    if owner.num_entries > vectors:
+        raise QuantizationConfigError(
+            f"A shared codebook of {owner.num_entries} entries is larger than the {vectors} {owner.vector}s of its "
+            f"layers {where}. HINT: use at most {vectors} entries."
+        )
+
+
+def share_codebook(quantizers: Sequence[Quantizer], names: Sequence[str] | None = None) -> None:
+    """Make every quantizer after the first use the first one's codebook (see the module docs).
+
+    The members drop their own ``codebook``, ``codebook_scale``, ``frozen`` and ``frozen_values`` and read the
+    owner's; each keeps its own ``indices``. Idempotent; everything is checked before anything changes.
+
+    Args:
+        quantizers: codebook quantizers built with ``shared=True``, the owner first; equal entries, vector kind,
+            entry size and codebook bits.
+        names: the layers' names, for messages.
+
+    Raises:
+        QuantizationConfigError: a quantizer that cannot share (another kind, not built to share, already sharing
+            another codebook, different entries or entry size), or fewer vectors in all than entries.
+    """
+    check_shareable(quantizers, names)
+    owner = quantizers[0]
+    for q in quantizers[1:]:
+        assert isinstance(q, CodebookQuantizer) and isinstance(owner, CodebookQuantizer)
+        if q._codebook_owner is owner:
+            continue
+        q._parameters.pop("codebook", None)
+        for key in ("codebook_scale", "frozen", "frozen_values"):
+            q._buffers.pop(key, None)
+        q.__dict__["_codebook_owner"] = owner  # a plain reference: the owner stays registered under its own layer
+
+
+@torch.no_grad()
+def fit_shared_codebook(
+    quantizers: Sequence[CodebookQuantizer], weights: Sequence[Tensor], *, iterations: int | None = None
+) -> float:
+    """k-means of the vectors of every weight together into the shared codebook; assigns every quantizer's vectors.
+
+    Starts from the current entries when the codebook was fitted before, from seeded k-means++ (the owner's
+    ``seed``) otherwise. The step size of ``codebook_bits`` is reset from the entries. Returns the inertia.
+
+    Args:
+        quantizers: the quantizers of one shared codebook, the owner first (as linked by :func:`share_codebook`).
+        weights: the weight each quantizer encodes, in the same order.
+        iterations: Lloyd iterations (default: the owner's ``iterations``).
+
+    Raises:
+        QuantizationConfigError: the quantizers do not share one codebook, or it has frozen entries.
+    """
+    if len(quantizers) != len(weights) or not quantizers:
+        raise QuantizationConfigError(
+            f"`fit_shared_codebook` needs one weight per quantizer, got {len(quantizers)} quantizers and "
+            f"{len(weights)} weights."
+        )
+    owner = quantizers[0]
+    if any(q.codebook_owner is not owner for q in quantizers):
+        raise QuantizationConfigError(
+            "`fit_shared_codebook`: the quantizers do not all use the first one's codebook. HINT: link them with "
+            "`share_codebook(quantizers)` (the owner first)."
+        )
+    if bool(owner.frozen.any()):
+        raise QuantizationConfigError("`fit_shared_codebook` cannot refit a shared codebook with frozen entries.")
+    parts = [q._vectors(w.detach()).float() for q, w in zip(quantizers, weights, strict=True)]
+    points = torch.cat(parts)
+    init: Tensor | int = owner.codebook.detach().float() if owner.is_initialized else owner.num_entries
+    result = kmeans(points, init, iterations=iterations or owner.iterations, seed=owner.seed)
+    owner.codebook.data.copy_(result.centers.to(owner.codebook.dtype))
+    if owner.codebook_bits is not None:
+        _, qmax = owner._grid()
+        owner.codebook_scale.fill_(float(owner.codebook.detach().abs().max().clamp_min(1e-8)) / qmax)
+    start = 0
+    for q, part in zip(quantizers, parts, strict=True):
+        q.indices.copy_(result.labels[start : start + part.shape[0]])
+        start += part.shape[0]
+        q.initialized.fill_(1)
+        q._initialized = True
+    return result.inertia
+
+
+__all__ = ["CodebookQuantizer", "check_shareable", "fit_shared_codebook", "index_bits_for", "share_codebook"]

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
+from lightning_quant.core.codebook import check_shareable, share_codebook
 from lightning_quant.core.errors import QuantizationConfigError
 from lightning_quant.core.quantizers import Quantizer, UniformQuantizer, build_weight_quantizer
 from lightning_quant.surgery.fold import fold_batchnorm
@@ -129,6 +130,11 @@ def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> nn.Module
     }
     for bn, (layer_spec, bits) in residual_bns.items():
         swaps[bn] = OUTPUT_QUANTIZED_TYPES[type(bn)].from_float(bn, activation_quantizer(layer_spec, bits))
+    groups = _codebook_groups(model, resolved, float_layers, swaps)
+    for members in groups.values():
+        check_shareable([q for _, q in members], [f"Layer {n!r}" for n, _ in members])
+    for members in groups.values():
+        share_codebook([q for _, q in members])
     _share_activation_quantizers(model, spec, activations, swaps)
     for old, new in swaps.items():
         for parent, attr in list(_references(model, old)):
@@ -136,6 +142,24 @@ def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> nn.Module
     if swaps:
         log.debug("Quantized %d layers of %s", len(swaps), type(model).__name__)
     return model
+
+
+def _codebook_groups(
+    model: nn.Module,
+    resolved: dict[str, LayerSpec],
+    float_layers: dict[str, nn.Module],
+    swaps: dict[nn.Module, nn.Module],
+) -> dict[str, list[tuple[str, Quantizer]]]:
+    """The weight quantizers of each shared codebook (``LayerSpec.codebook_share``), in registration order."""
+    done = quantized_layers(model)
+    groups: dict[str, list[tuple[str, Quantizer]]] = {}
+    for name, layer_spec in resolved.items():
+        if layer_spec.codebook_share is None:
+            continue
+        layer = swaps[float_layers[name]] if name in float_layers else done[name]
+        assert isinstance(layer, QuantizedLayer)
+        groups.setdefault(layer_spec.codebook_share, []).append((name, layer.weight_quantizer))
+    return groups
 
 
 def _add_residual_outputs(model: nn.Module, resolved: dict[str, LayerSpec]) -> dict[nn.Module, tuple[LayerSpec, int]]:

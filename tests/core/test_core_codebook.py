@@ -9,7 +9,7 @@ import pytest
 import torch
 from sklearn.cluster import KMeans
 
-from lightning_quant.core.codebook import CodebookQuantizer, index_bits_for
+from lightning_quant.core.codebook import CodebookQuantizer, fit_shared_codebook, index_bits_for, share_codebook
 from lightning_quant.core.errors import QuantizationConfigError
 from lightning_quant.core.kmeans import kmeans, kmeans_plus_plus
 from lightning_quant.core.quantizers import QUANTIZER_KINDS, build_weight_quantizer
@@ -190,3 +190,78 @@ def test_layer_spec_validates_the_quantizer_kind():
     spec = LayerSpec(weight_kind="codebook", weight_bits=5, codebook_size=17, codebook_zero=True)
     assert LayerSpec.from_dict(spec.to_dict()) == spec
     assert index_bits_for(17) == 5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# shared codebooks
+# ---------------------------------------------------------------------------------------------------------------
+def _shared_pair(entries: int = 8) -> tuple[list[CodebookQuantizer], list[torch.Tensor]]:
+    weights = [_conv_weight(5, (4, 2, 3, 3)), _conv_weight(6, (6, 4, 3, 3))]
+    quantizers = [
+        CodebookQuantizer(w.shape, num_entries=entries, vector="kernel", codebook_bits=6, shared=True) for w in weights
+    ]
+    share_codebook(quantizers)
+    return quantizers, weights
+
+
+def test_shared_codebook_is_one_parameter_fitted_on_all_kernels_against_sklearn():
+    (a, b), (wa, wb) = _shared_pair()
+    # the member has no codebook state of its own: one Parameter, one step size, saved once
+    assert b.codebook is a.codebook and b.codebook_scale is a.codebook_scale and b.codebook_owner is a
+    assert set(b.state_dict()) == {"indices", "partial", "initialized"}
+    assert [n for n, _ in torch.nn.ModuleList([a, b]).named_parameters()] == ["0.codebook"]
+    inertia = fit_shared_codebook([a, b], [wa, wb], iterations=100)
+    points = torch.cat([wa.reshape(-1, 9), wb.reshape(-1, 9)]).double().numpy()
+    init = kmeans_plus_plus(torch.cat([wa.reshape(-1, 9), wb.reshape(-1, 9)]), 8, seed=a.seed).double().numpy()
+    ref = KMeans(n_clusters=8, init=init, n_init=1, max_iter=100, tol=0.0, algorithm="lloyd").fit(points)
+    assert inertia == pytest.approx(ref.inertia_, rel=1e-4)
+    assert np.array_equal(torch.cat([a.indices, b.indices]).numpy(), ref.labels_)
+    # every kernel of both layers is one entry of the one 6-bit codebook
+    book = a.effective_codebook().detach()
+    for q, w in ((a, wa), (b, wb)):
+        out = q(w).detach().reshape(-1, 9)
+        assert torch.equal(out, book[q.indices])
+    assert torch.equal(a.codebook_codes().float() * a.codebook_scale, book)
+    # gradients of both layers' kernels sum into the one Parameter
+    upstream = [torch.randn(w.shape, generator=torch.Generator().manual_seed(i)) for i, w in enumerate((wa, wb))]
+    ((a(wa) * upstream[0]).sum() + (b(wb) * upstream[1]).sum()).backward()
+    expected = torch.zeros(8, 9).index_add_(0, a.indices, upstream[0].reshape(-1, 9))
+    expected.index_add_(0, b.indices, upstream[1].reshape(-1, 9))
+    torch.testing.assert_close(a.codebook.grad, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_shared_codebook_is_stored_once_and_reloads():
+    (a, b), (wa, wb) = _shared_pair()
+    fit_shared_codebook([a, b], [wa, wb])
+    assert b.side_tensors() == {} and b.side_bits() == 0
+    assert a.side_bits() == 8 * 9 * 6 + 32 and b.payload_bits(wb) == 24 * 3
+    # packed-file round trip: the owner loads the codebook, the member its indices
+    (c, d), _ = _shared_pair()
+    c.load_codes(a.int_repr(wa), {"codebook": a.codebook_codes(), "codebook_scale": a.codebook_scale.clone()})
+    d.load_codes(b.int_repr(wb), {})
+    assert torch.equal(d(wb), b(wb)) and torch.equal(c(wa), a(wa))
+    # a reassignment uses the shared entries; freezing through a member freezes the owner's entry
+    assert b.reassign(wb + 0.05) >= 0
+    b.freeze([2])
+    assert a.frozen.tolist()[2] == 1 and torch.equal(b.effective_codebook(), a.effective_codebook())
+
+
+def test_shared_codebook_errors_name_the_fix():
+    (a, b), (wa, _wb) = _shared_pair()
+    with pytest.raises(QuantizationConfigError, match=r"shares its codebook with other layers.*fit_shared_codebook"):
+        a(wa)  # never fitted: a member of a shared codebook cannot fit itself
+    with pytest.raises(QuantizationConfigError, match=r"one weight per quantizer"):
+        fit_shared_codebook([a, b], [wa])
+    other = CodebookQuantizer((4, 2, 3, 3), num_entries=4, vector="kernel", codebook_bits=6, shared=True)
+    with pytest.raises(QuantizationConfigError, match=r"\(entries, vector, entry size, codebook bits\) are \(4, "):
+        share_codebook([a, other], ["Layer 'a'", "Layer 'other'"])
+    with pytest.raises(QuantizationConfigError, match=r"was not built to share its codebook"):
+        share_codebook([a, CodebookQuantizer((4, 2, 3, 3), num_entries=8, vector="kernel", codebook_bits=6)])
+    small = [CodebookQuantizer((1, 2, 3, 3), num_entries=4, vector="kernel", shared=True) for _ in range(2)]
+    with pytest.raises(QuantizationConfigError, match=r"A shared codebook of 4 entries is larger than the 3 kernels"):
+        share_codebook([*small[:1], CodebookQuantizer((1, 1, 3, 3), num_entries=4, vector="kernel", shared=True)])
+    share_codebook(small)  # 4 kernels in all for 4 entries: fine
+    with pytest.raises(QuantizationConfigError, match=r"`codebook_share` must be a non-empty group name"):
+        LayerSpec(weight_kind="codebook", weight_bits=2, codebook_share="")
+    with pytest.raises(QuantizationConfigError, match=r"apply to codebook quantizers only"):
+        LayerSpec(codebook_share="g")
