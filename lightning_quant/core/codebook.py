@@ -396,8 +396,7 @@ class CodebookQuantizer(Quantizer):
         book = self.codebook.detach().clone()
         book[free] = centers.to(book.dtype)
         if not bool(frozen.any()) and self.codebook_bits is not None:
-            _, qmax = self._grid()
-            self.codebook_scale.fill_(float(book.abs().max().clamp_min(1e-8)) / qmax)
+            self._set_scale(book)
         self.codebook.data.copy_(book)
         indices = self.indices.clone()
         indices[~keep] = free_index[result.labels]
@@ -405,6 +404,25 @@ class CodebookQuantizer(Quantizer):
         self.initialized.fill_(1)
         self._initialized = True
         return result.inertia
+
+    @torch.no_grad()
+    def rescale(self) -> bool:
+        """Reset the step size of ``codebook_bits`` from the current entries (``max |entry| / qmax``, as :meth:`fit`
+        sets it), so that entries trained past the old range are represented again; returns whether it changed.
+
+        No-op for float codebooks, codebooks with frozen entries (their values must not move) and members of a
+        shared codebook (the owner holds the step size).
+        """
+        if self.codebook_bits is None or self._codebook_owner is not None or bool(self.frozen.any()):
+            return False
+        before = self.codebook_scale.clone()
+        self._set_scale(self.codebook.detach())
+        return not torch.equal(before, self.codebook_scale)
+
+    def _set_scale(self, book: Tensor) -> None:
+        """The symmetric step size that puts the largest entry of ``book`` at ``qmax``."""
+        _, qmax = self._grid()
+        self.codebook_scale.fill_(float(book.abs().max().clamp_min(1e-8)) / qmax)
 
     def _fixed_init(self, points: Tensor, k: int) -> Tensor:
         """Initial centres with the fixed values first and k-means++ picks for the rest."""
@@ -582,8 +600,7 @@ def fit_shared_codebook(
     result = kmeans(points, init, iterations=iterations or owner.iterations, seed=owner.seed)
     owner.codebook.data.copy_(result.centers.to(owner.codebook.dtype))
     if owner.codebook_bits is not None:
-        _, qmax = owner._grid()
-        owner.codebook_scale.fill_(float(owner.codebook.detach().abs().max().clamp_min(1e-8)) / qmax)
+        owner._set_scale(owner.codebook.detach())
     start = 0
     for q, part in zip(quantizers, parts, strict=True):
         q.indices.copy_(result.labels[start : start + part.shape[0]])

@@ -265,3 +265,22 @@ def test_shared_codebook_errors_name_the_fix():
         LayerSpec(weight_kind="codebook", weight_bits=2, codebook_share="")
     with pytest.raises(QuantizationConfigError, match=r"apply to codebook quantizers only"):
         LayerSpec(codebook_share="g")
+
+
+def test_rescale_follows_entries_trained_past_the_grid():
+    w = _conv_weight(7)
+    q = CodebookQuantizer(w.shape, num_entries=4, vector="kernel", codebook_bits=6)
+    q(w)
+    with torch.no_grad():
+        q.codebook[0].mul_(3.0)  # an entry trained far past the largest one of the fit
+    clipped = q.effective_codebook().detach()
+    assert clipped[0].abs().max() <= 32 * q.codebook_scale  # clamped to the old grid
+    assert q.rescale() and not q.rescale()  # changed once, then stable
+    book = q.effective_codebook().detach()
+    torch.testing.assert_close(book[0].abs().max(), q.codebook.detach()[0].abs().max())
+    assert (book - q.codebook.detach()).abs().max() <= q.codebook_scale / 2 + 1e-7
+    # frozen entries keep their values: no rescale then
+    q.freeze([1])
+    with torch.no_grad():
+        q.codebook[0].mul_(2.0)
+    assert not q.rescale()
