@@ -56,6 +56,9 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
     if path.name == "03_threshold_tuning_and_data_free.ipynb":
         _check_threshold_tuning_data_free_notebook(notebook)
         return
+    if path.name == "05_kernel_quantization.ipynb":
+        _check_kernel_quantization_notebook(notebook)
+        return
     if path.name != "01_quickstart.ipynb":
         return
     text = _text_outputs(notebook)
@@ -124,3 +127,22 @@ def _check_threshold_tuning_data_free_notebook(notebook: nbformat.NotebookNode) 
     assert generated and float(generated.group(1)) > 30, text  # the generator learned the labels (chance: 10 %)
     images = [o for c in notebook.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) == 2, "the alpha/beta plot and the grid of generated samples are not both displayed"
+
+
+def _check_kernel_quantization_notebook(notebook: nbformat.NotebookNode) -> None:
+    text = _text_outputs(notebook)
+    fp = re.search(r"FP32 test accuracy:\s+([\d.]+)%", text)
+    kq = re.search(r"KQ \(4-bit indices, per-layer codebooks\) test accuracy:\s+([\d.]+)%", text)
+    shared = re.search(r"KQ shared codebook test accuracy:\s+([\d.]+)%", text)
+    assert fp and kq and shared, text
+    assert float(fp.group(1)) > 50, text  # two float epochs in fast mode; chance is 10 %
+    # fast mode fine-tunes the codebooks for one short epoch: the accuracies are printed, not judged
+    moved = re.search(r"codebooks that moved during fine-tuning: (\d+)/(\d+); indices unchanged: (\d+)/(\d+)", text)
+    assert moved and moved.group(1) == moved.group(2) == moved.group(3) == moved.group(4), text
+    assert "packed file matches: True" in text, text
+    bits = re.search(r"bits per conv parameter: per-layer ([\d.]+), shared ([\d.]+)", text)
+    assert bits and float(bits.group(2)) < float(bits.group(1)) < 1.0, text
+    agreement = re.search(r"onnxruntime vs PyTorch top-1 agreement: ([\d.]+)%", text)
+    assert agreement and float(agreement.group(1)) >= 99.9, text
+    images = [o for c in notebook.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) == 1, "the codebook plot is not displayed"
