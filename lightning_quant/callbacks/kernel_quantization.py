@@ -78,6 +78,12 @@ class KernelQuantizationCallback(QuantizationCallback):
       rest of the recipe (float alone, QAT's weights beside QAT); ``pointwise="scalar"`` quantizes them at the
       weight level with the same codebook quantizer (one index of ``pointwise_bits`` bits per weight into a
       per-layer codebook of scalars on the same ``codebook_bits`` grid).
+    * **Export** -- with ``codebook_bits`` the entries lie on one symmetric uniform grid per codebook
+      (``CodebookQuantizer.uniform_grid()``), so :func:`~lightning_quant.export.export_onnx` writes each KQ weight
+      as int8 initializers (the codes of the entries its indices name) behind a ``DequantizeLinear`` with the
+      codebook's step; the graph holds the expanded kernels, not a ``Gather`` of the codebook (the compact form is
+      the packed file). Float entries (``codebook_bits=None``) lie on no grid: those layers export as their exact
+      float kernels, and the exporter logs a warning naming them.
 
     The exact accounting (:func:`kernel_quantization_report`), printed when the codebooks are fitted and logged:
     bits per conv parameter = (index bits x kernels + entries x k^2 x codebook bits + 32 bits of step size per
