@@ -96,3 +96,18 @@ def crash_and_resume(
     assert last.exists(), "no checkpoint was written before the crash"
     resumed = fit("resumed", [], ckpt_path=last)
     return straight, resumed
+
+
+def shipped_config(name: str, capsys) -> dict[str, Any]:
+    """The configuration ``lightning-quant fit --config configs/trainer.yaml --config configs/<name> --print_config``
+    prints (parsed and validated by the CLI), as a dict."""
+    import yaml
+
+    from lightning_quant.cli import main
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    args = ["--config", str(configs / "trainer.yaml"), "--config", str(configs / name)]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *args, "--print_config"])
+    assert exit_info.value.code == 0
+    return yaml.safe_load(capsys.readouterr().out)

@@ -31,8 +31,8 @@ from lightning_quant.core.codebook import CodebookQuantizer, power_of_two_entrie
 from lightning_quant.core.kmeans import kmeans
 from lightning_quant.export.packing import load_packed_model, save_packed_model
 from lightning_quant.models import ImageClassifier, LeNet5
-from lightning_quant.surgery import is_quantized, quantized_layers
-from tests.conftest import crash_and_resume
+from lightning_quant.surgery import is_quantized, load_quantized, quantized_layers
+from tests.conftest import crash_and_resume, shipped_config
 
 
 def _loader(n: int = 32, batch: int = 8, seed: int = 0) -> DataLoader:
@@ -265,6 +265,12 @@ def test_kill_mid_stage_and_resume_is_bit_identical_also_into_a_disturbed_fresh_
     for buffer in ("codebook", "indices", "frozen", "frozen_values", "vector_frozen", "partial"):
         assert prefix + buffer in checkpoint["state_dict"]
     assert int(checkpoint["state_dict"][prefix + "vector_frozen"].sum()) == frozen_target(0.6, 48_000)
+    # the final checkpoint loads strictly into a freshly built model (codebooks, masks and partial mode included)
+    final = torch.load(tmp_path / "resumed" / "ckpt" / "last.ckpt", weights_only=False)
+    loaded = load_quantized(_lenet(seed=5), final).eval()
+    x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model_c.eval()(x))
 
 
 # -- bad input ---------------------------------------------------------------------------------------------------
@@ -333,3 +339,12 @@ def test_a_layer_smaller_than_the_codebook_is_named(trainer_kwargs) -> None:
             model, _loader()
         )
     assert not is_quantized(model)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:lightning.pytorch.cli")
+def test_shipped_config_parses(capsys) -> None:
+    callbacks = shipped_config("incremental_quantization.yaml", capsys)["trainer"]["callbacks"]
+    slq = callbacks[1]["init_args"]
+    assert callbacks[1]["class_path"].endswith("IncrementalQuantizationCallback")
+    assert slq["bits"] == 4 and slq["schedule"] == [0.3, 0.55, 0.75, 0.9, 1.0] and slq["warmup_epochs"] == 3
+    IncrementalQuantizationCallback(**slq)  # the values are valid arguments
