@@ -10,7 +10,13 @@ layer at the same bits, the first and last included), Adam at ``--lr``:
 * **MLQ**: ``mode="mlq"``: the same stages over the whole network, layer after layer;
 * **INQ-style**: ``codebook="power_of_two"``: 0 and 2**(b-2) powers of two per sign, the same stages as SLQ;
 * **LSQ**: ``QuantizationAwareTraining(weight_bits=b, act_bits=None, first_last_bits=None)``: per-channel uniform
-  grids with learned step sizes (2**b levels: at b=2 four levels, not three).
+  grids with learned step sizes (2**b levels: at b=2 four levels, not three);
+* **FP32 fine-tuned as long** (a control; ``--no-fp-control`` skips it): what the extra epochs give without
+  quantization;
+* optional (``--methods ... slq_loss``): SLQ with ``partition="loss"`` instead of the magnitude order.
+
+Finished runs are appended to a ``rows_*.jsonl`` file in ``--workdir``; a re-run with the same settings reuses
+them, so an interrupted run continues where it stopped.
 
 Reported: test accuracy (10,000 MNIST test images; mean and spread over ``--seeds``), the validation accuracy after
 each stage (``--val-batches`` batches of the held-out split), and the packed size of the model
@@ -43,9 +49,12 @@ ROOT = Path(__file__).resolve().parents[1]
 HEADER = "## Incremental quantization (SLQ / MLQ)"
 SCHEDULE = (0.3, 0.55, 0.75, 0.9, 1.0)
 METHODS = ("slq", "mlq", "inq", "lsq")
+#: optional: SLQ with the loss-based partition instead of the magnitude order
+EXTRA_METHODS = ("slq_loss",)
 #: the float model fine-tuned for as many epochs: what the extra epochs alone give
 LABELS = {
     "slq": "SLQ",
+    "slq_loss": "SLQ, loss partition",
     "mlq": "MLQ",
     "inq": "INQ-style (power of two)",
     "lsq": "LSQ QAT (uniform, per channel)",
@@ -149,6 +158,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                             epochs_per_stage=args.epochs_per_stage,
                             mode="mlq" if method == "mlq" else "slq",
                             codebook="power_of_two" if method == "inq" else "kmeans",
+                            partition="loss" if method == "slq_loss" else "magnitude",
                             plot=False,
                         )
                     trainer = quiet_trainer(epochs, [callback], out, val_batches=args.val_batches)
@@ -224,7 +234,10 @@ def _table(rows: list[dict], args: argparse.Namespace) -> str:
     for r in rows:
         groups.setdefault((r["model"], r["bits"], r["method"]), []).append(r)
     fp_done = set()
-    for (model, bits, method), group in groups.items():
+    models, methods = list(_models()), ["fp", *METHODS, *EXTRA_METHODS]
+    order = sorted(groups, key=lambda k: (models.index(k[0]), -k[1], methods.index(k[2])))
+    for model, bits, method in order:
+        group = groups[(model, bits, method)]
         first = group[0]
         if model not in fp_done:
             fp_done.add(model)
@@ -266,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"), help="MNIST root")
     parser.add_argument("--models", nargs="+", default=None, choices=list(_models()), help="default: both")
     parser.add_argument("--bits", type=int, nargs="+", default=[5, 4, 3, 2])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS + EXTRA_METHODS))
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--train-subset", type=int, default=5000, help="training images (0: all)")
     parser.add_argument("--fp-epochs", type=int, default=3)
