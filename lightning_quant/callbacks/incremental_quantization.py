@@ -131,7 +131,8 @@ class IncrementalQuantizationCallback(QuantizationCallback):
     * **Re-clustering.** At each stage the free weights of a layer are clustered again (10 Lloyd iterations from
       the current centroids, frozen centroids fixed, a free weight may join a frozen cluster); a layer's first
       clustering starts from the initial centroids above (MLQ: when the schedule reaches it). Empty clusters are
-      relocated as scikit-learn does (the released code leaves them in place).
+      relocated as scikit-learn does (the released code leaves them in place). With INQ's codebook the entries never
+      move: each stage only assigns the free weights to their nearest power of two (or 0).
     * **Stages** start at epochs ``warmup_epochs + t * epochs_per_stage`` (at the start of the epoch); epochs left
       after the last stage fine-tune what is not quantized (biases, BatchNorm, activation step sizes).
       ``epochs_per_stage=None`` splits ``max_epochs - warmup_epochs`` evenly.
