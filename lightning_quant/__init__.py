@@ -6,10 +6,12 @@ Add a callback to your ``Trainer`` and get a low-bit model, with no change to yo
     trainer.fit(model, datamodule)
 """
 
+from lightning_quant.allocation.orthogonality import orthogonal_allocation
 from lightning_quant.callbacks import (
     BitReallocationCallback,
     BlockReplacementCallback,
     DistillationCallback,
+    OrthogonalMixedPrecision,
     QuantizationAwareTraining,
     QuantizationCallback,
     QuantizationLossMixin,
@@ -37,6 +39,7 @@ __all__ = [
     "DistillationCallback",
     "GeneratorDataModule",
     "LayerSpec",
+    "OrthogonalMixedPrecision",
     "QuantSpec",
     "QuantizationAwareTraining",
     "QuantizationCallback",
@@ -49,6 +52,7 @@ __all__ = [
     "dequantize_model",
     "find_blocks",
     "load_quantized",
+    "orthogonal_allocation",
     "quantization_summary",
     "quantize_model",
     "save_quantized",

@@ -5,6 +5,7 @@ from lightning_quant.callbacks.bit_reallocation import BitReallocationCallback
 from lightning_quant.callbacks.block_replacement import BlockReplacementCallback
 from lightning_quant.callbacks.distillation import DistillationCallback
 from lightning_quant.callbacks.export import QuantizedExport
+from lightning_quant.callbacks.orthogonal_mixed_precision import OrthogonalMixedPrecision
 from lightning_quant.callbacks.qat import QuantizationAwareTraining
 from lightning_quant.callbacks.threshold_tuning import ThresholdTuningCallback
 
@@ -12,6 +13,7 @@ __all__ = [
     "BitReallocationCallback",
     "BlockReplacementCallback",
     "DistillationCallback",
+    "OrthogonalMixedPrecision",
     "QuantizationAwareTraining",
     "QuantizationCallback",
     "QuantizationLossMixin",
