@@ -74,7 +74,10 @@ rounding moves along the ladders and the MILP sees only ladder choices.
   *ranges*, not their limits), so a larger budget can only lengthen the prefix. Every chain point minimises
   ``T + t x cost`` for some ``t >= 0``, so with one budget it is the exact optimum at its own cost, and the
   objective lies above the LP bound by at most the blocking step's objective decrease (reported as
-  :attr:`Allocation.lower_bound`); the price is the budget left unused, less than the blocking step's cost.
+  :attr:`Allocation.lower_bound`); the price is the budget left unused, less than the blocking step's cost. No
+  budget-monotone rule does better in the worst case: just below the budget at which a monotone rule first raises
+  a unit past width ``a``, its allocation is at most the one just above minus that step, so nearly the step's cost
+  goes unused there.
 
 Feasibility is decided before any solve (:func:`check_feasible`): the all-minimum allocation is the cheapest, so
 a budget below its cost is impossible, and the error names the smallest and largest achievable values.

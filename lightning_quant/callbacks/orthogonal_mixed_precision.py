@@ -63,9 +63,10 @@ class OrthogonalMixedPrecision(QuantizationCallback):
       A layer called several times contributes all its calls; a layer that never runs is a clear error (freeze or
       exclude it).
     * **Forward**: the float model (every quantizer off) in eval mode, under ``no_grad``, on the first
-      ``num_samples`` inputs of the training loader (more batches are read if the first is smaller; the global and
-      the loader's random generators are restored, so the training sees the same batches as without OMPQ). Modes,
-      BatchNorm statistics and quantizers are left as they were.
+      ``num_samples`` inputs of a fresh pass over the training loader (more batches are read if the first is
+      smaller; with shuffling these are random training samples, not necessarily the first training batch). The
+      global and the loader's random generators are restored afterwards, so the training sees the same batches as
+      without OMPQ. Modes, BatchNorm statistics and quantizers are left as they were.
     * **beta**: an argument, default 10 (the paper's ResNet-18 QAT value); the MNIST sweep in BENCHMARKS.md measures
       0, 1, 10 and 100. Importances are computed relative to the largest one (same allocation, no underflow).
     * **Widths** (``mode``): ``"qat"`` allocates 4-8 bits and ``"ptq"`` 2-4 bits (the official ranges) unless
@@ -282,7 +283,7 @@ class OrthogonalMixedPrecision(QuantizationCallback):
             self._plot_path = save_orthogonality_plot(record, Path(folder) / PLOT_NAME)
 
     def _first_samples(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor:
-        """The first ``num_samples`` inputs of the training loader, read with a fresh iterator whose random draws
+        """The first ``num_samples`` inputs of a fresh pass over the training loader, whose random draws
         (global generator, the loader's and its sampler's generators) are undone afterwards."""
         loader = _first_loader(trainer.train_dataloader)
         if loader is None:
