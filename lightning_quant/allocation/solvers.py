@@ -857,7 +857,9 @@ def allocate(
         return solve_milp(objective, constraints, bit_choices)
     if solver == "monotone":
         return solve_monotone(objective, constraints, bit_choices)
-    raise QuantizationConfigError(f"`solver` must be one of {list(ALLOCATION_SOLVERS)}, got {solver!r}.")
+    raise QuantizationConfigError(
+        f"`solver` must be one of {list(SOLVERS)} or 'monotone' (the budget-monotone chain), got {solver!r}."
+    )
 
 
 __all__ = [
