@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 
-def quiet_trainer(epochs: int, callbacks: list, root: Path, max_steps: int = -1) -> L.Trainer:
-    """A CPU Trainer with no logger, checkpoints, progress bar or validation: only the work being measured."""
+def quiet_trainer(epochs: int, callbacks: list, root: Path, max_steps: int = -1, **kwargs) -> L.Trainer:
+    """A CPU Trainer with no logger, checkpoints, progress bar or validation: only the work being measured
+    (``kwargs``: further Trainer arguments, e.g. ``limit_test_batches``)."""
     return L.Trainer(
         accelerator="cpu",
         max_epochs=epochs,
@@ -30,6 +31,7 @@ def quiet_trainer(epochs: int, callbacks: list, root: Path, max_steps: int = -1)
         default_root_dir=root,
         num_sanity_val_steps=0,
         limit_val_batches=0,
+        **kwargs,
     )
 
 
