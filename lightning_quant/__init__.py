@@ -19,9 +19,11 @@ from lightning_quant.callbacks import (
     ThresholdTuningCallback,
 )
 from lightning_quant.core.errors import QuantizationConfigError, UnsupportedModuleError
+from lightning_quant.core.quantizers import Quantizer, register_quantizer
 from lightning_quant.datamodules.generator import GeneratorDataModule
 from lightning_quant.surgery import (
     LayerSpec,
+    QuantizationRequest,
     QuantSpec,
     dequantize_model,
     find_blocks,
@@ -33,19 +35,32 @@ from lightning_quant.surgery import (
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> object:
+    # the search drivers import Optuna: loaded on first use, so `import lightning_quant` stays light
+    if name == "MixedPrecisionSearch":
+        from lightning_quant.search import MixedPrecisionSearch
+
+        return MixedPrecisionSearch
+    raise AttributeError(f"module 'lightning_quant' has no attribute {name!r}")
+
+
 __all__ = [
     "BitReallocationCallback",
     "BlockReplacementCallback",
     "DistillationCallback",
     "GeneratorDataModule",
     "LayerSpec",
+    "MixedPrecisionSearch",
     "OrthogonalMixedPrecision",
     "QuantSpec",
     "QuantizationAwareTraining",
     "QuantizationCallback",
     "QuantizationConfigError",
     "QuantizationLossMixin",
+    "QuantizationRequest",
     "QuantizedExport",
+    "Quantizer",
     "ThresholdTuningCallback",
     "UnsupportedModuleError",
     "__version__",
@@ -55,5 +70,6 @@ __all__ = [
     "orthogonal_allocation",
     "quantization_summary",
     "quantize_model",
+    "register_quantizer",
     "save_quantized",
 ]
