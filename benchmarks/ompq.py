@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
 import platform
 import statistics
@@ -244,9 +245,9 @@ def _allocator_time(rows: list[dict], name: str) -> str:
 
 def mnist_table(rows: list[dict], names: list[str]) -> str:
     lines = [
-        "| variant | test accuracy (mean ± std) | − uniform, paired (mean ± std, ahead) | avg weight bits used | "
-        "bits per layer (seed 0) | allocator time |",
-        "|---|---:|---:|---:|---|---:|",
+        "| variant | test accuracy (mean ± std) | by seed | − uniform, paired (mean ± std, ahead) | "
+        "avg weight bits used | bits per layer (seed 0) | allocator time |",
+        "|---|---:|---|---:|---:|---|---:|",
     ]
     for name in names:
         rs = [r for r in rows if r["variant"] == name]
@@ -260,20 +261,71 @@ def mnist_table(rows: list[dict], names: list[str]) -> str:
             mean_d, std_d, ahead, count = paired_differences(rows, name, "uniform 3-bit") or (0.0, 0.0, 0, 0)
             paired = f"{mean_d:+.2f} ± {std_d:.2f} ({ahead}/{count})"
         seed0 = next((r for r in rs if r["seed"] == 0), rs[0])
+        by_seed = ", ".join(f"{a:.2f}" for a in accs)
         lines.append(
-            f"| {name} | {statistics.mean(accs):.2f} ± {std:.2f} % | {paired} | "
+            f"| {name} | {statistics.mean(accs):.2f} ± {std:.2f} % | {by_seed} | {paired} | "
             f"{statistics.mean(r['avg_bits'] for r in rs):.3f} | {seed0['bits']} | {_allocator_time(rows, name)} |"
         )
     return "\n".join(lines)
 
 
+def mnist_summary(rows: list[dict], main: list[str], sweep: list[str]) -> str:
+    """What the tables say, in words: the best variant and beta by mean paired difference, and whether that
+    difference stands out from its spread over seeds."""
+
+    def paired(name: str) -> tuple[float, float, int, int]:
+        return paired_differences(rows, name, "uniform 3-bit") or (float("nan"), float("nan"), 0, 0)
+
+    def verdict(name: str) -> str:
+        mean, std, ahead, count = paired(name)
+        if mean > 0 and mean > std:
+            return f"ahead of uniform by {mean:+.2f} ± {std:.2f} points (on {ahead} of {count} seeds)"
+        return f"{mean:+.2f} ± {std:.2f} points against uniform (ahead on {ahead} of {count} seeds): " + (
+            "not better than uniform" if mean <= 0 else "within the seed-to-seed spread, not a clear win"
+        )
+
+    betas = [n for n in sweep if n != "uniform 3-bit" and any(r["variant"] == n for r in rows)]
+    best_beta = max(betas, key=lambda n: paired(n)[0])
+    others = [n for n in main if n != "uniform 3-bit" and any(r["variant"] == n for r in rows)]
+    best = max(others, key=lambda n: paired(n)[0])
+    spread = {
+        n: statistics.stdev([100 * r["acc"] for r in rows if r["variant"] == n])
+        for n in others
+        if sum(r["variant"] == n for r in rows) > 1
+    }
+    widest = max(spread, key=spread.get) if spread else None
+    text = (
+        f"In this run the best variant of the main table is {best}: {verdict(best)}. The best beta of the sweep is "
+        f"{best_beta.removeprefix('OMPQ ').removesuffix(', relaxed')}: {verdict(best_beta)}."
+    )
+    if widest is not None:
+        text += f" The widest spread over seeds is {widest}'s ({spread[widest]:.2f} points; see the seeds column)."
+    return text
+
+
 # -- report -------------------------------------------------------------------------------------------------------
-def section(args: argparse.Namespace, timing: list[dict], mnist_rows: list[dict] | None, fp: dict, command: str) -> str:
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+def measured_on() -> dict:
+    """Where and when the run was measured (kept with the raw results)."""
+    return {
+        "cpu": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs shared with other jobs",
+        "torch": torch.__version__,
+        "date": dt.date.today().isoformat(),
+        "load": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"),
+    }
+
+
+def section(
+    args: argparse.Namespace,
+    timing: list[dict],
+    mnist_rows: list[dict] | None,
+    fp: dict,
+    command: str,
+    where: dict,
+    minutes: float,
+) -> str:
     machine = (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs shared with other jobs, "
-        f"{args.threads} torch thread(s), torch {torch.__version__}; measured {dt.date.today().isoformat()} "
-        f"(load average {load:.1f} at the end)"
+        f"{where['cpu']}, {args.threads} torch thread(s), torch {where['torch']}; measured {where['date']} "
+        f"(load average {where['load']:.1f} at the end; the whole run took {minutes:.0f} min of wall time)"
     )
     worst = max(r["median_s"] for r in timing)
     worst_cpu = max(r["cpu_s"] for r in timing)
@@ -302,11 +354,12 @@ crowded machine. The forward pass is most of it at 224x224; at 32x32 the fixed c
 model's modules) weigh more.
 """
     if mnist_rows:
+        cached = "; trained by an earlier run of this script, kept in --workdir" if fp.get("cached") else ""
         main = ["uniform 3-bit", "OMPQ beta 10, monotone", "OMPQ beta 10, relaxed", "QBitOpt", "HAWQ-style one-shot"]
         sweep = [f"OMPQ beta {b:g}, relaxed" for b in sorted(set(args.sweep) | {10.0})]
         text += f"""
 MNIST, ResNet-8 (1-channel input), {args.seeds} seeds. One FP model ({args.fp_epochs} epochs on a
-{args.train_subset or "full"}-image training subset, test accuracy {100 * fp["acc"]:.2f} %) fine-tuned by every
+{args.train_subset or "full"}-image training subset, test accuracy {100 * fp["acc"]:.2f} %{cached}) fine-tuned by every
 variant with the same short QAT schedule ({args.qat_steps} steps of 128 images, Adam 1e-3 cosine, LSQ,
 {args.calibration_batches} calibration batches, inputs 8-bit, first and last layer 8-bit and counted). Budget of
 every allocator: the uniform 3-bit model's average weight bits, {fp["budget_avg_bits"]:.4f}; widths 2-8. Test
@@ -318,6 +371,11 @@ accuracy on the first {args.test_batches * 128} MNIST test images. OMPQ's alloca
 Beta sweep (OMPQ, relaxed solver; same seeds):
 
 {mnist_table(mnist_rows, ["uniform 3-bit", *sweep])}
+
+{mnist_summary(mnist_rows, main, ["uniform 3-bit", *sweep])} Allocations that coincide (the same widths for the
+same seed) are trained once and share a row's accuracy. With {args.seeds} seeds, {args.qat_steps} QAT steps and
+{args.test_batches * 128} test images the differences are small against the spread: a longer run (more seeds, more
+steps, the whole test set) is what would settle them.
 """
     else:
         text += """
@@ -349,16 +407,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="intra-op threads (1: robust on a shared 2-core machine)")
     p.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
     p.add_argument("--no-write", action="store_true")
+    p.add_argument(
+        "--from-json",
+        default=None,
+        help="rebuild the section from the raw results a run saved (ompq_results.json in --workdir), no measuring",
+    )
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    torch.set_num_threads(max(1, min(args.threads, os.cpu_count() or 1)))
-    timing = time_resnet18(args.sizes, args.repeats, args.budget_mb, args.beta)
-    mnist_rows, fp = mnist(args) if args.mnist else (None, {})
-    text = section(args, timing, mnist_rows, fp, rerun_command("ompq.py", argv))
+    if args.from_json:  # the saved run's own arguments, so the section describes what was measured
+        saved = json.loads(Path(args.from_json).read_text())
+        run_args = parse_args(saved["argv"])
+        run_args.output, run_args.no_write = args.output, args.no_write
+        args, argv = run_args, saved["argv"]
+        timing, mnist_rows, fp = saved["timing"], saved["mnist_rows"], saved["fp"]
+    else:
+        start = time.perf_counter()
+        torch.set_num_threads(max(1, min(args.threads, os.cpu_count() or 1)))
+        timing = time_resnet18(args.sizes, args.repeats, args.budget_mb, args.beta)
+        mnist_rows, fp = mnist(args) if args.mnist else (None, {})
+        results = Path(args.workdir) / "ompq_results.json"
+        results.parent.mkdir(parents=True, exist_ok=True)
+        saved = {"argv": argv, "timing": timing, "mnist_rows": mnist_rows, "fp": fp, "where": measured_on()}
+        saved["minutes"] = (time.perf_counter() - start) / 60
+        results.write_text(json.dumps(saved, indent=1, default=float))
+        print(f"raw results: {results}")
+    text = section(args, timing, mnist_rows, fp, rerun_command("ompq.py", argv), saved["where"], saved["minutes"])
     print(text)
     if not args.no_write:
         write_section(Path(args.output), HEADER, text)
