@@ -32,6 +32,7 @@ Usage::
     python benchmarks/ompq.py                        # timing only, updates BENCHMARKS.md
     python benchmarks/ompq.py --mnist                # + the MNIST comparison and the beta sweep
     python benchmarks/ompq.py --mnist --no-write     # print only
+    python benchmarks/ompq.py --from-json runs/ompq_bench/ompq_results.json   # rebuild the section from a run
 """
 
 from __future__ import annotations
