@@ -6,11 +6,13 @@ Add a callback to your ``Trainer`` and get a low-bit model, with no change to yo
     trainer.fit(model, datamodule)
 """
 
+from lightning_quant.allocation.orthogonality import orthogonal_allocation
 from lightning_quant.callbacks import (
     BitReallocationCallback,
     BlockReplacementCallback,
     DistillationCallback,
     IncrementalQuantizationCallback,
+    OrthogonalMixedPrecision,
     QuantizationAwareTraining,
     QuantizationCallback,
     QuantizationLossMixin,
@@ -52,6 +54,7 @@ __all__ = [
     "IncrementalQuantizationCallback",
     "LayerSpec",
     "MixedPrecisionSearch",
+    "OrthogonalMixedPrecision",
     "QuantSpec",
     "QuantizationAwareTraining",
     "QuantizationCallback",
@@ -66,6 +69,7 @@ __all__ = [
     "dequantize_model",
     "find_blocks",
     "load_quantized",
+    "orthogonal_allocation",
     "quantization_summary",
     "quantize_model",
     "register_quantizer",

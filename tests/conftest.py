@@ -24,6 +24,17 @@ def mnist_root() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (tiny models: as fast, and no crawl when the CPU is shared)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_trainer_kwargs(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
     """Trainer settings for seconds-long CPU runs."""
     kwargs: dict[str, Any] = dict(

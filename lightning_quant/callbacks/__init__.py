@@ -6,6 +6,7 @@ from lightning_quant.callbacks.block_replacement import BlockReplacementCallback
 from lightning_quant.callbacks.distillation import DistillationCallback
 from lightning_quant.callbacks.export import QuantizedExport
 from lightning_quant.callbacks.incremental_quantization import IncrementalQuantizationCallback
+from lightning_quant.callbacks.orthogonal_mixed_precision import OrthogonalMixedPrecision
 from lightning_quant.callbacks.qat import QuantizationAwareTraining
 from lightning_quant.callbacks.threshold_tuning import ThresholdTuningCallback
 
@@ -14,6 +15,7 @@ __all__ = [
     "BlockReplacementCallback",
     "DistillationCallback",
     "IncrementalQuantizationCallback",
+    "OrthogonalMixedPrecision",
     "QuantizationAwareTraining",
     "QuantizationCallback",
     "QuantizationLossMixin",
