@@ -6,11 +6,14 @@ Add a callback to your ``Trainer`` and get a low-bit model, with no change to yo
     trainer.fit(model, datamodule)
 """
 
+from lightning_quant.allocation.orthogonality import orthogonal_allocation
 from lightning_quant.callbacks import (
     BitReallocationCallback,
     BlockReplacementCallback,
     DistillationCallback,
+    IncrementalQuantizationCallback,
     KernelQuantizationCallback,
+    OrthogonalMixedPrecision,
     QuantizationAwareTraining,
     QuantizationCallback,
     QuantizationLossMixin,
@@ -49,9 +52,11 @@ __all__ = [
     "BlockReplacementCallback",
     "DistillationCallback",
     "GeneratorDataModule",
+    "IncrementalQuantizationCallback",
     "KernelQuantizationCallback",
     "LayerSpec",
     "MixedPrecisionSearch",
+    "OrthogonalMixedPrecision",
     "QuantSpec",
     "QuantizationAwareTraining",
     "QuantizationCallback",
@@ -66,6 +71,7 @@ __all__ = [
     "dequantize_model",
     "find_blocks",
     "load_quantized",
+    "orthogonal_allocation",
     "quantization_summary",
     "quantize_model",
     "register_quantizer",

@@ -5,7 +5,9 @@ from lightning_quant.callbacks.bit_reallocation import BitReallocationCallback
 from lightning_quant.callbacks.block_replacement import BlockReplacementCallback
 from lightning_quant.callbacks.distillation import DistillationCallback
 from lightning_quant.callbacks.export import QuantizedExport
+from lightning_quant.callbacks.incremental_quantization import IncrementalQuantizationCallback
 from lightning_quant.callbacks.kernel_quantization import KernelQuantizationCallback
+from lightning_quant.callbacks.orthogonal_mixed_precision import OrthogonalMixedPrecision
 from lightning_quant.callbacks.qat import QuantizationAwareTraining
 from lightning_quant.callbacks.threshold_tuning import ThresholdTuningCallback
 
@@ -13,7 +15,9 @@ __all__ = [
     "BitReallocationCallback",
     "BlockReplacementCallback",
     "DistillationCallback",
+    "IncrementalQuantizationCallback",
     "KernelQuantizationCallback",
+    "OrthogonalMixedPrecision",
     "QuantizationAwareTraining",
     "QuantizationCallback",
     "QuantizationLossMixin",

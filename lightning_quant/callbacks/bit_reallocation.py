@@ -39,7 +39,7 @@ from lightning_quant.core.quantizers import Quantizer
 from lightning_quant.surgery.capture import Call, Capture
 from lightning_quant.surgery.layers import QuantizedLayer, quantized_layers
 from lightning_quant.surgery.quantize import is_quantized
-from lightning_quant.surgery.requests import QuantizationRequest, explicit_fields
+from lightning_quant.surgery.requests import QuantizationRequest, fallback_request
 from lightning_quant.surgery.spec import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -252,8 +252,7 @@ class BitReallocationCallback(QuantizationCallback):
     @override
     def quantization_request(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> QuantizationRequest:
         # a fallback recipe: another callback's (QAT's) wins, except for what the user set in `base_spec`
-        required = explicit_fields(self.base_spec) if self._base_spec_given else frozenset()
-        return QuantizationRequest(type(self).__name__, self.base_spec, required, priority=50)
+        return fallback_request(type(self).__name__, self.base_spec, self._base_spec_given)
 
     def _units(self, pl_module: nn.Module) -> dict[str, QuantizedLayer]:
         """The layers this callback allocates (quantized, not frozen), by name."""

@@ -21,7 +21,7 @@ from lightning_quant.core.errors import QuantizationConfigError
 from lightning_quant.surgery.blocks import find_blocks
 from lightning_quant.surgery.capture import Call, Capture
 from lightning_quant.surgery.quantize import is_quantized, quantizable_layers
-from lightning_quant.surgery.requests import QuantizationRequest, explicit_fields
+from lightning_quant.surgery.requests import QuantizationRequest, fallback_request
 from lightning_quant.surgery.spec import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -346,8 +346,7 @@ class BlockReplacementCallback(QuantizationCallback):
     @override
     def quantization_request(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> QuantizationRequest:
         # a fallback recipe: another callback's (QAT's) wins, except for what the user set in `quantize_spec`
-        required = explicit_fields(self.quantize_spec) if self._quantize_spec_given else frozenset()
-        return QuantizationRequest(type(self).__name__, self.quantize_spec, required, priority=50)
+        return fallback_request(type(self).__name__, self.quantize_spec, self._quantize_spec_given)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -21,7 +20,7 @@ from lightning_quant import (
 )
 from lightning_quant.models import ImageClassifier, resnet8
 from lightning_quant.surgery import is_quantized, quantized_layers
-from tests.conftest import crash_and_resume
+from tests.conftest import crash_and_resume, shipped_config
 
 
 def _loader(n: int = 32, channels: int = 3, size: int = 16, batch: int = 8, seed: int = 0, labels: bool = True):
@@ -374,16 +373,7 @@ def test_two_instances_have_distinct_state_keys() -> None:
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning:lightning.pytorch.cli")
 def test_shipped_config_parses(capsys) -> None:
-    import yaml
-
-    from lightning_quant.cli import main
-
-    configs = Path(__file__).resolve().parents[2] / "configs"
-    args = ["--config", str(configs / "trainer.yaml"), "--config", str(configs / "block_replacement.yaml")]
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", *args, "--print_config"])
-    assert exit_info.value.code == 0
-    callbacks = yaml.safe_load(capsys.readouterr().out)["trainer"]["callbacks"]
+    callbacks = shipped_config("block_replacement.yaml", capsys)["trainer"]["callbacks"]
     assert [c["class_path"].rsplit(".", 1)[1] for c in callbacks] == [
         "QuantizationAwareTraining",
         "BlockReplacementCallback",

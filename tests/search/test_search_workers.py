@@ -137,12 +137,13 @@ def test_a_search_killed_by_sigkill_resumes_from_sqlite_without_repeating_finish
     assert origins.count("uniform 2-bit") == origins.count("uniform 4-bit") == 1
 
 
-def _two_workers(tmp_path: Path, storage: str) -> list[optuna.trial.FrozenTrial]:
+def _two_workers(tmp_path: Path, storage: str) -> tuple[list[optuna.trial.FrozenTrial], set[int]]:
     config = write_config(tmp_path, n_trials=4, study_name="shared")
     logs = [tmp_path / f"worker{i}.log" for i in range(2)]
     procs = [worker(config, log, "--storage", storage, "--study-name", "shared") for log in logs]
     finish(procs, logs)
-    return optuna.load_study(study_name="shared", storage=_optuna_storage(storage)).get_trials()
+    trials = optuna.load_study(study_name="shared", storage=_optuna_storage(storage)).get_trials()
+    return trials, {p.pid for p in procs}
 
 
 def _optuna_storage(url: str):
@@ -154,10 +155,13 @@ def _optuna_storage(url: str):
     return url
 
 
-def _check_shared_study(trials: list[optuna.trial.FrozenTrial]) -> None:
+def _check_shared_study(trials: list[optuna.trial.FrozenTrial], pids: set[int]) -> None:
     complete = counted(trials)
     assert len(complete) == 4, [(t.number, t.state.name) for t in trials]  # exactly the requested trials
-    assert len({t.user_attrs["worker"] for t in complete}) == 2  # both workers trained some of them
+    # trained by our two processes (how the four split between them is up to the scheduler: on a loaded machine one
+    # worker may finish them all while the other waits for the study's last running trial)
+    workers = {int(t.user_attrs["worker"].rsplit(":", 1)[1]) for t in complete}
+    assert workers and workers <= pids
     # no trial was run twice: each warm start once, and no worker started a trial once the study had its four
     origins = [t.user_attrs.get("origin") for t in trials]
     assert origins.count("uniform 2-bit") == origins.count("uniform 4-bit") == 1
@@ -169,8 +173,7 @@ def _check_shared_study(trials: list[optuna.trial.FrozenTrial]) -> None:
 
 @pytest.mark.slow
 def test_two_workers_on_one_journal_file_finish_the_requested_trials_together(tmp_path):
-    trials = _two_workers(tmp_path, f"journal:///{tmp_path}/study.log")
-    _check_shared_study(trials)
+    _check_shared_study(*_two_workers(tmp_path, f"journal:///{tmp_path}/study.log"))
 
 
 def _postgres_binaries() -> Path | None:
@@ -227,5 +230,4 @@ def postgres_url():
 
 @pytest.mark.slow
 def test_two_workers_on_one_postgresql_database_finish_the_requested_trials_together(tmp_path, postgres_url):
-    trials = _two_workers(tmp_path, postgres_url)
-    _check_shared_study(trials)
+    _check_shared_study(*_two_workers(tmp_path, postgres_url))
