@@ -302,6 +302,8 @@ class BlockReplacementCallback(QuantizationCallback):
     # -- set-up ----------------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._check_optimization(pl_module)  # before any work on the model
         if not quantizable_layers(pl_module) and not is_quantized(pl_module):
             raise QuantizationConfigError(
                 f"`model` ({type(pl_module).__name__}) has no layer that can be quantized (Conv/Linear), so "
@@ -432,6 +434,7 @@ class BlockReplacementCallback(QuantizationCallback):
         step = time.perf_counter() - self._step_start
         if step > 0 and self._extra_seconds > 0:
             self.log_metric(pl_module, "overhead", self._extra_seconds / step)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     @override
     def extra_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Tensor | None:
