@@ -10,6 +10,7 @@ from torch import nn
 
 from lightning_quant.core.errors import QuantizationConfigError
 from lightning_quant.core.quantizers import UniformQuantizer
+from lightning_quant.surgery.fastpath import disable_fast_paths, restore_fast_paths
 from lightning_quant.surgery.fold import fold_batchnorm
 from lightning_quant.surgery.graph import (
     residual_activations,
@@ -56,6 +57,8 @@ def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> nn.Module
     * With ``spec.fold_batchnorm``, BatchNorms are folded into their convolutions first (after every check).
     * With ``spec.quantize_residuals``, the tensors that enter residual additions from a quantized conv (or
       the BatchNorm right after it) get an output quantizer too (see :class:`QuantSpec`).
+    * ``nn.TransformerEncoderLayer`` blocks that hold a quantized layer no longer take PyTorch's fused inference
+      path, which would bypass it (see :mod:`~lightning_quant.surgery.fastpath`).
 
     Args:
         model: any ``nn.Module`` (a ``LightningModule`` included).
@@ -122,6 +125,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> nn.Module
     for old, new in swaps.items():
         for parent, attr in list(_references(model, old)):
             parent._modules[attr] = new
+    disable_fast_paths(model)  # fused transformer kernels would bypass the quantized layers in eval mode
     if swaps:
         log.debug("Quantized %d layers of %s", len(swaps), type(model).__name__)
     return model
@@ -181,6 +185,7 @@ def dequantize_model(model: nn.Module) -> nn.Module:
         float_layer = layer.to_float()
         for parent, attr in list(_references(model, layer)):
             parent._modules[attr] = float_layer
+    restore_fast_paths(model)
     return model
 
 
