@@ -284,8 +284,15 @@ class QuantizedExport(QuantizationCallback):
         metrics: dict[str, float] = {"file_kib": self.path.stat().st_size / 1024}
         if self.verify:
             loader = self._val_loader(trainer, required=False)
+            if loader is not None and not _takes_batches_like(loader, args):
+                log.info(
+                    "QuantizedExport: the validation batches do not hold the export input's shape %s (the module "
+                    "transforms them in its steps); verifying on the export input.",
+                    [tuple(a.shape[1:]) for a in args],
+                )
+                loader = None
             if loader is None:
-                loader = [args]  # no validation data: the export input itself
+                loader = [args]  # no validation data the exported module takes: the export input itself
             self._result = verify_onnx(target, self.path, loader, max_batches=self.num_batches, task=self.task)
             metrics.update(self._result.as_metrics())
         self._log(trainer, metrics)
@@ -341,3 +348,20 @@ def _has_val_dataloader(datamodule: Any) -> bool:
     if datamodule is None or not callable(getattr(datamodule, "val_dataloader", None)):
         return False
     return not isinstance(datamodule, pl.LightningDataModule) or is_overridden("val_dataloader", datamodule)
+
+
+def _takes_batches_like(loader: Any, args: tuple[torch.Tensor, ...]) -> bool:
+    """Whether ``loader``'s first batch holds inputs of the export input's per-sample shapes and dtype kinds."""
+    batch = next(iter(loader), None)
+    if isinstance(batch, torch.Tensor):
+        inputs: Any = (batch,)
+    elif isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], (list, tuple)):
+        inputs = batch[0]
+    elif isinstance(batch, (list, tuple)):
+        inputs = batch[: len(args)]
+    else:
+        return True  # dicts and the like: verify_onnx decides
+    return len(inputs) == len(args) and all(
+        isinstance(t, torch.Tensor) and t.shape[1:] == a.shape[1:] and t.is_floating_point() == a.is_floating_point()
+        for t, a in zip(inputs, args, strict=True)
+    )
