@@ -57,6 +57,8 @@ def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> nn.Module
     * With ``spec.fold_batchnorm``, BatchNorms are folded into their convolutions first (after every check).
     * With ``spec.quantize_residuals``, the tensors that enter residual additions from a quantized conv (or
       the BatchNorm right after it) get an output quantizer too (see :class:`QuantSpec`).
+    * New quantizer parameters follow the ``requires_grad`` of the layer they quantize (frozen layers get frozen
+      step sizes; see ``BaseFinetuning`` in the README).
     * ``nn.TransformerEncoderLayer`` blocks that hold a quantized layer no longer take PyTorch's fused inference
       path, which would bypass it (see :mod:`~lightning_quant.surgery.fastpath`).
 
@@ -122,6 +124,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> nn.Module
     for bn, (layer_spec, bits) in residual_bns.items():
         swaps[bn] = OUTPUT_QUANTIZED_TYPES[type(bn)].from_float(bn, activation_quantizer(layer_spec, bits))
     _share_activation_quantizers(model, spec, activations, swaps)
+    _follow_requires_grad(swaps)
     for old, new in swaps.items():
         for parent, attr in list(_references(model, old)):
             parent._modules[attr] = new
@@ -171,6 +174,29 @@ def _share_activation_quantizers(
         else:
             continue
         swaps[relu] = OUTPUT_QUANTIZED_TYPES[type(relu)].from_float(relu, shared)
+
+
+def _follow_requires_grad(swaps: dict[nn.Module, nn.Module]) -> None:
+    """New quantizer parameters train only where a layer they quantize trains (``requires_grad``).
+
+    A frozen backbone (frozen by the user, or by Lightning's ``BaseFinetuning``, which freezes and unfreezes by
+    ``requires_grad`` and later adds the unfrozen parameters to the optimizer) then gets frozen step sizes too, and
+    unfreezing the backbone's modules unfreezes them with it. A quantizer shared by several layers trains if any of
+    them does; modules without parameters of their own (ReLUs) have no say.
+    """
+    trains: dict[nn.Parameter, bool] = {}
+    for old, new in swaps.items():
+        own = list(old.parameters(recurse=False))
+        if not own:
+            continue
+        layer_trains = any(p.requires_grad for p in own)
+        for role in ("weight_quantizer", "input_quantizer", "output_quantizer"):
+            quantizer = getattr(new, role, None)
+            if isinstance(quantizer, UniformQuantizer):
+                for p in quantizer.parameters():
+                    trains[p] = trains.get(p, False) or layer_trains
+    for p, flag in trains.items():
+        p.requires_grad_(flag)
 
 
 def _device(module: nn.Module, model: nn.Module):

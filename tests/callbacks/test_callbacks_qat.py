@@ -6,7 +6,7 @@ import lightning as L
 import pytest
 import torch
 import torchvision
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import BaseFinetuning, Callback
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -276,3 +276,81 @@ def test_ddp_two_processes_share_ranges_from_all_ranks(scale_mode, tmp_path, tra
     for key in state0:
         torch.testing.assert_close(state1[key], state0[key], atol=0, rtol=0, msg=key)
     assert state0["backbone.conv1.input_quantizer.observer.max_val"].item() == 100.0
+
+
+# -- frozen layers and Lightning's BaseFinetuning -------------------------------------------------------------------
+class TransferModel(L.LightningModule):
+    """The shape of Lightning's transfer-learning example: a frozen backbone, a head, an optimizer on trainables."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()
+        )
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(filter(lambda p: p.requires_grad, self.parameters()), lr=1e-2)
+
+
+class UnfreezeAt(BaseFinetuning):
+    def __init__(self, epoch: int) -> None:
+        super().__init__()
+        self.epoch = epoch
+
+    def freeze_before_training(self, pl_module):
+        self.freeze(pl_module.backbone, train_bn=False)  # all frozen, so none is in the optimizer twice
+
+    def finetune_function(self, pl_module, epoch, optimizer):
+        if epoch == self.epoch:
+            self.unfreeze_and_add_param_group(pl_module.backbone, optimizer)
+
+
+class StepSizes(Callback):
+    """Per epoch: for every quantizer parameter of the backbone, (requires_grad, has a gradient, in the optimizer)."""
+
+    def __init__(self) -> None:
+        self.epochs: list[dict[str, tuple[bool, bool, bool]]] = []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        in_optimizer = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+        self.epochs.append(
+            {
+                name: (p.requires_grad, p.grad is not None and bool(p.grad.abs().sum() > 0), id(p) in in_optimizer)
+                for name, p in pl_module.backbone.named_parameters()
+                if "quantizer" in name
+            }
+        )
+
+
+@pytest.mark.parametrize("finetuning_first", [True, False])
+def test_step_sizes_of_a_frozen_backbone_follow_base_finetuning(finetuning_first, trainer_kwargs, recwarn) -> None:
+    torch.manual_seed(0)
+    model = TransferModel()
+    qat, finetuning, probe = QuantizationAwareTraining(num_calibration_batches=1), UnfreezeAt(1), StepSizes()
+    callbacks = [finetuning, qat, probe] if finetuning_first else [qat, finetuning, probe]
+    L.Trainer(**trainer_kwargs(max_epochs=2, callbacks=callbacks)).fit(model, _loader(n=16, size=8))
+    frozen, unfrozen = probe.epochs
+    assert len(frozen) == 4  # weight and input step sizes of the two convolutions
+    assert all(state == (False, False, False) for state in frozen.values()), frozen
+    assert all(state == (True, True, True) for state in unfrozen.values()), unfrozen
+    # the head's step sizes trained all along
+    assert all(p.requires_grad for n, p in model.head.named_parameters())
+    assert not [w for w in recwarn if "already exist within another group" in str(w.message)]
+
+
+def test_quantizers_of_layers_frozen_by_the_user_are_frozen() -> None:
+    from lightning_quant import quantize_model
+
+    model = TransferModel()
+    model.backbone.requires_grad_(False)
+    quantize_model(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad and "quantizer" in n}
+    assert trainable == {"head.2.weight_quantizer.scale", "head.2.input_quantizer.scale"}
