@@ -354,3 +354,53 @@ def test_quantizers_of_layers_frozen_by_the_user_are_frozen() -> None:
     quantize_model(model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad and "quantizer" in n}
     assert trainable == {"head.2.weight_quantizer.scale", "head.2.input_quantizer.scale"}
+
+
+# -- reloading a quantized checkpoint the Lightning way -------------------------------------------------------------
+class LitClassifier(L.LightningModule):
+    """Saves its hyper-parameters, as Lightning's examples do, so `load_from_checkpoint(path)` can rebuild it."""
+
+    def __init__(self, hidden: int = 16, lr: float = 1e-2) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+
+def test_load_quantized_mirrors_load_from_checkpoint(tmp_path, trainer_kwargs, recwarn) -> None:
+    torch.manual_seed(0)
+    model = LitClassifier(hidden=12)
+    trainer = L.Trainer(**trainer_kwargs(max_steps=2, callbacks=[QuantizationAwareTraining(4, 4)]))
+    trainer.fit(model, _loader(size=8))
+    path = tmp_path / "q.ckpt"
+    trainer.save_checkpoint(path)
+    # what users see from Lightning alone (quoted in the README)
+    with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "net\.1\.weight_quantizer\.scale"'):
+        LitClassifier.load_from_checkpoint(path)
+    x = torch.randn(4, 3, 8, 8)
+    reference = model.eval()(x)
+    restored = load_quantized(LitClassifier, path)
+    assert restored.hparams.hidden == 12  # built from the saved hyper-parameters
+    torch.testing.assert_close(restored.eval()(x), reference, atol=0, rtol=0)
+    assert not [w for w in recwarn if "Found keys" in str(w.message)]
+    # keywords override saved hyper-parameters, as in load_from_checkpoint; other classes are built from them
+    assert load_quantized(LitClassifier, path, lr=0.5).hparams.lr == 0.5
+    classifier_path = tmp_path / "c.ckpt"
+    torch.manual_seed(0)
+    classifier = ImageClassifier(LeNet5(in_channels=3, input_size=8))
+    trainer = L.Trainer(**trainer_kwargs(max_steps=1, callbacks=[QuantizationAwareTraining(4, 4)]))
+    trainer.fit(classifier, _loader(size=8))
+    trainer.save_checkpoint(classifier_path)
+    again = load_quantized(ImageClassifier, classifier_path, backbone=LeNet5(in_channels=3, input_size=8))
+    torch.testing.assert_close(again.eval()(x), classifier.eval()(x), atol=0, rtol=0)
+    with pytest.raises(QuantizationConfigError, match=r"keyword arguments \['hidden'\] with an already built"):
+        load_quantized(LitClassifier(), path, hidden=3)
