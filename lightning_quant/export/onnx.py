@@ -68,6 +68,7 @@ from torch import Tensor, nn
 from lightning_quant.core.errors import QuantizationConfigError, UnsupportedModuleError
 from lightning_quant.core.functional import fake_quantize
 from lightning_quant.core.quantizers import UniformQuantizer
+from lightning_quant.surgery.coverage import unquantized_layers
 from lightning_quant.surgery.fold import fold_batchnorm as _fold_batchnorm
 from lightning_quant.surgery.layers import activation_quantizers, quantized_layers
 from lightning_quant.surgery.quantize import is_quantized
@@ -178,6 +179,12 @@ def _check_exportable(model: nn.Module) -> None:
                 "`lightning_quant.export.packing`."
             )
         if not quantizer._initialized:
+            bypassed = unquantized_layers(model).get(owner)
+            if bypassed is not None:
+                raise UnsupportedModuleError(
+                    f"The {role} of layer {owner!r} has never seen data: {bypassed}. Calibrating cannot help. HINT: "
+                    f"leave it in float (`exclude=[{owner!r}]` in the spec)."
+                )
             raise QuantizationConfigError(
                 f"The {role} of layer {owner!r} has never seen data, so its step size is arbitrary. HINT: "
                 "calibrate first: run a few batches through the model in training mode (a quantization "

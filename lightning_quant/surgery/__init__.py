@@ -1,6 +1,7 @@
 """Model surgery: swap Conv/Linear layers for quantized ones, the per-layer recipe, summaries and blocks."""
 
 from lightning_quant.surgery.blocks import find_blocks
+from lightning_quant.surgery.coverage import unquantized_layers
 from lightning_quant.surgery.fold import find_conv_bn_pairs, fold_batchnorm
 from lightning_quant.surgery.layers import (
     QuantConv1d,
@@ -45,4 +46,5 @@ __all__ = [
     "quantizers",
     "save_quantized",
     "set_observing",
+    "unquantized_layers",
 ]

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 from collections.abc import Iterator
 
 from torch import nn
 
 from lightning_quant.core.errors import QuantizationConfigError
 from lightning_quant.core.quantizers import UniformQuantizer
+from lightning_quant.surgery.coverage import unquantized_layers
 from lightning_quant.surgery.fastpath import disable_fast_paths, restore_fast_paths
 from lightning_quant.surgery.fold import fold_batchnorm
 from lightning_quant.surgery.graph import (
@@ -113,8 +115,10 @@ def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> nn.Module
             log.info("quantize_model: %d modules re-traced so that each ReLU use is its own module", len(owners))
     if spec.fold_batchnorm:
         fold_batchnorm(model)
+    requested = dict(resolved)
     residual_bns = _add_residual_outputs(model, resolved) if spec.quantize_residuals else {}
     activations = residual_activations(model) if spec.quantize_residuals else {}
+    found_residuals = bool(residual_bns or activations or resolved != requested)
     # build everything first: nothing below this point raises on user input
     swaps: dict[nn.Module, nn.Module] = {
         float_layers[name]: QUANTIZED_TYPES[type(float_layers[name])].from_float(float_layers[name], layer_spec)
@@ -131,7 +135,42 @@ def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> nn.Module
     disable_fast_paths(model)  # fused transformer kernels would bypass the quantized layers in eval mode
     if swaps:
         log.debug("Quantized %d layers of %s", len(swaps), type(model).__name__)
+        _warn_what_does_not_apply(model, spec, requested, found_residuals)
     return model
+
+
+def _warn_what_does_not_apply(
+    model: nn.Module, spec: QuantSpec, resolved: dict[str, LayerSpec], found_residuals: bool
+) -> None:
+    """Say (once, when the model is first quantized) what the spec asked for that this model does not get."""
+    name = type(model).__name__
+    default, first_last = spec.default, spec.first_last_bits
+    asked = {default.weight_bits, *(() if default.act_bits is None else (default.act_bits,))}
+    if first_last is not None and len(resolved) <= 2 and asked != {first_last}:
+        if all(layer.weight_bits == first_last for layer in resolved.values()):
+            bits = f"W{default.weight_bits}A{default.act_bits or 'fp'}"
+            warnings.warn(
+                f"quantize_model: {bits} applies to no layer of {name}: its quantized layers {list(resolved)} are all "
+                f"its first or last layer, which stay at `first_last_bits={first_last}`, so it trains at "
+                f"{first_last} bits. HINT: pass `first_last_bits=None` (to QuantizationAwareTraining or QuantSpec) "
+                "to quantize them at the requested bits too.",
+                stacklevel=3,
+            )
+    if spec.quantize_residuals and not found_residuals:
+        warnings.warn(
+            f"quantize_model: `quantize_residuals=True` found no residual addition fed by a quantized layer in {name}, "
+            "so it adds no quantizer. HINT: drop `quantize_residuals` for a model without skip connections (or "
+            "set `LayerSpec.output_bits` where tracing cannot see the addition).",
+            stacklevel=3,
+        )
+    floating = unquantized_layers(model)
+    if floating:
+        listed = "; ".join(f"{layer} ({reason})" for layer, reason in floating.items())
+        warnings.warn(
+            f"quantize_model: {len(floating)} weight layer(s) of {name} stay in float: {listed}. "
+            "`quantization_summary(model)` lists them too.",
+            stacklevel=3,
+        )
 
 
 def _add_residual_outputs(model: nn.Module, resolved: dict[str, LayerSpec]) -> dict[nn.Module, tuple[LayerSpec, int]]:

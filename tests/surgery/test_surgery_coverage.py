@@ -1,0 +1,131 @@
+"""What stays in float and why (unquantized_layers, the warning, the summary) and spec options that apply to nothing."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_quant.core.errors import UnsupportedModuleError
+from lightning_quant.export import export_onnx
+from lightning_quant.models import resnet8
+from lightning_quant.surgery import (
+    LayerSpec,
+    QuantSpec,
+    quantization_summary,
+    quantize_model,
+    quantized_layers,
+    unquantized_layers,
+)
+
+
+class WindowAttention(nn.Module):
+    """Swin-style attention: the parent reads its projections' weights and calls F.linear itself."""
+
+    def __init__(self, dim: int = 8, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        qkv = F.linear(x, self.qkv.weight, self.qkv.bias).reshape(b, n, 3, self.heads, c // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+        return F.linear(out, self.proj.weight, self.proj.bias)
+
+
+class SwinBlock(nn.Module):
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm(x))
+        return self.head((x + self.mlp(x)).mean(dim=1))
+
+
+class Zoo(nn.Module):
+    """One of each module kind the suite does not quantize yet, around two Linear layers it does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(20, 8)
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.lstm = nn.LSTM(8, 8, batch_first=True)
+        self.gru = nn.GRU(8, 8, batch_first=True)
+        self.fc = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embedding(ids)
+        x = self.attention(x, x, x)[0]
+        x = self.gru(self.lstm(x)[0])[0]
+        return self.head(torch.relu(self.fc(x[:, -1])))
+
+
+def _float_warnings(record) -> list[str]:
+    return [str(w.message) for w in record if "stay in float" in str(w.message)]
+
+
+def test_layers_whose_weight_the_parent_reads_are_reported_not_silently_quantized(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = SwinBlock()
+    expected = {"attn.qkv", "attn.proj"}
+    assert set(unquantized_layers(model)) == expected
+    with pytest.warns(UserWarning, match=r"2 weight layer\(s\) of SwinBlock stay in float") as record:
+        quantize_model(model, QuantSpec(first_last_bits=None))
+    (message,) = _float_warnings(record)
+    assert "attn.qkv (its parent WindowAttention reads `self.qkv.weight` directly" in message
+    summary = str(quantization_summary(model))
+    assert "in float: attn.proj: its parent WindowAttention reads `self.proj.weight` directly" in summary
+    # calibrating cannot help such a layer; export says why instead of asking for calibration
+    model.train()(torch.randn(4, 5, 8))
+    with pytest.raises(UnsupportedModuleError, match=r"'attn\.qkv' has never seen data: its parent WindowAttention"):
+        export_onnx(model.eval(), tmp_path / "swin.onnx", torch.randn(2, 5, 8))
+
+
+def test_module_kinds_not_quantized_yet_are_listed_once_with_the_reason() -> None:
+    model = Zoo()
+    with pytest.warns(UserWarning) as record:
+        quantize_model(model)
+    (message,) = _float_warnings(record)
+    assert message.startswith("quantize_model: 4 weight layer(s) of Zoo stay in float:")
+    assert "attention (nn.MultiheadAttention is not quantized yet: its packed input projection" in message
+    assert "out_proj" not in message.split("stay in float:")[1].split("(")[0]  # the projection is not listed again
+    for name in ("embedding (nn.Embedding", "lstm (recurrent", "gru (recurrent"):
+        assert name in message
+    assert set(quantization_summary(model).float_layers) == {"embedding", "attention", "lstm", "gru"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quantize_model(model)  # idempotent: nothing new is quantized, nothing is said again
+
+
+def test_bits_that_apply_to_no_layer_warn() -> None:
+    def two_layers() -> nn.Module:
+        return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+
+    spec = QuantSpec(default=LayerSpec(weight_bits=4, act_bits=4))
+    with pytest.warns(UserWarning, match=r"W4A4 applies to no layer of Sequential.*\['0', '2'\].*first_last_bits=8"):
+        quantize_model(two_layers(), spec)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = quantize_model(two_layers(), QuantSpec(default=spec.default, first_last_bits=None))
+        quantize_model(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 2)), spec)
+    assert {layer.weight_quantizer.bits for layer in quantized_layers(model).values()} == {4}
+
+
+def test_quantize_residuals_without_a_residual_addition_warns() -> None:
+    plain = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    with pytest.warns(UserWarning, match=r"`quantize_residuals=True` found no residual addition .* in Sequential"):
+        quantize_model(plain, QuantSpec(quantize_residuals=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quantize_model(resnet8(in_channels=1), QuantSpec(quantize_residuals=True))
