@@ -29,6 +29,12 @@ _NAMING_HINT = (
     'stages of a ResNet (`backbone.layer1`, ..., or `blocks="auto"`), the entries of a `features` Sequential, or '
     "the top-level children of a plain sequence of layers."
 )
+_FORWARD_HINT = (
+    "The LightningModule itself was not called, so training_step probably calls `self.forward(x)`: block replacement "
+    "captures the blocks' inputs and outputs with module hooks, and PyTorch runs a module's hooks only when the "
+    "module is called (`self(x)`, i.e. `nn.Module.__call__`), never on `self.forward(x)`. HINT: write "
+    "`logits = self(x)` in training_step (the same computation, with the hooks)."
+)
 
 
 class _Replay(nn.Module):
@@ -588,6 +594,10 @@ class BlockReplacementCallback(QuantizationCallback):
         self._check_block_calls(counts)
         root = self._root
         if root is None or counts.get(root, (0, 0))[1] != 1 or root not in self._inputs:
+            if root == "" and counts.get(root, (0, 0)) == (0, 0):
+                raise QuantizationConfigError(
+                    f"The blocks ran in this training step but their module did not. {_FORWARD_HINT}"
+                )
             raise QuantizationConfigError(
                 f"The module {root!r} that holds the blocks was not called exactly once in this training step. "
                 "HINT: call the model once per training_step, e.g. `logits = self(x)`; before calling "
@@ -614,6 +624,13 @@ class BlockReplacementCallback(QuantizationCallback):
             if counts.get(name, (0, 0)) == (1, 1) and isinstance(self._outputs.get(name), Tensor)
         ]
         if not roots:
+            if counts.get("", (0, 0)) == (0, 0) and not any(
+                name in self._inputs for name in _ancestors(self._block_names[0])
+            ):
+                raise QuantizationConfigError(
+                    f"No module that contains all blocks {self._block_names} was called in the training step, although "
+                    f"the blocks were. {_FORWARD_HINT}"
+                )
             raise QuantizationConfigError(
                 f"No module that contains all blocks {self._block_names} was called exactly once with a tensor "
                 "output in the training step. HINT: call the model once in training_step, e.g. `logits = self(x)`."

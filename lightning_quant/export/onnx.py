@@ -577,8 +577,8 @@ class VerificationResult:
         num_samples: samples compared.
         agreement: fraction of samples whose predictions agree: the arg-max class for multi-class outputs
             (``[N, C]``, ``C >= 2``), the sign for one logit per sample (``[N]`` or ``[N, 1]``); ``None`` for any
-            other output (images, sequences, regression) and for outputs without class labels, which
-            ``relative_error`` judges instead (see :func:`verify_onnx`).
+            other output (images, sequences, reconstructions, regression), which ``relative_error`` judges
+            instead (see :func:`verify_onnx`).
         max_abs_diff: largest absolute output difference.
         mean_abs_diff: mean absolute output difference.
         torch_accuracy: accuracy of the PyTorch model (``None`` without labels, or labels that do not fit the
@@ -723,17 +723,16 @@ def _first_tensor(output: Any) -> Tensor:
 
 
 def _task_of(ref: Tensor, inputs: tuple[Tensor, ...], labels: Tensor | None, task: str) -> str:
-    """The task of ``task="auto"``: the labels say what the output is (a classifier's data has class labels)."""
+    """The task of ``task="auto"``, from the output's shape (and float labels, which mark values, not classes)."""
     if task != "auto":
         return task
-    if labels is None or labels.is_floating_point() or not ref.dim() or labels.numel() != ref.shape[0]:
-        return "regression"  # no labels, or float targets: the output is compared as values
+    if labels is not None and labels.is_floating_point():
+        return "regression"  # float targets: a score or a reconstruction, not classes
     if ref.dim() == 2 and ref.shape[1] >= 2:
-        if ref.shape != inputs[0].shape and bool(((labels >= 0) & (labels < ref.shape[1])).all()):
-            return "multiclass"  # (an output shaped like the input is a reconstruction, whatever the labels)
-    elif ref.dim() == 1 or (ref.dim() == 2 and ref.shape[1] == 1):
-        if bool(((labels == 0) | (labels == 1)).all()):
-            return "binary"
+        # an output shaped like the input is a reconstruction (an autoencoder), not class logits
+        return "regression" if ref.shape == inputs[0].shape else "multiclass"
+    if ref.dim() == 1 or (ref.dim() == 2 and ref.shape[1] == 1):
+        return "binary"
     return "regression"
 
 
@@ -837,11 +836,12 @@ def verify_onnx(
     The onnxruntime session is the int8 deployment session of :func:`lightning_quant.export.runtime.create_session`
     (``ORT_ENABLE_ALL``); its optimised graph is saved to a temporary file and counted, so a convolution that
     silently fell back to float is visible in ``float_convs``. Inputs are fed in the dtypes the graph declares
-    (token ids as int64). How outputs are compared (``task="auto"``; the labels tell a classifier): ``[N, C]``
-    logits (``C >= 2``, not shaped like the input) with integer labels in ``[0, C)`` as multi-class (arg-max
-    agreement); ``[N]`` or ``[N, 1]`` with 0/1 labels as one logit (sign agreement); everything else -- no
-    labels, float targets, images, sequences, reconstructions -- by the relative error alone (agreement
-    ``None``). Accuracies are computed only where the labels fit the output.
+    (token ids as int64). How outputs are compared (``task="auto"``): ``[N, C]`` (``C >= 2``) as multi-class
+    logits (arg-max agreement), ``[N]`` or ``[N, 1]`` as one logit (sign agreement), anything else -- images,
+    sequences, an output shaped like the input (a reconstruction), any output with float labels -- by the
+    relative error alone (agreement ``None``); pass ``task`` where the shape misleads (``"regression"`` for a
+    generator's flat images). Accuracies are computed only where the labels fit the output: class ids in
+    ``[0, C)``, or 0/1 for one logit.
 
     Args:
         model: the quantized PyTorch model (evaluated in eval mode; its mode is restored afterwards).

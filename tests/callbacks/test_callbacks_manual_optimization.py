@@ -101,7 +101,8 @@ def test_gan_with_two_optimizers_trains_reallocates_and_exports(tmp_path: Path, 
     L.seed_everything(0)
     gan = GAN()
     before = {n: p.detach().clone() for n, p in gan.named_parameters()}
-    export = QuantizedExport(tmp_path / "generator.onnx")  # input: the module's example_input_array (a latent)
+    # input: the module's example_input_array (a latent); the output is flat images, values rather than logits
+    export = QuantizedExport(tmp_path / "generator.onnx", task="regression")
     qbitopt = BitReallocationCallback(avg_weight_bits=6.0, every_n_steps=2)
     callbacks = [QuantizationAwareTraining(4, 4, num_calibration_batches=1), qbitopt, export]
     L.Trainer(**trainer_kwargs(max_epochs=2, callbacks=callbacks)).fit(gan, _images())
@@ -118,7 +119,7 @@ def test_gan_with_two_optimizers_trains_reallocates_and_exports(tmp_path: Path, 
     assert (tmp_path / "generator.onnx").is_file()
     assert export.result is not None and export.result.task == "regression" and export.result.agreement is None
     assert export.result.relative_error is not None and export.result.relative_error < 1e-4
-    again = verify_onnx(gan, tmp_path / "generator.onnx", [torch.randn(3, LATENT)])  # another batch size runs
+    again = verify_onnx(gan, tmp_path / "generator.onnx", [torch.randn(3, LATENT)], task="regression")  # batch 3
     assert again.num_samples == 3 and again.relative_error < 1e-4
 
 

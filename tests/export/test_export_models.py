@@ -156,7 +156,10 @@ def test_one_logit_agreement_is_the_sign_and_labels_give_accuracy(tmp_path: Path
     assert result.torch_accuracy == 1.0 and result.onnx_accuracy == 0.0
     assert result.relative_error == pytest.approx(2.0, rel=1e-4)  # ||-y - y|| / ||y||
     assert "sign agreement (one logit) 0.0000%" in str(result)
-    # labels that do not fit one logit: no accuracy, and nothing to agree on but the values
-    unlabelled = verify_onnx(model, path, [(x, torch.randint(0, 5, (32,)))])
-    assert unlabelled.agreement is None and unlabelled.torch_accuracy is None
-    assert "agreement undefined" in str(unlabelled) and "agreement" not in unlabelled.as_metrics()
+    # labels that do not fit one logit: no accuracy
+    unfit = verify_onnx(model, path, [(x, torch.randint(0, 5, (32,)))])
+    assert unfit.agreement == 0.0 and unfit.torch_accuracy is None and "torch_accuracy" not in unfit.as_metrics()
+    # float targets: values, not classes; the relative error judges them and agreement is undefined
+    scores = verify_onnx(model, path, [(x, torch.randn(32))])
+    assert scores.task == "regression" and scores.agreement is None and scores.relative_error == pytest.approx(2.0)
+    assert "agreement undefined" in str(scores) and "agreement" not in scores.as_metrics()
