@@ -154,14 +154,16 @@ class QuantizationCallback(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._check_loss_requested(pl_module)
+        self._check_loss_requested(pl_module, outputs)
 
-    def _check_loss_requested(self, pl_module: pl.LightningModule) -> None:
+    def _check_loss_requested(self, pl_module: pl.LightningModule, outputs: Any) -> None:
         """Under the mixin, a loss term that ``training_step`` did not request would silently do nothing.
 
-        Subclasses that override ``on_train_batch_end`` call this (or ``super()``) from it.
+        Subclasses that override ``on_train_batch_end`` call this (or ``super()``) from it. A step that
+        automatic optimization skipped (``training_step`` returned ``None``) is not checked.
         """
-        if self.adds_loss and isinstance(pl_module, QuantizationLossMixin) and not self._loss_requested:
+        skipped = pl_module.automatic_optimization and outputs is None
+        if self.adds_loss and isinstance(pl_module, QuantizationLossMixin) and not self._loss_requested and not skipped:
             raise QuantizationConfigError(
                 f"{type(self).__name__} adds a loss term, but {type(pl_module).__name__}.training_step did not "
                 "request it in this step: with `QuantizationLossMixin` the module adds the suite's terms itself, so "

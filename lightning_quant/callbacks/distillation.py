@@ -182,6 +182,8 @@ class DistillationCallback(QuantizationCallback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._check_optimization(pl_module)  # before student_init touches the model
         if stage == "fit" and not (self._teacher is not None and self._teacher_owner == id(pl_module)):
             source = self._resolve_source(trainer, pl_module)
             self._teacher = frozen_fp_copy(source)
