@@ -2,16 +2,18 @@
 
 In eval mode under ``no_grad`` -- how Lightning validates, tests and predicts, and how an export traces --
 ``nn.TransformerEncoderLayer.forward`` runs one fused kernel (``torch._transformer_encoder_layer_fwd``) that reads
-``linear1.weight``, ``linear2.weight`` and the attention projections directly and never calls the submodules'
-``forward``: a quantized ``linear1`` would be skipped, and the reported metrics would come from a partly float
-model. ``nn.TransformerEncoder`` may further turn padded batches into nested tensors for that path.
+``self_attn.in_proj_weight``, ``self_attn.out_proj.weight``, ``linear1.weight`` and ``linear2.weight`` directly and
+never calls the submodules' ``forward``: a quantized attention (``QuantMultiheadAttention``, whose own forward never
+takes a fused path) or a quantized ``linear1`` would be skipped, and the reported metrics would come from a partly
+float model. ``nn.TransformerEncoder`` may further turn padded batches into nested tensors for that path.
 
-PyTorch documents the conditions of the fast path; one of them is that no forward (pre-)hook is attached to the
-layer or its submodules. :func:`disable_fast_paths` therefore attaches a hook that does nothing to every
-``nn.TransformerEncoderLayer`` that holds a quantized layer (our choice: the least invasive switch that is local to
-the quantized layers, survives ``deepcopy`` and pickling, and leaves the global ``torch.backends.mha`` setting
-alone), and turns off ``use_nested_tensor`` on the encoders around them. :func:`restore_fast_paths` undoes both.
-``quantize_model`` and ``dequantize_model`` call them.
+This module is the one switch at the level of the encoder layer (attention's own fast path is the quantized
+attention's business). PyTorch documents the conditions of the fast path; one of them is that no forward
+(pre-)hook is attached to the layer or its submodules. :func:`disable_fast_paths` therefore attaches a hook that
+does nothing to every ``nn.TransformerEncoderLayer`` that holds a quantized layer (our choice: the least invasive
+switch that is local to the quantized layers, survives ``deepcopy`` and pickling, and leaves the global
+``torch.backends.mha`` setting alone), and turns off ``use_nested_tensor`` on the encoders around them.
+:func:`restore_fast_paths` undoes both. ``quantize_model`` and ``dequantize_model`` call them.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 from torch import nn
 
 from lightning_quant.core.errors import QuantizationConfigError
-from lightning_quant.core.quantizers import UniformQuantizer
-from lightning_quant.surgery.coverage import unquantized_layers
+from lightning_quant.core.quantizers import Quantizer, UniformQuantizer, build_weight_quantizer
+from lightning_quant.surgery.coverage import directly_read_layers, unquantized_layers
 from lightning_quant.surgery.fastpath import disable_fast_paths, restore_fast_paths
 from lightning_quant.surgery.fold import fold_batchnorm
 from lightning_quant.surgery.graph import (
@@ -28,6 +28,7 @@ from lightning_quant.surgery.layers import (
     activation_quantizer,
     quantized_layers,
     quantizers,
+    unsupported_reason,
 )
 from lightning_quant.surgery.spec import LayerSpec, QuantSpec
 
@@ -35,8 +36,32 @@ log = logging.getLogger(__name__)
 
 
 def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Float layers of ``model`` that :func:`quantize_model` can swap, by name, in registration order."""
-    return {name: m for name, m in model.named_modules() if type(m) in QUANTIZED_TYPES}
+    """Float layers of ``model`` that :func:`quantize_model` can swap, by name, in registration order.
+
+    Layers whose parent reads their weight directly instead of calling them are not among them: swapped, they
+    would never run quantized (:func:`~lightning_quant.surgery.coverage.directly_read_layers`).
+    """
+    bypassed = directly_read_layers(model)
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if type(m) in QUANTIZED_TYPES and unsupported_reason(m) is None and name not in bypassed
+    }
+
+
+def layer_candidates(model: nn.Module) -> dict[str, str]:
+    """Every layer a spec may select, float or already quantized: name -> layer type name, in registration order.
+
+    Already-quantized layers take part in pattern checks and the first/last rule, so a second
+    :func:`quantize_model` with the same spec resolves the same way and swaps nothing.
+    """
+    float_layers = quantizable_layers(model)
+    done = quantized_layers(model)
+    return {
+        name: (m.float_type if isinstance(m, QuantizedLayer) else type(m)).__name__
+        for name, m in model.named_modules()
+        if name in float_layers or name in done
+    }
 
 
 def _references(model: nn.Module, target: nn.Module) -> Iterator[tuple[nn.Module, str]]:
@@ -83,14 +108,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> nn.Module
             f"`spec` must be a QuantSpec, got {type(spec).__name__}. HINT: `QuantSpec.from_dict(...)` reads a dict."
         )
     float_layers = quantizable_layers(model)
-    done = quantized_layers(model)
-    # already-quantized layers take part in pattern checks and the first/last rule, so a second call with
-    # the same spec resolves the same way and swaps nothing
-    candidates = {
-        name: (m.float_type if isinstance(m, QuantizedLayer) else type(m)).__name__
-        for name, m in model.named_modules()
-        if name in float_layers or name in done
-    }
+    candidates = layer_candidates(model)
     if not candidates:
         raise QuantizationConfigError(
             f"`model` ({type(model).__name__}) has no layer that can be quantized; supported types are "
@@ -102,6 +120,10 @@ def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> nn.Module
             "The spec selects no layer of `model`: check `include`, `exclude` and `exclude_types` "
             f"against the quantizable layers {list(candidates)[:12]}."
         )
+    for name, layer_spec in resolved.items():
+        if name in float_layers:  # a spec that does not fit its layer fails here, before anything changes
+            layer = float_layers[name]
+            build_weight_quantizer(QUANTIZED_TYPES[type(layer)].float_weight(layer), layer_spec, f"Layer {name!r}")
     if spec.quantize_residuals:
         # an untraceable model fails here, before anything changes; then give each use of a ReLU module that is
         # called twice (torchvision's BasicBlock), and each functional ReLU at an addition, a module of its own,
@@ -121,7 +143,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> nn.Module
     found_residuals = bool(residual_bns or activations or resolved != requested)
     # build everything first: nothing below this point raises on user input
     swaps: dict[nn.Module, nn.Module] = {
-        float_layers[name]: QUANTIZED_TYPES[type(float_layers[name])].from_float(float_layers[name], layer_spec)
+        float_layers[name]: QUANTIZED_TYPES[type(float_layers[name])].from_float(float_layers[name], layer_spec, name)
         for name, layer_spec in resolved.items()
         if name in float_layers
     }
@@ -201,9 +223,7 @@ def _share_activation_quantizers(
         if type(relu) not in OUTPUT_QUANTIZED_TYPES:
             continue  # already quantized
         layers = [swaps.get(modules[c], modules[c]) for c in consumers]
-        layers = [
-            m for m in layers if isinstance(m, QuantizedLayer) and isinstance(m.input_quantizer, UniformQuantizer)
-        ]
+        layers = [m for m in layers if isinstance(m, QuantizedLayer) and isinstance(m.input_quantizer, Quantizer)]
         if layers:
             shared = layers[0].input_quantizer
             for layer in layers[1:]:
@@ -220,22 +240,24 @@ def _follow_requires_grad(swaps: dict[nn.Module, nn.Module]) -> None:
 
     A frozen backbone (frozen by the user, or by Lightning's ``BaseFinetuning``, which freezes and unfreezes by
     ``requires_grad`` and later adds the unfrozen parameters to the optimizer) then gets frozen step sizes too, and
-    unfreezing the backbone's modules unfreezes them with it. A quantizer shared by several layers trains if any of
-    them does; modules without parameters of their own (ReLUs) have no say.
+    unfreezing the backbone's modules unfreezes them with it. Every parameter the swap adds counts (weight and
+    activation quantizers of any kind, the extra weight quantizers of recurrent layers, those of attention's output
+    projection); a quantizer shared by several layers trains if any of them does; modules without parameters of
+    their own (ReLUs) have no say. Parameters are only ever frozen here, never unfrozen.
     """
     trains: dict[nn.Parameter, bool] = {}
     for old, new in swaps.items():
-        own = list(old.parameters(recurse=False))
+        own = list(old.parameters())
         if not own:
             continue
         layer_trains = any(p.requires_grad for p in own)
-        for role in ("weight_quantizer", "input_quantizer", "output_quantizer"):
-            quantizer = getattr(new, role, None)
-            if isinstance(quantizer, UniformQuantizer):
-                for p in quantizer.parameters():
-                    trains[p] = trains.get(p, False) or layer_trains
+        old_ids = {id(p) for p in own}
+        for p in new.parameters():
+            if id(p) not in old_ids:
+                trains[p] = trains.get(p, False) or layer_trains
     for p, flag in trains.items():
-        p.requires_grad_(flag)
+        if not flag:
+            p.requires_grad_(False)
 
 
 def _device(module: nn.Module, model: nn.Module):
@@ -269,6 +291,7 @@ __all__ = [
     "UniformQuantizer",
     "dequantize_model",
     "is_quantized",
+    "layer_candidates",
     "quantizable_layers",
     "quantize_model",
     "set_observing",

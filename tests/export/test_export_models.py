@@ -75,7 +75,7 @@ def _calibrated(model: nn.Module, *inputs: torch.Tensor, bits: int = 4) -> nn.Mo
 def test_attention_model_exported_from_batch_one_runs_at_batch_one_two_and_three(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = _calibrated(TinyViT(), torch.randn(16, 1, 8, 8))
-    assert {"mlp.0", "mlp.2"} <= set(quantized_layers(model))
+    assert {"attn", "attn.out_proj", "mlp.0", "mlp.2"} <= set(quantized_layers(model))  # attention quantized too
     path = export_onnx(model, tmp_path / "vit.onnx", torch.randn(1, 1, 8, 8))  # traced from a batch of 2
     session = create_session(path)
     for batch in (1, 2, 3):
@@ -122,6 +122,8 @@ def test_text_classifiers_are_verified_with_token_ids(architecture, tmp_path: Pa
     torch.manual_seed(0)
     ids = torch.randint(0, VOCAB, (16, SEQ))
     model = _calibrated(architecture(), ids)
+    kinds = {type(layer).__name__ for layer in quantized_layers(model).values()}
+    assert "QuantEmbedding" in kinds and ({"QuantGRU"} <= kinds or {"QuantMultiheadAttention"} <= kinds)
     path = export_onnx(model, tmp_path / "text.onnx", ids[:2])
     assert create_session(path).get_inputs()[0].type == "tensor(int64)"
     labels = model(ids).argmax(dim=1)

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_quant.core.errors import UnsupportedModuleError
 from lightning_quant.export import export_onnx
 from lightning_quant.models import resnet8
 from lightning_quant.surgery import (
@@ -53,7 +52,7 @@ class SwinBlock(nn.Module):
 
 
 class Zoo(nn.Module):
-    """One of each module kind the suite does not quantize yet, around two Linear layers it does."""
+    """The layer kinds users' sequence models are made of (quantized), beside kinds the suite leaves in float."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -61,6 +60,10 @@ class Zoo(nn.Module):
         self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
         self.lstm = nn.LSTM(8, 8, batch_first=True)
         self.gru = nn.GRU(8, 8, batch_first=True)
+        self.cross = nn.MultiheadAttention(8, 2, kdim=4, vdim=4, batch_first=True)  # separate q/k/v weights
+        self.projected = nn.LSTM(8, 8, proj_size=4, batch_first=True)
+        self.bag = nn.EmbeddingBag(20, 4)
+        self.cell = nn.GRUCell(4, 4)
         self.fc = nn.Linear(8, 8)
         self.head = nn.Linear(8, 2)
 
@@ -68,14 +71,17 @@ class Zoo(nn.Module):
         x = self.embedding(ids)
         x = self.attention(x, x, x)[0]
         x = self.gru(self.lstm(x)[0])[0]
-        return self.head(torch.relu(self.fc(x[:, -1])))
+        memory = self.projected(x)[0]
+        x = x + self.cross(x, memory, memory)[0]
+        h = self.cell(self.bag(ids))
+        return self.head(torch.relu(self.fc(x[:, -1]))) + h[:, :2]
 
 
 def _float_warnings(record) -> list[str]:
     return [str(w.message) for w in record if "stay in float" in str(w.message)]
 
 
-def test_layers_whose_weight_the_parent_reads_are_reported_not_silently_quantized(tmp_path) -> None:
+def test_layers_whose_weight_the_parent_reads_stay_float_and_are_reported(tmp_path) -> None:
     torch.manual_seed(0)
     model = SwinBlock()
     expected = {"attn.qkv", "attn.proj"}
@@ -84,28 +90,72 @@ def test_layers_whose_weight_the_parent_reads_are_reported_not_silently_quantize
         quantize_model(model, QuantSpec(first_last_bits=None))
     (message,) = _float_warnings(record)
     assert "attn.qkv (its parent WindowAttention reads `self.qkv.weight` directly" in message
-    summary = str(quantization_summary(model))
-    assert "in float: attn.proj: its parent WindowAttention reads `self.proj.weight` directly" in summary
-    # calibrating cannot help such a layer; export says why instead of asking for calibration
+    # they are not swapped: nothing reports them as quantized, and what runs is what the summary says
+    assert set(quantized_layers(model)) == {"mlp.0", "mlp.2", "head"}
+    assert type(model.attn.qkv) is nn.Linear and type(model.attn.proj) is nn.Linear
+    summary = quantization_summary(model)
+    assert {r.name for r in summary.rows} == {"mlp.0", "mlp.2", "head"}
+    assert "in float: attn.proj: its parent WindowAttention reads `self.proj.weight` directly" in str(summary)
+    # such a model exports (the bypassed layers in float) instead of asking for a calibration that cannot help
     model.train()(torch.randn(4, 5, 8))
-    with pytest.raises(UnsupportedModuleError, match=r"'attn\.qkv' has never seen data: its parent WindowAttention"):
-        export_onnx(model.eval(), tmp_path / "swin.onnx", torch.randn(2, 5, 8))
+    export_onnx(model.eval(), tmp_path / "swin.onnx", torch.randn(2, 5, 8))
 
 
-def test_module_kinds_not_quantized_yet_are_listed_once_with_the_reason() -> None:
+class ReadsAttentionWeights(nn.Module):
+    """A parent that hands attention's packed projection to the functional form itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.attn
+        out = F.multi_head_attention_forward(
+            x, x, x, 8, 2, self.attn.in_proj_weight, a.in_proj_bias, None, None, False, 0.0, a.out_proj.weight,
+            a.out_proj.bias, training=False,
+        )[0]  # fmt: skip
+        return self.head(out)
+
+
+def test_attention_whose_packed_weight_the_parent_reads_stays_float() -> None:
+    model = ReadsAttentionWeights()
+    with pytest.warns(UserWarning, match=r"attn \(its parent ReadsAttentionWeights reads `self.attn.in_proj_weight`"):
+        quantize_model(model, QuantSpec(first_last_bits=None))
+    assert type(model.attn) is nn.MultiheadAttention and set(quantized_layers(model)) == {"head"}
+
+
+def test_sequence_layers_are_quantized_and_only_unsupported_ones_listed() -> None:
+    torch.manual_seed(0)
     model = Zoo()
     with pytest.warns(UserWarning) as record:
         quantize_model(model)
     (message,) = _float_warnings(record)
     assert message.startswith("quantize_model: 4 weight layer(s) of Zoo stay in float:")
-    assert "attention (nn.MultiheadAttention is not quantized yet: its packed input projection" in message
-    assert "out_proj" not in message.split("stay in float:")[1].split("(")[0]  # the projection is not listed again
-    for name in ("embedding (nn.Embedding", "lstm (recurrent", "gru (recurrent"):
-        assert name in message
-    assert set(quantization_summary(model).float_layers) == {"embedding", "attention", "lstm", "gru"}
+    assert "cross (MultiheadAttention: separate q/k/v projection weights" in message
+    assert "projected (LSTM: LSTM projections (proj_size > 0) are not supported)" in message
+    assert "bag (nn.EmbeddingBag weights are not quantized" in message and "cell (recurrent cells" in message
+    assert "out_proj" not in message  # attention's projection belongs to its attention, quantized or not
+    listed = {"cross", "projected", "bag", "cell"}
+    assert set(quantization_summary(model).float_layers) == listed
+    # what is not listed runs quantized: every quantizer of the quantized layers sees data in one forward
+    quantized = quantized_layers(model)
+    assert {"embedding", "attention", "attention.out_proj", "lstm", "gru", "fc", "head"} <= set(quantized)
+    assert not listed & set(quantized)
+    model.train()(torch.randint(0, 20, (3, 5)))
+    for name, layer in quantized.items():
+        assert all(q.is_initialized for _, _, q in layer.quantized_parameters()), name
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         quantize_model(model)  # idempotent: nothing new is quantized, nothing is said again
+
+
+def test_a_float_attention_excluded_by_the_spec_is_not_listed() -> None:
+    model = nn.Sequential(nn.MultiheadAttention(8, 2), nn.Linear(8, 8), nn.Linear(8, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quantize_model(model, QuantSpec(exclude=["0"], first_last_bits=None))
+    assert type(model[0]) is nn.MultiheadAttention and unquantized_layers(model) == {}
 
 
 def test_bits_that_apply_to_no_layer_warn() -> None:
