@@ -18,9 +18,10 @@ Everything else with weights of a quantizable type (Conv, Linear, Embedding, Mul
 runs quantized when selected; ``nn.TransformerEncoderLayer``'s fused inference path is kept off for blocks that
 hold quantized layers (:mod:`~lightning_quant.surgery.fastpath`).
 
-How a direct read is found (our choice; cheap and static): the source of the parent's class mentions
-``self.<name>.weight`` (or the layer's own quantized Parameter, e.g. ``self.<name>.in_proj_weight``) and never
-calls ``self.<name>(...)``. Classes without retrievable source are skipped.
+How a direct read is found (our choice; cheap and static): the source of the parent's class, less its set-up
+methods (``__init__``, ``reset_parameters``, ...), mentions ``self.<name>.weight`` (or the layer's own quantized
+Parameter, e.g. ``self.<name>.in_proj_weight``) and never calls ``self.<name>(...)`` or ``self.<name>.forward(...)``.
+Classes without retrievable source are skipped.
 """
 
 from __future__ import annotations
@@ -52,12 +53,21 @@ UNSUPPORTED_TYPES: dict[type[nn.Module], str] = {
 _SWAPPABLE_BASES = tuple(QUANTIZED_TYPES)
 
 
+#: methods that set weights up rather than compute with them: their reads of ``.weight`` are not a bypass
+_SETUP_METHODS = ("__init__", "reset_parameters", "_reset_parameters", "init_weights", "_init_weights")
+
+
 @functools.cache
 def _class_source(cls: type) -> str | None:
+    """The source of ``cls`` without its set-up methods (``None``: not retrievable)."""
     try:
-        return inspect.getsource(cls)
+        source = inspect.getsource(cls)
+        for method in _SETUP_METHODS:
+            if method in cls.__dict__:
+                source = source.replace(inspect.getsource(cls.__dict__[method]), "")
     except (OSError, TypeError):
         return None
+    return source
 
 
 def _float_type(module: nn.Module) -> type[nn.Module]:
@@ -71,7 +81,7 @@ def _direct_read_reason(parent: nn.Module, attr: str, child: nn.Module) -> str |
     if source is None or not attr.isidentifier():
         return None
     name = re.escape(attr)
-    if re.search(rf"self\.{name}\s*\(", source):
+    if re.search(rf"self\.{name}(\.forward)?\s*\(", source):
         return None
     weight_names = {"weight", QUANTIZED_TYPES[_float_type(child)].WEIGHT_NAME}
     for weight in sorted(weight_names):

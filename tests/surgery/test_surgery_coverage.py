@@ -125,6 +125,29 @@ def test_attention_whose_packed_weight_the_parent_reads_stays_float() -> None:
     assert type(model.attn) is nn.MultiheadAttention and set(quantized_layers(model)) == {"head"}
 
 
+class InitialisesAndCalls(nn.Module):
+    """Reads `.weight` only to initialise it, and calls its layer through `.forward`: the layer runs quantized."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        nn.init.zeros_(self.fc.weight)
+        self.head = nn.Linear(4, 2)
+
+    def reset_parameters(self) -> None:
+        nn.init.xavier_uniform_(self.fc.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.fc.forward(x))
+
+
+def test_reads_that_only_initialise_a_weight_are_not_a_bypass() -> None:
+    model = nn.Sequential(InitialisesAndCalls())
+    assert unquantized_layers(model) == {}
+    quantize_model(model, QuantSpec(first_last_bits=None))
+    assert set(quantized_layers(model)) == {"0.fc", "0.head"}
+
+
 def test_sequence_layers_are_quantized_and_only_unsupported_ones_listed() -> None:
     torch.manual_seed(0)
     model = Zoo()
