@@ -7,6 +7,7 @@ Add a callback to your ``Trainer`` and get a low-bit model, with no change to yo
 """
 
 from lightning_quant.callbacks import (
+    AutoQBCallback,
     BitReallocationCallback,
     BlockReplacementCallback,
     DistillationCallback,
@@ -32,6 +33,7 @@ from lightning_quant.surgery import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AutoQBCallback",
     "BitReallocationCallback",
     "BlockReplacementCallback",
     "DistillationCallback",

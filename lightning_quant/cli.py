@@ -61,12 +61,40 @@ def _quickstart(argv: list[str]) -> int:
     return quickstart_main(argv, prog="lightning-quant quickstart")
 
 
-#: the suite's own subcommands by name (a ``search`` command registers here the same way)
+#: search methods of ``lightning-quant search --method <name>``: each an argparse program taking the other arguments
+SEARCH_METHODS: dict[str, Callable[[list[str], str], int]] = {}
+
+
+def _search_autoqb(argv: list[str], prog: str) -> int:
+    from lightning_quant.search.autoqb import main as autoqb_main
+
+    return autoqb_main(argv, prog=prog)
+
+
+SEARCH_METHODS["autoqb"] = _search_autoqb
+
+
+def _search(argv: list[str]) -> int:
+    """``lightning-quant search --method <name> ...``: dispatch to the method's own program."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="lightning-quant search", add_help=False)
+    parser.add_argument("--method", choices=sorted(SEARCH_METHODS), required="-h" not in argv and "--help" not in argv)
+    known, rest = parser.parse_known_args(argv)
+    if known.method is None:
+        print(f"usage: lightning-quant search --method {{{','.join(sorted(SEARCH_METHODS))}}} [options]")
+        print("`lightning-quant search --method <name> --help` lists the options of a method.")
+        return 0
+    return SEARCH_METHODS[known.method](rest, f"lightning-quant search --method {known.method}")
+
+
+#: the suite's own subcommands by name
 COMMANDS: dict[str, Command] = {
     "quickstart": Command(
         "train a small CNN on scikit-learn's digits (offline), quantize it with QAT, report accuracy and size",
         _quickstart,
     ),
+    "search": Command("search per-layer or per-channel bit widths under a budget (`--method autoqb`)", _search),
 }
 
 
