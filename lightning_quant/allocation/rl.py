@@ -27,8 +27,10 @@ Sources, and what is whose:
   channel's weights, :func:`~lightning_quant.allocation.units.unit_descriptors`); channel groups
   (``channels_per_unit``); ``discount = 0`` by default (every transition already receives the episode's final
   reward, so each step's critic learns the expected final reward of its action -- bootstrapping over a horizon of
-  hundreds of channel steps would only add up later estimates; HAQ's ``discount = 1`` is available); the budget:
-  every proposal is projected onto the budgets by the suite's budget-keeping solver
+  hundreds of channel steps would only add up later estimates; HAQ's ``discount = 1`` is available); the
+  ``"relative"`` low level (the default): a unit's width is its layer's goal plus its action above the layer's mean
+  action (times the width range), so the low level distributes the goal within the layer; the budget: every
+  proposal is shifted onto the budget and rounded by the suite's budget-keeping solver
   (:meth:`~lightning_quant.allocation.units.AllocationProblem.project`), so **every episode's allocation meets the
   budget**, not only the final one; and a fully seeded search (one ``torch.Generator`` for exploration and replay
   sampling, networks initialised from the seed) whose whole state -- networks, optimizers, replay buffers, the
@@ -42,7 +44,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import numpy as np
 import torch
@@ -148,6 +150,18 @@ def truncated_normal(
     u = torch.rand(mean.shape, generator=generator, dtype=torch.float64)
     p = (a + u * (b - a)).clamp(1e-12, 1 - 1e-12)
     return (mean + std * normal.icdf(p)).clamp(low, high)
+
+
+def action_to_width(action: np.ndarray | float, choices: tuple[int, ...]) -> np.ndarray:
+    """Actions in ``[0, 1]`` to continuous widths ``b_min - 0.5 + a (b_max - b_min + 1)``, clipped to ``[b_min,
+    b_max]``: rounded to the nearest width, equal bins for consecutive widths (HAQ's mapping).
+
+    >>> action_to_width(np.array([0.0, 0.5, 1.0]), (1, 2, 3, 4)).tolist()
+    [1.0, 2.5, 4.0]
+    """
+    a = np.clip(np.asarray(action, dtype=np.float64), 0.0, 1.0)
+    low, high = min(choices), max(choices)
+    return np.clip(low - 0.5 + a * (high - low + 1), low, high)
 
 
 def action_to_bits(action: np.ndarray | float, choices: tuple[int, ...]) -> np.ndarray:
@@ -337,8 +351,9 @@ class DDPG:
 # -- agents ------------------------------------------------------------------------------------------------------
 @dataclass
 class Proposal:
-    """What an agent proposes for one episode: one weight width per unit, one input width per layer (``None``: not
-    searched), the high-level goals (hierarchical agent), and the transitions to learn from once rewarded."""
+    """What an agent proposes for one episode: one continuous weight width per unit (the projection shifts and
+    rounds them), one input width per layer (``None``: not searched), the high-level goals (hierarchical agent), and
+    the transitions to learn from once rewarded."""
 
     unit_bits: np.ndarray
     act_bits: np.ndarray | None
@@ -441,7 +456,7 @@ class LayerAgent(_AgentBase):
             actions.append(action)
             previous = action
         acts = torch.stack(actions).double().numpy()
-        layer_bits = action_to_bits(acts[:, 0], problem.bit_choices)
+        layer_bits = action_to_width(acts[:, 0], problem.bit_choices)
         act_bits = action_to_bits(acts[:, 1], problem.act_bit_choices) if self.searches_act else None  # type: ignore[arg-type]
         unit_bits = layer_bits[problem.layout.unit_layer]
         return Proposal(unit_bits, act_bits, steps={"layer": (torch.stack(states), torch.stack(actions))})
@@ -465,14 +480,20 @@ class HierarchicalAgent(_AgentBase):
     (-|mean width of l's proposal - goal_l| / (b_max - b_min))``.
     """
 
+    MODES: ClassVar[tuple[str, ...]] = ("relative", "absolute")
+
     def __init__(
         self,
         problem: AllocationProblem,
         config: DDPGConfig | None = None,
         seed: int = 0,
         intrinsic_weight: float = 0.5,
+        low_level: Literal["relative", "absolute"] = "relative",
     ) -> None:
         super().__init__(problem, config or DDPGConfig(), seed)
+        if low_level not in self.MODES:
+            raise QuantizationConfigError(f"`low_level` must be one of {list(self.MODES)}, got {low_level!r}.")
+        self.low_level = low_level
         if not (
             isinstance(intrinsic_weight, (int, float)) and math.isfinite(intrinsic_weight) and intrinsic_weight >= 0
         ):
@@ -512,7 +533,7 @@ class HierarchicalAgent(_AgentBase):
                 low_actions.append(low_action)
                 previous_low = low_action
         low = torch.stack(low_actions).double().numpy()[:, 0]
-        unit_bits = action_to_bits(low, problem.bit_choices)
+        unit_bits = self.unit_bits(low, goals)
         act_bits = None
         if self.searches_act:
             high = torch.stack(high_actions).double().numpy()
@@ -522,6 +543,18 @@ class HierarchicalAgent(_AgentBase):
             "low": (torch.stack(low_states), torch.stack(low_actions)),
         }
         return Proposal(unit_bits, act_bits, goals, steps)
+
+    def unit_bits(self, low: np.ndarray, goals: np.ndarray) -> np.ndarray:
+        """The units' (continuous) widths from the low-level actions: HAQ's mapping of each action
+        (``"absolute"``), or the layer's goal plus the unit's action above its layer's channel-weighted mean action,
+        times the width range (``"relative"``: the low level only distributes the goal within the layer)."""
+        choices = self.problem.bit_choices
+        if self.low_level == "absolute":
+            return action_to_width(low, choices)
+        layout = self.problem.layout
+        mean = layout.layer_mean_bits(low)[layout.unit_layer]
+        wanted = goals[layout.unit_layer] + (max(choices) - min(choices)) * (low - mean)
+        return np.clip(wanted, min(choices), max(choices))
 
     def intrinsic(self, proposal: Proposal) -> np.ndarray:
         """Per layer: ``-|mean proposed width - goal| / (b_max - b_min)`` (0 at the goal, -1 at worst)."""
@@ -546,7 +579,7 @@ class HierarchicalAgent(_AgentBase):
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "intrinsic_weight": self.intrinsic_weight}
+        return {**super().state_dict(), "intrinsic_weight": self.intrinsic_weight, "low_level": self.low_level}
 
 
 # -- the search loop ---------------------------------------------------------------------------------------------
@@ -568,8 +601,8 @@ class PolicySearch:
             preference for cheaper allocations on top of the hard budget; 0 is HAQ's accuracy-only reward.
 
     Each history record: ``episode``, ``reward``, ``metric``, ``costs`` and ``budgets`` (user units),
-    ``budget_used``, ``projected`` (whether the proposal had to be lowered), ``bits`` (per unit, after
-    projection), ``act_bits``, ``noise``, the agent's losses and ``seconds``. :attr:`best` is the record with the
+    ``budget_used``, ``shift`` (the common offset the projection added to the proposed widths), ``bits`` (per unit,
+    after projection), ``act_bits``, ``noise``, the agent's losses and ``seconds``. :attr:`best` is the record with the
     highest reward (the earliest on ties).
     """
 
@@ -614,7 +647,7 @@ class PolicySearch:
             "costs": dict(projection.costs),
             "budgets": dict(projection.budgets),
             "budget_used": projection.budget_used,
-            "projected": projection.changed,
+            "shift": projection.shift,
             "bits": projection.unit_bits.astype(int).tolist(),
             "act_bits": None if projection.act_bits is None else projection.act_bits.astype(int).tolist(),
             "noise": float(noise(episode)) if callable(noise) else math.nan,
@@ -664,7 +697,7 @@ def random_allocations(problem: AllocationProblem, count: int, generator: torch.
         if problem.act_bit_choices is not None:
             a = torch.rand(problem.layout.num_layers, generator=generator, dtype=torch.float64).numpy()
             acts = action_to_bits(a, problem.act_bit_choices)
-        out.append(problem.project(action_to_bits(unit, problem.bit_choices), acts))
+        out.append(problem.project(action_to_width(unit, problem.bit_choices), acts))
     return out
 
 
@@ -680,6 +713,7 @@ __all__ = [
     "Proposal",
     "ReplayBuffer",
     "action_to_bits",
+    "action_to_width",
     "random_allocations",
     "truncated_normal",
 ]

@@ -12,17 +12,25 @@ budget coefficient (:mod:`.cost`) splits exactly over its units in proportion to
 (:meth:`UnitLayout.split`); the offsets (frozen layers) stay as they are. Every cost stays an integer number of bits
 or bit-operations, so "meets the budget" remains an exact comparison.
 
-The projection (:meth:`AllocationProblem.project`) turns any proposal (one width per unit, and optionally one input
-width per layer) into an allocation that **meets every budget**: the proposal itself when it fits, otherwise the
-solution of the suite's budget-keeping solver (:func:`~lightning_quant.allocation.solvers.allocate`) on the table
-``T[u, j] = (proposal_u - beta_j)**2`` -- the allocation nearest to the proposal in squared bits that fits. Widths
-above a unit's proposal are dominated in that table (they cost more and lie farther), so the projection only ever
-lowers widths; which units it lowers is the solver's trade-off of distance against budget saved, not a fixed order.
-This replaces HAQ's rule (lower every layer by one bit, from the last layer backwards, until the budget holds) by one
-with the solver's guarantee. Input (activation) widths enter only the BOPs budget, which is bilinear in weight and
-input widths: when the proposed input widths leave no feasible weight allocation at all, they are lowered first,
-one step at a time on the layer whose step saves most BOPs (our choice), until the all-minimum weight allocation
-fits.
+The projection (:meth:`AllocationProblem.project`) turns any proposal -- one continuous width per unit, and
+optionally one input width per layer -- into an allocation that **meets every budget** and spends it:
+
+1. the proposal is shifted by the one offset ``t`` (in bits, common to every unit, widths clipped to
+   ``[b_min, b_max]``) at which its continuous cost meets the tightest budget (bisection; costs are monotone in
+   ``t``), so only the *differences* between the proposed widths matter;
+2. the suite's budget-keeping solver (:func:`~lightning_quant.allocation.solvers.allocate`) rounds the shifted
+   widths: it minimises ``sum_u (proposal_u + t - beta_u)**2`` over the allowed widths ``beta`` under the budgets
+   (ties broken towards the wider width), and its result always meets every budget.
+
+Both steps are our choice. HAQ (Wang et al., 2019) keeps proposals under the budget and lowers the others (every
+layer by one bit, from the last one backwards, until the budget holds). With a reward for accuracy alone, each step's
+critic then learns that more bits for *its* unit help, while the lowering takes the price from every unit: measured
+on the synthetic sensitivity problem of the tests, the actors drift to the largest widths and the lowering flattens
+the allocation to nearly uniform. The shift removes that incentive -- a unit gets more bits only by asking for more
+than the others -- and the budget is always spent. Input (activation) widths enter only the BOPs budget, which is
+bilinear in weight and input widths: when the proposed input widths leave no feasible weight allocation at all,
+they are lowered first, one step at a time on the layer whose step saves most BOPs (our choice), until the
+all-minimum weight allocation fits.
 """
 
 from __future__ import annotations
@@ -318,14 +326,14 @@ class Projection:
         act_bits: one input width per layer of the layout (``None``: input widths not searched).
         costs: each budget's cost, in the user's unit, by budget name.
         budgets: each budget, in the user's unit.
-        changed: whether the proposal had to be lowered to fit.
+        shift: the common offset (bits) added to the proposed widths before rounding.
     """
 
     unit_bits: np.ndarray
     act_bits: np.ndarray | None
     costs: dict[str, float]
     budgets: dict[str, float]
-    changed: bool
+    shift: float = 0.0
 
     @property
     def budget_used(self) -> float:
@@ -444,23 +452,51 @@ class AllocationProblem:
         index = np.argmin(np.abs(np.asarray(bits, dtype=np.float64)[:, None] - allowed[None, :]), axis=1)
         return allowed[index].astype(np.int64)
 
-    def project(self, unit_bits: np.ndarray, act_bits: np.ndarray | None = None) -> Projection:
-        """The allocation nearest to the proposal that meets every budget (see the module docs)."""
-        bits = self.snap(unit_bits, self.bit_choices)
+    def project(self, widths: np.ndarray, act_bits: np.ndarray | None = None) -> Projection:
+        """The allocation that spends the budget closest to the proposal's shape (see the module docs).
+
+        Args:
+            widths: one (continuous) proposed weight width per unit.
+            act_bits: one proposed input width per layer of the layout (used when ``act_bit_choices`` is set).
+        """
+        low, high = float(min(self.bit_choices)), float(max(self.bit_choices))
+        proposal = np.clip(np.asarray(widths, dtype=np.float64), low, high)
+        if proposal.shape != (self.layout.num_units,):
+            raise ValueError(f"one width per unit: {self.layout.num_units}, got {proposal.shape}")
         acts = None
         if self.act_bit_choices is not None:
             proposed = self.default_act_bits if act_bits is None else np.asarray(act_bits)
             acts = np.where(self.act_searchable, self.snap(proposed, self.act_bit_choices), self.default_act_bits)
             acts = self._fit_act_bits(acts)
         constraints = self.constraints(acts)
-        changed = False
-        if not all(c.feasible(bits) for c in constraints):
-            choices = np.array(self.bit_choices, dtype=np.float64)
-            table = (bits[:, None].astype(np.float64) - choices[None, :]) ** 2
-            bits = allocate(table, constraints, self.bit_choices, "relaxed").bits.astype(np.int64)
-            changed = True
+        shift = self._shift(proposal, constraints, low, high)
+        target = np.clip(proposal + shift, low, high)
+        choices = np.array(self.bit_choices, dtype=np.float64)
+        # a target half-way between two widths is a tie: the tiny tilt towards the wider one lets the rounding
+        # spend what the budget leaves (uniform targets of 2.5 bits become a mix of 2 and 3 bits, not all 2 bits)
+        table = (target[:, None] - choices[None, :]) ** 2 - 1e-6 * choices[None, :]
+        bits = allocate(table, constraints, self.bit_choices, "relaxed").bits.astype(np.int64)
         costs, budgets = self.measure(bits, acts)
-        return Projection(bits, acts, costs, budgets, changed)
+        return Projection(bits, acts, costs, budgets, float(shift))
+
+    @staticmethod
+    def _shift(proposal: np.ndarray, constraints: Sequence[BudgetConstraint], low: float, high: float) -> float:
+        """The largest common offset at which the clipped continuous proposal meets every budget (bisection)."""
+
+        def fits(t: float) -> bool:
+            widths = np.clip(proposal + t, low, high)
+            return all(c.cost(widths) <= c.budget for c in constraints)
+
+        lower, upper = -(high - low), high - low
+        if fits(upper):
+            return upper
+        for _ in range(50):
+            mid = 0.5 * (lower + upper)
+            if fits(mid):
+                lower = mid
+            else:
+                upper = mid
+        return lower
 
     def _fit_act_bits(self, acts: np.ndarray) -> np.ndarray:
         """Lower input widths until the all-minimum weight allocation meets every budget (BOPs only)."""

@@ -67,7 +67,9 @@ class AutoQBCallback(QuantizationCallback):
     What happens in ``on_fit_start`` (rank 0; the result is broadcast):
 
     1. Fixed batches are drawn under ``seed``: ``calibration_batches`` (and ``finetune_batches``) training batches,
-       and ``eval_batches`` validation batches (training batches after those when there is no validation loader).
+       and ``eval_batches`` validation batches (training batches after those when there is no validation loader);
+       the random generators of the loaders are restored afterwards, so training sees the data it would without the
+       search.
     2. The units: every output channel of every allocatable layer (``level="channel"``; groups of
        ``channels_per_unit`` channels of similar weight norm), or every layer (``level="layer"``, HAQ's agent).
        Layers frozen by the recipe (``first_last_bits``) keep their widths and count in the budget.
@@ -647,7 +649,9 @@ def _train_loader(trainer: pl.Trainer) -> Any:
 
 
 def _val_loader(trainer: pl.Trainer) -> Any:
-    # the loop's own set-up (datamodule or `val_dataloaders`; nothing with limit_val_batches=0 or no validation_step)
+    # the loop's own set-up (datamodule or `val_dataloaders`), when the fit validates at all
+    if not trainer.enable_validation:
+        return None
     trainer.fit_loop.epoch_loop.val_loop.setup_data()
     return trainer.val_dataloaders
 
@@ -661,14 +665,33 @@ def _first_loader(loaders: Any) -> Any:
 
 
 def _take(loader: Any, count: int) -> list[Any]:
+    """The first ``count`` batches of ``loader``, leaving the random generators of the loader and its samplers as
+    they were (a shuffled loader with its own generator then serves the training the same order as without the
+    search)."""
     if loader is None or count <= 0:
         return []
+    generators = _loader_generators(loader)
+    states = [g.get_state() for g in generators]
     out = []
-    for batch in loader:
-        out.append(batch)
-        if len(out) == count:
-            break
+    try:
+        for batch in loader:
+            out.append(batch)
+            if len(out) == count:
+                break
+    finally:
+        for g, state in zip(generators, states, strict=True):
+            g.set_state(state)
     return out
+
+
+def _loader_generators(loader: Any) -> list[torch.Generator]:
+    found: dict[int, torch.Generator] = {}
+    for owner in (loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
+        inner = getattr(owner, "sampler", None)
+        for candidate in (getattr(owner, "generator", None), getattr(inner, "generator", None)):
+            if isinstance(candidate, torch.Generator):
+                found[id(candidate)] = candidate
+    return list(found.values())
 
 
 def _inputs(batch: Any) -> torch.Tensor:
