@@ -9,10 +9,12 @@ Two kinds of subcommands share one entry point:
 
       lightning-quant fit --config configs/trainer.yaml --config configs/quickstart.yaml --trainer.max_epochs=3
 
-* The suite's own commands (``quickstart``; later ``search``), each an ``argparse`` program registered in
-  :data:`COMMANDS` and dispatched before LightningCLI sees the arguments::
+* The suite's own commands (``quickstart``, ``search``), each a program registered in :data:`COMMANDS` and
+  dispatched before LightningCLI sees the arguments::
 
       lightning-quant quickstart --weight-bits 4 --act-bits 4
+      lightning-quant search --config configs/search.yaml --storage journal:///tmp/s.log --study-name digits
+      lightning-quant search --method autoqb --model resnet8 --avg-weight-bits 3 --episodes 100
 """
 
 from __future__ import annotations
@@ -61,8 +63,15 @@ def _quickstart(argv: list[str]) -> int:
     return quickstart_main(argv, prog="lightning-quant quickstart")
 
 
-#: search methods of ``lightning-quant search --method <name>``: each an argparse program taking the other arguments
+#: search methods of ``lightning-quant search --method <name>`` (default ``bomp``): each a program taking the other
+#: arguments and its ``prog``
 SEARCH_METHODS: dict[str, Callable[[list[str], str], int]] = {}
+
+
+def _search_bomp(argv: list[str], prog: str) -> int:
+    from lightning_quant.search.cli import main as search_main
+
+    return search_main(argv, prog=prog)
 
 
 def _search_autoqb(argv: list[str], prog: str) -> int:
@@ -71,21 +80,20 @@ def _search_autoqb(argv: list[str], prog: str) -> int:
     return autoqb_main(argv, prog=prog)
 
 
+SEARCH_METHODS["bomp"] = _search_bomp
 SEARCH_METHODS["autoqb"] = _search_autoqb
 
 
 def _search(argv: list[str]) -> int:
-    """``lightning-quant search --method <name> ...``: dispatch to the method's own program."""
+    """``lightning-quant search [--method <name>] ...``: dispatch to the method's own program (BOMP-NAS's by
+    default)."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="lightning-quant search", add_help=False)
-    parser.add_argument("--method", choices=sorted(SEARCH_METHODS), required="-h" not in argv and "--help" not in argv)
+    parser = argparse.ArgumentParser(prog="lightning-quant search", add_help=False, allow_abbrev=False)
+    parser.add_argument("--method", choices=sorted(SEARCH_METHODS), default="bomp")
     known, rest = parser.parse_known_args(argv)
-    if known.method is None:
-        print(f"usage: lightning-quant search --method {{{','.join(sorted(SEARCH_METHODS))}}} [options]")
-        print("`lightning-quant search --method <name> --help` lists the options of a method.")
-        return 0
-    return SEARCH_METHODS[known.method](rest, f"lightning-quant search --method {known.method}")
+    prog = "lightning-quant search" if known.method == "bomp" else f"lightning-quant search --method {known.method}"
+    return SEARCH_METHODS[known.method](rest, prog)
 
 
 #: the suite's own subcommands by name
@@ -94,7 +102,11 @@ COMMANDS: dict[str, Command] = {
         "train a small CNN on scikit-learn's digits (offline), quantize it with QAT, report accuracy and size",
         _quickstart,
     ),
-    "search": Command("search per-layer or per-channel bit widths under a budget (`--method autoqb`)", _search),
+    "search": Command(
+        "Bayesian search (BOMP-NAS) over per-layer bits and architecture with QAT in the loop; Pareto front; "
+        "`--method autoqb`: reinforcement-learning search of per-channel widths (AutoQB)",
+        _search,
+    ),
 }
 
 

@@ -128,13 +128,15 @@ def layer_costs(model: nn.Module, macs: Mapping[str, int] | None = None) -> Laye
             continue
         seen.add(id(layer))
         names.append(name)
-        params.append(layer.weight.numel())
+        weights = layer.quantized_parameters()
+        params.append(sum(param.numel() for _, param, _ in weights))
         weight_quantizer = layer.weight_quantizer
-        payload.append(weight_quantizer.payload_bits(layer.weight))
+        payload.append(sum(q.payload_bits(param) for _, param, q in weights))
         quantizer = layer.input_quantizer
         abits.append(quantizer.bits if isinstance(quantizer, Quantizer) else FLOAT_ACT_BITS)
-        # a layer allocators can change has one uniform width (they set `bits`); others count at their own size
-        allocatable = weight_quantizer.WIDTH_SETTABLE and isinstance(weight_quantizer.bits, int)
+        # a layer allocators can change has one quantized weight of one uniform width (they set `bits`); others
+        # count at their own size
+        allocatable = len(weights) == 1 and weight_quantizer.WIDTH_SETTABLE and isinstance(weight_quantizer.bits, int)
         frozen.append(bool(layer.layer_spec.frozen) or not allocatable)
     param_array = np.array(params, dtype=np.float64)
     payload_array = np.array(payload, dtype=np.float64)
@@ -161,6 +163,15 @@ def layer_macs(layer: nn.Module, output: Tensor) -> int:
     >>> layer_macs(nn.Linear(16, 4), torch.zeros(2, 4))
     64
     """
+    if isinstance(layer, nn.Embedding):
+        return 0  # a table lookup
+    if isinstance(layer, nn.RNNBase):  # every weight matrix is used once per time step
+        steps = output.shape[1] if layer.batch_first and output.dim() == 3 else output.shape[0]
+        matrices = sum(w.numel() for n, w in layer.named_parameters(recurse=False) if n.startswith("weight_"))
+        return int(steps * matrices)
+    if isinstance(layer, nn.MultiheadAttention):  # the in-projection (the output projection is its own layer)
+        tokens = output.shape[1] if layer.batch_first and output.dim() == 3 else output.shape[0]
+        return int(tokens * 3 * layer.embed_dim * layer.embed_dim)
     per_sample = output[0].numel() if output.dim() > 1 else output.numel()
     if isinstance(layer, nn.modules.conv._ConvNd):
         kernel = int(np.prod(layer.kernel_size))
@@ -187,8 +198,9 @@ class MacTracer:
         self._capture = Capture(model, quantized_layers(model), on_call=self._record)
 
     def _record(self, name: str, module: nn.Module, call: Call) -> None:
-        if isinstance(call.output, Tensor):
-            self.macs[name] = self.macs.get(name, 0) + layer_macs(module, call.output)
+        output = call.output[0] if isinstance(call.output, tuple) and call.output else call.output
+        if isinstance(output, Tensor):
+            self.macs[name] = self.macs.get(name, 0) + layer_macs(module, output)
 
     @property
     def traced(self) -> bool:

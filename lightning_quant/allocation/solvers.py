@@ -365,7 +365,7 @@ def _validate_table(objective: object, bit_choices: Sequence[int], units: int) -
 
 
 # -- rounding -----------------------------------------------------------------------------------------------------
-def _round(inst: _Instance, index: np.ndarray, locked: np.ndarray | None = None) -> np.ndarray:
+def _round(inst: _Instance, index: np.ndarray, locked: np.ndarray | None = None, fill: bool = True) -> np.ndarray:
     """Snap to the ladders, repair until every budget holds, then fill greedily (see the module docstring)."""
     rows = inst.rows
     index = inst.snap[rows, np.asarray(index, dtype=np.int64)]
@@ -389,6 +389,8 @@ def _round(inst: _Instance, index: np.ndarray, locked: np.ndarray | None = None)
             score = np.where(ok, loss / np.where(ok, saved, 1.0), np.inf)
         u = int(np.argmin(score)) if np.isfinite(score).any() else int(np.argmax(np.where(ok, saved, -1.0)))
         index[u] = lower[u]
+    if not fill:
+        return index
     # fill: one ladder step up for the unit with the best objective decrease per budget share, while it fits
     while True:
         upper = inst.up[rows, index]
@@ -434,6 +436,7 @@ def round_to_budget(
     bit_choices: Sequence[int],
     *,
     locked: np.ndarray | None = None,
+    fill: bool = True,
 ) -> np.ndarray:
     """Integer bit widths from ``relaxed`` that meet every budget: floor, repair, then greedy fill.
 
@@ -443,13 +446,16 @@ def round_to_budget(
         constraints: the budgets (all feasible at the all-minimum allocation; see :func:`check_feasible`).
         bit_choices: the allowed widths.
         locked: units the repair must not lower (if the budgets cannot be met otherwise, they are lowered too).
+        fill: raise units again while the budgets allow (the greedy fill); ``False`` stops after the repair, so
+            a feasible ``relaxed`` on the ladders comes back unchanged and an infeasible one is only lowered (the
+            search's feasibility repair of a sampled allocation).
 
     Returns:
         The bit width of each unit, meeting every budget exactly (the budgets' own cost, no tolerance).
     """
     inst = _Instance(objective, constraints, bit_choices)
     locked = None if locked is None else np.asarray(locked, dtype=bool)
-    return inst.bits(_round(inst, inst.floor_index(relaxed), locked))
+    return inst.bits(_round(inst, inst.floor_index(relaxed), locked, fill))
 
 
 # -- output silencing ---------------------------------------------------------------------------------------------

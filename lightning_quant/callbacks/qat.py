@@ -148,6 +148,12 @@ class QuantizationAwareTraining(QuantizationCallback):
     ) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         self._set_observing(pl_module, self.calibrating)
+        # observers update only in training mode, and Lightning keeps each module's own mode at fit start: the
+        # quantizers of a model quantized earlier and then put in eval mode would silently stop observing
+        for layer in quantized_layers(pl_module).values():
+            layer.weight_quantizer.train()
+        for quantizer in activation_quantizers(pl_module).values():
+            quantizer.train()
         if self.freeze_bn_after_epochs is not None and trainer.current_epoch >= self.freeze_bn_after_epochs:
             # re-applied every batch: Lightning restores train mode after validation
             for module in pl_module.modules():

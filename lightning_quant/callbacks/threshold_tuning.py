@@ -425,6 +425,9 @@ class ThresholdTuningCallback(QuantizationCallback):
                 module.eval()
         observing = self.calibrating
         for quantizer in self._quantizers.values():
+            # observers update only in training mode, which Lightning does not set at fit start: a model quantized
+            # earlier and then put in eval mode would otherwise not calibrate at all
+            quantizer.train()
             factors = quantizer.threshold_factors
             quantizer.observing = observing and not (factors is not None and factors.is_calibrated)
         if self._capture is not None:

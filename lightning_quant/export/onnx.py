@@ -243,13 +243,13 @@ def prepare_for_export(model: nn.Module, *, fold_batchnorm: bool = True) -> nn.M
         log.debug("export: folded %d BatchNorm layers", len(folded))
     float_weights = []
     for name, layer in quantized_layers(prepared).items():
-        quantizer = layer.weight_quantizer
-        layer.weight.copy_(quantizer(layer.weight))
-        if quantizer.uniform_grid() is None:
-            layer.weight_quantizer = _FloatWeight(quantizer.bits)
-            float_weights.append(name)
-        else:
-            layer.weight_quantizer = _ExportQuantizer(quantizer, clamp=False)
+        for param_name, param, quantizer in layer.quantized_parameters():
+            param.copy_(quantizer(param))
+            if quantizer.uniform_grid() is None:
+                layer.set_weight_quantizer(param_name, _FloatWeight(quantizer.bits))
+                float_weights.append(name)
+            else:
+                layer.set_weight_quantizer(param_name, _ExportQuantizer(quantizer, clamp=False))
     if float_weights:
         log.warning(
             "export: the weights of %s lie on no uniform grid (float codebooks, or incremental quantization not "

@@ -737,8 +737,17 @@ def _quantized_parts(model: torch.nn.Module) -> tuple[dict[str, Any], set[str]]:
     replaced = set()
     for name, module in quantizers(model).items():
         replaced.update(f"{name}.{key}" for key, _ in module.state_dict().items())
-    replaced.update(f"{name}.weight" for name in layers)
+    replaced.update(f"{name}.{param}" for name, layer in layers.items() for param, _, _ in layer.quantized_parameters())
     return layers, replaced
+
+
+def _quantized_weights(layers: dict[str, Any]) -> list[tuple[str, str, Tensor, Any]]:
+    """``(layer name, state-dict key, Parameter, quantizer)`` of every quantized Parameter of ``layers``."""
+    return [
+        (name, f"{name}.{param_name}", param, quantizer)
+        for name, layer in layers.items()
+        for param_name, param, quantizer in layer.quantized_parameters()
+    ]
 
 
 def pack_codes(codes: Tensor, widths: Tensor, signed: bool) -> tuple[Tensor, int | list[int]]:
@@ -792,10 +801,11 @@ def pack_model(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
 
     Entries (the format of :func:`save_packed`):
 
-    * ``<layer>.weight``: the weight quantizer's codes (``int_repr``: integers on a uniform grid, codebook indices)
-      packed at their storage widths (binary: 1 bit; per-channel widths: one width per output channel, one bit
-      stream), with the quantizer's side tensors (``scale``/``zero_point``, or the codebook packed at its bits and
-      its scale), the quantizer kind and ``ch_axis``.
+    * ``<layer>.<parameter>`` (the quantized Parameter's state-dict key, e.g. ``conv1.weight``): the quantizer's
+      codes (``int_repr``: integers on a uniform grid, codebook indices) packed at their storage widths (binary:
+      1 bit; per-channel widths: one width per output channel, one bit stream), with the quantizer's side tensors
+      (``scale``/``zero_point``, or the codebook packed at its bits and its scale), the quantizer kind and
+      ``ch_axis``.
     * ``<layer>.input_quantizer`` (and every other activation quantizer by its module name, e.g. a residual
       ``<bn>.output_quantizer``): the activation step size and zero point (no payload), ``bits``.
     * every other floating-point tensor of the state dict (biases, BatchNorm, float layers), stored raw under
@@ -814,14 +824,13 @@ def pack_model(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
     spec = QuantSpec.from_model(model)  # raises a clear error for a float model
     layers, replaced = _quantized_parts(model)
     entries: dict[str, dict[str, Any]] = {SPEC_ENTRY: _empty_entry(kind="spec", spec=spec.to_json())}
-    for name, layer in layers.items():
-        quantizer = layer.weight_quantizer
+    for name, key, weight, quantizer in _quantized_weights(layers):
         if getattr(quantizer, "complete", True) is False:
             raise QuantizationConfigError(
                 f"Layer {name!r} is mid-way through incremental quantization: some of its weights are still float, "
                 "so it has no packed form yet. HINT: pack after the last stage (every codebook entry frozen)."
             )
-        codes = quantizer.int_repr(layer.weight)
+        codes = quantizer.int_repr(weight)
         packed, bits = pack_codes(codes, quantizer.code_widths(codes), quantizer.signed_codes)
         entry = {
             "packed": packed,
@@ -833,7 +842,7 @@ def pack_model(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
             "kind": "weight",
         }
         _pack_side(entry, quantizer.side_tensors())
-        entries[f"{name}.weight"] = entry
+        entries[key] = entry
     for name, act in activation_quantizers(model).items():
         entries[name] = _empty_entry(
             kind="activation",
@@ -878,31 +887,31 @@ def load_packed_model(model: torch.nn.Module, path: str | os.PathLike[str]) -> t
     if not is_quantized(model):
         quantize_model(model, QuantSpec.from_json(entries[SPEC_ENTRY]["spec"]))
     layers, _ = _quantized_parts(model)
-    weights = {k.removesuffix(".weight"): e for k, e in entries.items() if e.get("kind") == "weight"}
-    if set(weights) != set(layers):
+    weights = {k: e for k, e in entries.items() if e.get("kind") == "weight"}
+    expected_weights = {key: (weight, quantizer) for _, key, weight, quantizer in _quantized_weights(layers)}
+    if set(weights) != set(expected_weights):
         raise QuantizationConfigError(
-            f"The packed file's quantized layers {sorted(weights)[:6]} do not match the model's "
-            f"{sorted(layers)[:6]}. Load it into the model it was saved from."
+            f"The packed file's quantized weights {sorted(weights)[:6]} do not match the model's "
+            f"{sorted(expected_weights)[:6]}. Load it into the model it was saved from."
         )
-    for name, layer in layers.items():
-        entry = weights[name]
-        quantizer = layer.weight_quantizer
+    for key, (weight, quantizer) in expected_weights.items():
+        entry = weights[key]
         kind = entry.get("quantizer", "uniform")
         if kind != quantizer.KIND:
             raise QuantizationConfigError(
-                f"`{name}.weight` was packed by a {kind!r} quantizer, the model's is {quantizer.KIND!r}. Load it into "
+                f"`{key}` was packed by a {kind!r} quantizer, the model's is {quantizer.KIND!r}. Load it into "
                 "the model it was saved from."
             )
-        expected = tuple(quantizer.int_repr(layer.weight).shape)
+        expected = tuple(quantizer.int_repr(weight).shape)
         if tuple(entry["shape"]) != expected:
             raise QuantizationConfigError(
-                f"`{name}.weight` has codes of shape {expected} in the model, {tuple(entry['shape'])} in the file."
+                f"`{key}` has codes of shape {expected} in the model, {tuple(entry['shape'])} in the file."
             )
         if quantizer.WIDTH_SETTABLE:
             quantizer.bits = tuple(entry["bits"]) if isinstance(entry["bits"], list) else entry["bits"]
         codes = unpack_codes(entry["packed"], entry["bits"], entry["signed"], tuple(entry["shape"]))
         quantizer.load_codes(codes, _unpack_side(entry))
-        layer.weight.copy_(quantizer.dequantize(codes).to(layer.weight))
+        weight.copy_(quantizer.dequantize(codes).to(weight))
     acts = activation_quantizers(model)
     for key, entry in entries.items():
         if entry.get("kind") != "activation":
@@ -979,13 +988,13 @@ def model_size_report(model: torch.nn.Module, *, encodings: bool = False, run_bi
     weight_bytes = scale_bytes = float_bytes = 0
     zero_run_bits = huffman_bits = 0
     fp32_bytes = 0
-    layers = {f"{name}.weight": layer for name, layer in _quantized_parts(model)[0].items()}
+    params = {key: weight for _, key, weight, _ in _quantized_weights(_quantized_parts(model)[0])}
     for key, entry in entries.items():
         kind = entry.get("kind")
         if kind == "weight":
             weight_bytes += entry["packed"].numel()
             scale_bytes += _side_bytes(entry)
-            fp32_bytes += 4 * layers[key].weight.numel()
+            fp32_bytes += 4 * params[key].numel()
             if encodings:
                 codes = unpack_codes(entry["packed"], entry["bits"], entry["signed"], tuple(entry["shape"]))
                 row_bits = entry["bits"] if isinstance(entry["bits"], list) else [entry["bits"]] * codes.shape[0]

@@ -25,6 +25,7 @@ from lightning_quant.surgery.layers import (
     activation_quantizer,
     quantized_layers,
     quantizers,
+    unsupported_reason,
 )
 from lightning_quant.surgery.spec import LayerSpec, QuantSpec
 
@@ -33,7 +34,9 @@ log = logging.getLogger(__name__)
 
 def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Float layers of ``model`` that :func:`quantize_model` can swap, by name, in registration order."""
-    return {name: m for name, m in model.named_modules() if type(m) in QUANTIZED_TYPES}
+    return {
+        name: m for name, m in model.named_modules() if type(m) in QUANTIZED_TYPES and unsupported_reason(m) is None
+    }
 
 
 def layer_candidates(model: nn.Module) -> dict[str, str]:
@@ -105,7 +108,8 @@ def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> nn.Module
         )
     for name, layer_spec in resolved.items():
         if name in float_layers:  # a spec that does not fit its layer fails here, before anything changes
-            build_weight_quantizer(float_layers[name].weight, layer_spec, f"Layer {name!r}")
+            layer = float_layers[name]
+            build_weight_quantizer(QUANTIZED_TYPES[type(layer)].float_weight(layer), layer_spec, f"Layer {name!r}")
     if spec.quantize_residuals:
         # an untraceable model fails here, before anything changes; then give each use of a ReLU module that is
         # called twice (torchvision's BasicBlock), and each functional ReLU at an addition, a module of its own,

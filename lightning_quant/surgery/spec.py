@@ -30,7 +30,17 @@ ScaleMode = Literal["lsq", "observer"]
 ObserverName = Literal["minmax", "moving_average", "percentile", "mse"]
 
 #: layer types that :func:`~lightning_quant.surgery.quantize.quantize_model` can wrap, by class name
-QUANTIZABLE_TYPES: tuple[str, ...] = ("Conv1d", "Conv2d", "Conv3d", "Linear")
+QUANTIZABLE_TYPES: tuple[str, ...] = (
+    "Conv1d",
+    "Conv2d",
+    "Conv3d",
+    "Linear",
+    "Embedding",
+    "MultiheadAttention",
+    "LSTM",
+    "GRU",
+    "RNN",
+)
 
 
 def _check_choice(argument: str, value: object, choices: Iterable[object]) -> None:
@@ -352,7 +362,13 @@ class QuantSpec:
         from lightning_quant.surgery.fold import FoldedBatchNorm  # these modules import this one
         from lightning_quant.surgery.layers import OutputQuantized, quantized_layers
 
-        layers = {name: module.current_spec() for name, module in quantized_layers(model).items()}
+        quantized = quantized_layers(model)
+        # a layer quantized by its parent (attention's output projection) is rebuilt by the parent
+        layers = {
+            name: module.current_spec()
+            for name, module in quantized.items()
+            if not ("." in name and name.rsplit(".", 1)[0] in quantized)
+        }
         if not layers:
             raise QuantizationConfigError(
                 "`model` has no quantized layer: call `quantize_model(model, spec)` (or train with a "

@@ -94,7 +94,11 @@ def quantization_summary(model: nn.Module) -> QuantizationSummary:
     Tensors shared between layers are counted once; observer statistics are not part of the model's size.
     """
     layers = quantized_layers(model)
-    payload = {id(layer.weight): layer.weight_quantizer.payload_bits(layer.weight) for layer in layers.values()}
+    payload = {
+        id(param): quantizer.payload_bits(param)
+        for layer in layers.values()
+        for _, param, quantizer in layer.quantized_parameters()
+    }
     all_quantizers = quantizers(model)
     quantizer_names = tuple(f"{name}." for name in all_quantizers)
     fp32_bits = quantized_bits = 0
@@ -108,19 +112,17 @@ def quantization_summary(model: nn.Module) -> QuantizationSummary:
     rows = []
     for name, layer in layers.items():
         spec = layer.current_spec()
-        side_bits = sum(
-            q.side_bits()
-            for q in (layer.weight_quantizer, layer.input_quantizer, layer.output_quantizer)
-            if isinstance(q, Quantizer)
-        )
-        layer_payload = payload[id(layer.weight)]
+        weights = layer.quantized_parameters()
+        quantizer_modules = [q for _, _, q in weights] + [layer.input_quantizer, layer.output_quantizer]
+        side_bits = sum(q.side_bits() for q in quantizer_modules if isinstance(q, Quantizer))
+        layer_payload = sum(payload[id(param)] for _, param, _ in weights)
         rows.append(
             LayerRow(
                 name,
                 layer.float_type.__name__,
                 spec.weight_bits,
                 spec.act_bits,
-                layer.weight.numel(),
+                sum(param.numel() for _, param, _ in weights),
                 layer_payload + side_bits,
                 layer_payload,
                 layer.weight_quantizer.KIND,

@@ -169,6 +169,20 @@ def test_rounding_repairs_an_infeasible_start() -> None:
     assert round_to_budget(np.full(3, 2.0), ones, [loose], range(2, 9)).tolist() == [8, 8, 8]
 
 
+def test_rounding_without_fill_only_lowers_and_keeps_feasible_starts() -> None:
+    params = np.array([10.0, 20.0, 30.0])
+    c = BudgetConstraint("size_bits", params, 180.0)
+    ones = noise_objective_table(np.ones(3), range(2, 9))
+    # a feasible start comes back as it is (the fill would raise it to [3, 3, 3])
+    assert round_to_budget(np.full(3, 2.0), ones, [c], range(2, 9), fill=False).tolist() == [2, 2, 2]
+    start = np.array([8.0, 2.0, 5.0])
+    bits = round_to_budget(start, ones, [c], range(2, 9), fill=False)
+    assert c.cost(bits) <= 180.0 and np.all(bits <= start)
+    # no fill after the repair: one step up from the result on any unit would not fit, or the fill's result is higher
+    filled = round_to_budget(start, ones, [c], range(2, 9))
+    assert c.cost(filled) <= 180.0 and filled.sum() >= bits.sum()
+
+
 def test_budget_at_the_exact_uniform_cost_is_met() -> None:
     """An average of exactly 3 bits must give exactly 3 bits everywhere with equal sensitivity per parameter."""
     params = np.array([432.0, 2400.0, 48000.0, 10080.0, 850.0])

@@ -72,8 +72,15 @@ def test_search_command_needs_one_budget_and_a_known_method(capsys) -> None:
         cli_main(["search", "--method", "annealing"])
     assert exit_info.value.code == 2
     assert "invalid choice: 'annealing'" in capsys.readouterr().err
-    assert cli_main(["search", "--help"]) == 0
-    assert "--method {autoqb}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["search", "--method", "autoqb", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "lightning-quant search --method autoqb" in out and "--channels-per-unit" in out
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["search", "--help"])  # BOMP-NAS, the default method, names the other one
+    assert exit_info.value.code == 0
+    assert "--method autoqb" in capsys.readouterr().out
 
 
 def test_shipped_config_parses(capsys) -> None:
