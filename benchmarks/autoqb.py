@@ -101,7 +101,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
             )
             callbacks.append(autoqb)
         timer = _FitStartTimer()
-        trainer = quiet_trainer(args.qat_epochs, [*callbacks, timer], out)
+        # a few validation batches per epoch (every variant alike): the search measures accuracy on validation batches
+        trainer = quiet_trainer(args.qat_epochs, [*callbacks, timer], out, val_batches=args.eval_batches)
         start = time.perf_counter()
         trainer.fit(model, seeded)
         seconds = time.perf_counter() - start

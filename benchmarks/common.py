@@ -11,8 +11,9 @@ from pathlib import Path
 import lightning as L
 
 
-def quiet_trainer(epochs: int, callbacks: list, root: Path, max_steps: int = -1) -> L.Trainer:
-    """A CPU Trainer with no logger, checkpoints, progress bar or validation: only the work being measured."""
+def quiet_trainer(epochs: int, callbacks: list, root: Path, max_steps: int = -1, val_batches: int = 0) -> L.Trainer:
+    """A CPU Trainer with no logger, checkpoints, progress bar or validation (``val_batches`` validation batches per
+    epoch where a callback needs a validation loader): only the work being measured."""
     return L.Trainer(
         accelerator="cpu",
         max_epochs=epochs,
@@ -24,7 +25,7 @@ def quiet_trainer(epochs: int, callbacks: list, root: Path, max_steps: int = -1)
         enable_model_summary=False,
         default_root_dir=root,
         num_sanity_val_steps=0,
-        limit_val_batches=0,
+        limit_val_batches=val_batches,
     )
 
 

@@ -35,7 +35,7 @@ from lightning_quant.allocation.units import (
 )
 from lightning_quant.surgery import quantize_model, quantized_layers
 
-FAST = DDPGConfig(hidden=64, actor_lr=1e-3, critic_lr=1e-3, warmup_episodes=10, noise_decay=0.95)
+FAST = DDPGConfig(hidden=64, actor_lr=1e-3, critic_lr=1e-3, warmup_episodes=10, noise_decay=0.95, updates_per_step=0.5)
 
 
 @pytest.fixture(autouse=True)
