@@ -81,8 +81,9 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
         autoqb = None
         if name == "QBitOpt":
             steps = args.qat_epochs * (args.train_subset or 55000) // 128
+            every = max(1, min(25, steps // 4))  # at least two reallocations before the freeze at half the steps
             callbacks.append(
-                BitReallocationCallback(size_budget=budget, every_n_steps=25, freeze_after=steps // 2, plot=False)
+                BitReallocationCallback(size_budget=budget, every_n_steps=every, freeze_after=steps // 2, plot=False)
             )
         if name.startswith("AutoQB"):
             level = "channel" if "channel" in name else "layer"
