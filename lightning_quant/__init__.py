@@ -8,6 +8,7 @@ Add a callback to your ``Trainer`` and get a low-bit model, with no change to yo
 
 from lightning_quant.allocation.orthogonality import orthogonal_allocation
 from lightning_quant.callbacks import (
+    AutoQBCallback,
     BitReallocationCallback,
     BlockReplacementCallback,
     DistillationCallback,
@@ -48,6 +49,7 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "AutoQBCallback",
     "BitReallocationCallback",
     "BlockReplacementCallback",
     "DistillationCallback",

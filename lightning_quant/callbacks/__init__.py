@@ -1,5 +1,6 @@
 """Lightning callbacks, one technique per file, on the shared template of :mod:`.base`."""
 
+from lightning_quant.callbacks.autoqb import AutoQBCallback
 from lightning_quant.callbacks.base import QuantizationCallback, QuantizationLossMixin
 from lightning_quant.callbacks.bit_reallocation import BitReallocationCallback
 from lightning_quant.callbacks.block_replacement import BlockReplacementCallback
@@ -12,6 +13,7 @@ from lightning_quant.callbacks.qat import QuantizationAwareTraining
 from lightning_quant.callbacks.threshold_tuning import ThresholdTuningCallback
 
 __all__ = [
+    "AutoQBCallback",
     "BitReallocationCallback",
     "BlockReplacementCallback",
     "DistillationCallback",

@@ -31,6 +31,12 @@ _NAMING_HINT = (
     'stages of a ResNet (`backbone.layer1`, ..., or `blocks="auto"`), the entries of a `features` Sequential, or '
     "the top-level children of a plain sequence of layers."
 )
+_FORWARD_HINT = (
+    "The LightningModule itself was not called, so training_step probably calls `self.forward(x)`: block replacement "
+    "captures the blocks' inputs and outputs with module hooks, and PyTorch runs a module's hooks only when the "
+    "module is called (`self(x)`, i.e. `nn.Module.__call__`), never on `self.forward(x)`. HINT: write "
+    "`logits = self(x)` in training_step (the same computation, with the hooks)."
+)
 
 
 class _Replay(nn.Module):
@@ -302,6 +308,8 @@ class BlockReplacementCallback(QuantizationCallback):
     # -- set-up ----------------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._check_optimization(pl_module)  # before any work on the model
         if not quantizable_layers(pl_module) and not is_quantized(pl_module):
             raise QuantizationConfigError(
                 f"`model` ({type(pl_module).__name__}) has no layer that can be quantized (Conv/Linear), so "
@@ -424,6 +432,7 @@ class BlockReplacementCallback(QuantizationCallback):
         step = time.perf_counter() - self._step_start
         if step > 0 and self._extra_seconds > 0:
             self.log_metric(pl_module, "overhead", self._extra_seconds / step)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     @override
     def extra_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Tensor | None:
@@ -571,6 +580,10 @@ class BlockReplacementCallback(QuantizationCallback):
         self._check_block_calls(counts)
         root = self._root
         if root is None or counts.get(root, (0, 0))[1] != 1 or root not in self._inputs:
+            if root == "" and counts.get(root, (0, 0)) == (0, 0):
+                raise QuantizationConfigError(
+                    f"The blocks ran in this training step but their module did not. {_FORWARD_HINT}"
+                )
             raise QuantizationConfigError(
                 f"The module {root!r} that holds the blocks was not called exactly once in this training step. "
                 "HINT: call the model once per training_step, e.g. `logits = self(x)`; before calling "
@@ -597,6 +610,13 @@ class BlockReplacementCallback(QuantizationCallback):
             if counts.get(name, (0, 0)) == (1, 1) and isinstance(self._outputs.get(name), Tensor)
         ]
         if not roots:
+            if counts.get("", (0, 0)) == (0, 0) and not any(
+                name in self._inputs for name in _ancestors(self._block_names[0])
+            ):
+                raise QuantizationConfigError(
+                    f"No module that contains all blocks {self._block_names} was called in the training step, although "
+                    f"the blocks were. {_FORWARD_HINT}"
+                )
             raise QuantizationConfigError(
                 f"No module that contains all blocks {self._block_names} was called exactly once with a tensor "
                 "output in the training step. HINT: call the model once in training_step, e.g. `logits = self(x)`."

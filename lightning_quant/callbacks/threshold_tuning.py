@@ -308,6 +308,8 @@ class ThresholdTuningCallback(QuantizationCallback):
     # -- set-up ----------------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._check_optimization(pl_module)  # before any work on the model
         if not quantizable_layers(pl_module) and not is_quantized(pl_module):
             raise QuantizationConfigError(
                 f"`model` ({type(pl_module).__name__}) has no layer that can be quantized (Conv/Linear), so "
@@ -508,6 +510,7 @@ class ThresholdTuningCallback(QuantizationCallback):
         if factors and not calibrated_this_batch:
             alpha = sum(float(f.factors()[0].detach()) for f in factors) / len(factors)
             self.log_metric(pl_module, "alpha_mean", alpha)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def _finish_calibration(self) -> None:
         for quantizer in self._quantizers.values():
