@@ -29,6 +29,7 @@ from lightning_quant.core.functional import (
     scale_zero_point_from_bounds,
     validate_bits,
 )
+from lightning_quant.core.fused import lsq_fake_quantize_fast
 from lightning_quant.core.observers import make_observer
 from lightning_quant.core.thresholds import ThresholdFactors
 
@@ -223,7 +224,9 @@ class UniformQuantizer(nn.Module):
         if self.is_binary:
             out = binarize(x, scale, self.ch_axis, self.grad_factor(x) if self.learnable else 0.0)
         elif self.learnable and not observed and torch.is_grad_enabled():
-            return lsq_fake_quantize(x, scale, self.zero_point, self.qmin, self.qmax, self.ch_axis, self.grad_factor(x))
+            return lsq_fake_quantize_fast(
+                x, scale, self.zero_point, self.qmin, self.qmax, self.ch_axis, self.grad_factor(x)
+            )
         else:
             out = fake_quantize(x, scale.detach(), self.zero_point, self.qmin, self.qmax, self.ch_axis)
         if observed and self.learnable and torch.is_grad_enabled():
