@@ -29,8 +29,14 @@ functorch transforms, and on devices other than CPU and CUDA. Tensors with fewer
 elements take aten's kernel without a log line: for them the call overhead of a compiled function is larger
 than the gain (measured on ResNet-20's weights), and the results are the same either way.
 
+A compiled kernel that fails at run time (e.g. dynamo's recompile limit, reached after many changes of global
+state such as the thread count or the deterministic-algorithms flag, each of which recompiles the same kernel)
+hands that call to aten (a failed backward to aten's backward operator, with the same gradients), switches its
+variant off and logs once.
+
 Bit widths, zero points, step sizes and LSQ's gradient factor are passed to the compiled kernels as tensors and
-the shapes are dynamic, so changing the bit width during training (QBitOpt) recompiles nothing.
+the shapes are dynamic, so changing the bit width during training (QBitOpt) recompiles nothing; the kernels run
+with autocast off (they hold no autocast operator), so bf16-mixed training compiles no second graph either.
 
 Memory: the forward saves for backward only a reference to its input (no copy for float32 inputs and for
 contiguous per-tensor ones) and the one-element (per-channel: C-element) step, reciprocal and zero point. aten's
