@@ -11,8 +11,10 @@ How the equality is kept (our choices, checked on every machine before the path 
 
 * the same arithmetic as aten's per-channel learnable kernels (which :func:`lsq_fake_quantize` also uses for
   per-tensor grids, on a one-channel view): ``x * (1/s)`` with the reciprocal computed once in float32, the zero
-  point rounded half to even and clamped to the grid, round half to even, and in backward the fused
-  multiply-adds that aten's compiled kernel uses (``round(fma(x, 1/s, z))`` and ``fma(q - z, s, -x)``);
+  point rounded half to even and clamped to the grid, round half to even, and in backward the rounding that
+  aten's compiled kernel uses on the device, detected once per device type from aten's own gradients (on x86 and
+  ARM CPUs its compiler contracted them into fused multiply-adds: ``round(fma(x, 1/s, z))`` and
+  ``fma(q - z, s, -x)``; recent CUDA kernels round ``x * (1/s)`` before adding ``z``);
 * the conversion of the rounded value to int64 that aten does is reproduced: on x86 CPUs a NaN or an
   out-of-range value becomes INT64_MIN (the grid's lowest point), on CUDA and ARM NaN becomes 0 and large values
   saturate;
@@ -79,6 +81,20 @@ min_numel: int = 16384
 _TWO_63 = 2.0**63  # float32 values at or beyond this convert to an out-of-range int64
 
 
+@dataclass(frozen=True)
+class _Numerics:
+    """How aten's learnable backward kernel rounds on a device (found by :func:`_detect_numerics`).
+
+    ``rounding``: ``"fma"`` -- ``round(fma(x, 1/s, z))`` (aten's CPU kernel, compiled with FMA contraction), or
+    ``"then_add"`` -- ``round(x * (1/s)) + z`` (the form of recent CUDA kernels). ``error``: the in-range step
+    gradient's ``q*s - x`` as ``"fma"`` (one rounding) or ``"separate"`` (two).
+    """
+
+    int64: str
+    rounding: str
+    error: str
+
+
 @dataclass
 class _State:
     enabled: bool = os.environ.get(ENV_ENABLE, "1").strip().lower() not in ("0", "false", "off", "no")
@@ -90,6 +106,7 @@ class _State:
     compile_seconds: dict[str, float] = field(default_factory=dict)
     fallbacks: dict[str, int] = field(default_factory=dict)
     checking: bool = False  # inside the self-check: kernel failures propagate instead of falling back
+    numerics: dict[str, _Numerics] = field(default_factory=dict)  # per device type
 
 
 _state = _State()
@@ -163,11 +180,12 @@ def _make_forward(semantics: str) -> Callable[..., Tensor]:
     return forward
 
 
-def _make_backward(semantics: str, with_zero_point: bool) -> Callable[..., tuple[Tensor, ...]]:
+def _make_backward(numerics: _Numerics, with_zero_point: bool) -> Callable[..., tuple[Tensor, ...]]:
     # registers torch.ops.prims.fma: one rounding inside compiled code (eagerly it rounds twice)
     import torch._inductor.inductor_prims
 
     fma = torch.ops.prims.fma
+    semantics, rounding, error = numerics.int64, numerics.rounding, numerics.error
 
     def backward(
         grad: Tensor, x: Tensor, scale: Tensor, inv_scale: Tensor, zero_point: Tensor, params: Tensor
@@ -175,12 +193,19 @@ def _make_backward(semantics: str, with_zero_point: bool) -> Callable[..., tuple
         qmin, qmax, grad_factor = params[0], params[1], params[2]
         xf = x.float()
         dy = grad.float()
-        r = _as_int64(torch.round(fma(xf, inv_scale, zero_point)), semantics)
+        if rounding == "fma":
+            r = _as_int64(torch.round(fma(xf, inv_scale, zero_point)), semantics)
+        else:
+            r = _as_int64(torch.round(xf * inv_scale) + zero_point, semantics)
         low = r < qmin
         high = r > qmax
         inside = ~(low | high)
         grad_x = (dy * inside.to(torch.float32)).to(x.dtype)
-        inner = dy * fma(torch.clamp(r, qmin, qmax) - zero_point, scale, -xf) * inv_scale
+        represented = torch.clamp(r, qmin, qmax) - zero_point
+        if error == "fma":
+            inner = dy * fma(represented, scale, -xf) * inv_scale
+        else:
+            inner = dy * (represented * scale - xf) * inv_scale
         grad_scale = torch.where(low, dy * (qmin - zero_point), torch.where(high, dy * (qmax - zero_point), inner))
         grad_scale = grad_scale * grad_factor
         if not with_zero_point:
@@ -206,11 +231,11 @@ def _compiled(device_type: str, layout: str, dtype: torch.dtype, kernel: str) ->
     key = (device_type, layout, dtype, kernel)
     fn = _state.compiled.get(key)
     if fn is None:
-        semantics = _int64_semantics(device_type)
+        numerics = _state.numerics[device_type]
         if kernel == "forward":
-            raw = _make_forward(semantics)
+            raw = _make_forward(numerics.int64)
         else:
-            raw = _make_backward(semantics, with_zero_point=kernel == "backward_zp")
+            raw = _make_backward(numerics, with_zero_point=kernel == "backward_zp")
         tag = "_".join([device_type, layout, str(dtype).removeprefix("torch."), kernel]).replace("-", "_")
         fn = torch.compile(_own_code(raw, tag), dynamic=True, fullgraph=True)
         _state.compiled[key] = fn
@@ -416,6 +441,49 @@ def _self_check(device: torch.device, layout: str, dtype: torch.dtype, with_zp: 
     return None
 
 
+def _detect_numerics(device: torch.device) -> _Numerics | None:
+    """Which rounding aten's learnable backward kernel uses on ``device``, from its per-element step gradients.
+
+    The inputs lie one to three ulps from rounding ties with ``|x/s|`` in [8, 16) and a zero point of 3, where
+    float64 computes every candidate form exactly; ``None`` unless exactly one candidate reproduces every element.
+    """
+    g = torch.Generator().manual_seed(1)
+    n = 4096
+    step, zp = torch.tensor(0.0371), 3.0
+    k = torch.randint(8, 16, (n,), generator=g).double()
+    ties = ((k + 0.5) * step.double()).float()
+    ulps = torch.randint(-3, 4, (n,), generator=g)
+    x = torch.where(ulps == 0, ties, torch.nextafter(ties, torch.where(ulps < 0, -torch.inf, torch.inf)))
+    inv = 1.0 / step
+    # one channel per element: aten's "sum" over the other dimensions leaves the per-element gradients
+    _, per_element, _ = torch.ops.aten._fake_quantize_learnable_per_channel_affine_backward(
+        torch.ones(n, 1, device=device),
+        x.reshape(n, 1).to(device),
+        step.expand(n).contiguous().to(device),
+        torch.full((n,), zp, device=device),
+        0,
+        0,
+        255,
+        1.0,
+    )
+    per_element = per_element.cpu()
+    roundings = {
+        "fma": torch.round((x.double() * inv.double() + zp).float()),
+        "then_add": torch.round(x * inv) + zp,
+    }
+    matches = []
+    for rounding, r in roundings.items():
+        represented = torch.clamp(r, 0, 255) - zp
+        errors = {
+            "fma": (represented.double() * step.double() - x.double()).float(),
+            "separate": represented * step - x,
+        }
+        matches += [(rounding, error) for error, e in errors.items() if torch.equal(e * inv, per_element)]
+    if len(matches) != 1:
+        return None
+    return _Numerics(_int64_semantics(device.type), *matches[0])
+
+
 def _readiness(device: torch.device, layout: str, dtype: torch.dtype, with_zp: bool) -> str | None:
     key = (device.type, layout, dtype, with_zp)
     if key in _state.ready:
@@ -427,8 +495,15 @@ def _readiness(device: torch.device, layout: str, dtype: torch.dtype, with_zp: b
 
             if not has_triton():
                 raise RuntimeError("Triton is not installed")
-        _state.checking = True
-        reason = _self_check(device, layout, dtype, with_zp)
+        if device.type not in _state.numerics:
+            numerics = _detect_numerics(device)
+            if numerics is not None:
+                _state.numerics[device.type] = numerics
+        if device.type in _state.numerics:
+            _state.checking = True
+            reason = _self_check(device, layout, dtype, with_zp)
+        else:
+            reason = f"aten's fake-quant backward on {device.type} rounds in a way this module does not reproduce"
     except Exception as err:  # a missing or failing compiler must not stop training: fall back to aten
         err = err.__cause__ if isinstance(err, _KernelFailed) and err.__cause__ is not None else err
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
