@@ -1,11 +1,11 @@
 """QBitOpt benchmarks: solver time and quality, and (optionally) MNIST accuracy of the reallocation.
 
-Part 1 (default, seconds): solve time of :func:`~lightning_quant.allocation.solve_relaxed` (cvxpy convex
-relaxation + budget-keeping rounding) and :func:`~lightning_quant.allocation.solve_milp` (HiGHS) for 20, 100
-and 300 layers under an average-weight-bit budget of 3.0 with bit choices 2..8. Layer sizes are log-uniform in
-[1e3, 1e6] parameters and sensitivities log-normal (sigma 2), seeded. Reported: the first solve (cvxpy compiles
-the relaxed problem once per shape), the median of the following ``--repeats`` solves (new sensitivities each,
-as during training), the relaxed result's objective over the MILP's, and the budget used.
+Part 1 (default, seconds): solve time of :func:`~lightning_quant.allocation.solve_relaxed` (LP relaxation of
+the noise-model table in cvxpy/HiGHS + budget-keeping rounding) and :func:`~lightning_quant.allocation.solve_milp`
+(HiGHS) for 20, 100 and 300 layers under an average-weight-bit budget of 3.0 with bit choices 2..8. Layer sizes
+are log-uniform in [1e3, 1e6] parameters and sensitivities log-normal (sigma 2), seeded. Reported: the first solve
+(cvxpy compiles the relaxed problem once per shape), the median of the following ``--repeats`` solves (new
+sensitivities each, as during training), the relaxed result's objective over the MILP's, and the budget used.
 
 Part 2 (``--mnist``, heavy: tens of minutes on 2 cores): ResNet-8 on MNIST from one FP checkpoint, then QAT
 (LSQ, inputs 8-bit, first/last layer 8-bit) with
@@ -45,7 +45,7 @@ from common import (  # benchmarks/common.py (the script's folder is on sys.path
     write_section,
 )
 
-from lightning_quant.allocation import BudgetConstraint, solve_milp, solve_relaxed
+from lightning_quant.allocation import BudgetConstraint, noise_objective_table, solve_milp, solve_relaxed
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = "## QBitOpt bit allocation"
@@ -66,13 +66,13 @@ def time_solvers(sizes: list[int], repeats: int, milp_time_limit: float) -> list
     for n in sizes:
         rng = np.random.default_rng(n)
         sens, constraint = random_problem(n, rng)
-        first = solve_relaxed(sens, [constraint], range(2, 9)).seconds
+        first = solve_relaxed(noise_objective_table(sens, range(2, 9)), [constraint], range(2, 9)).seconds
         relaxed_t, milp_t, ratios, used = [], [], [], []
         milp_first = None
         for _ in range(repeats):
-            sens = rng.lognormal(0, 2, n)
-            relaxed = solve_relaxed(sens, [constraint], range(2, 9))
-            milp = solve_milp(sens, [constraint], range(2, 9), time_limit=milp_time_limit)
+            table = noise_objective_table(rng.lognormal(0, 2, n), range(2, 9))
+            relaxed = solve_relaxed(table, [constraint], range(2, 9))
+            milp = solve_milp(table, [constraint], range(2, 9), time_limit=milp_time_limit)
             milp_first = milp.seconds if milp_first is None else milp_first
             relaxed_t.append(relaxed.seconds)
             milp_t.append(milp.seconds)
@@ -186,7 +186,8 @@ def mnist(args: argparse.Namespace) -> list[dict]:
             sens = hutchinson_sensitivities(pl_module, loss_fn, self.samples, torch.Generator().manual_seed(0))
             costs = layer_costs(pl_module)
             names = [n for n, f in zip(costs.names, costs.frozen, strict=True) if not f]
-            result = solve_milp(np.array([sens[n] for n in names]), [avg_bits_constraint(costs, self.avg)], range(2, 9))
+            table = noise_objective_table(np.array([sens[n] for n in names]), range(2, 9))
+            result = solve_milp(table, [avg_bits_constraint(costs, self.avg)], range(2, 9))
             layers = quantized_layers(pl_module)
             for n, b in zip(names, result.bits, strict=True):
                 layers[n].weight_quantizer.bits = int(b)
@@ -246,10 +247,10 @@ def section(args: argparse.Namespace, solver_rows: list[dict], mnist_rows: list[
     text = f"""{HEADER}
 
 Solve time of one bit allocation (average weight bits ≤ 3.0, bit choices 2..8, random layer sizes log-uniform
-in [1e3, 1e6] parameters, log-normal sensitivities, seeded). *relaxed* = cvxpy convex relaxation (CLARABEL) +
-floor + greedy fill, which always meets the budget; *MILP* = the exact optimum with HiGHS. The first relaxed solve
-includes cvxpy's one-off compilation of the problem for that layer count; the callback re-solves the same
-compiled problem with new sensitivities (the median column). {args.repeats} solves per size.
+in [1e3, 1e6] parameters, log-normal sensitivities, seeded). *relaxed* = LP relaxation (cvxpy, HiGHS) +
+budget-keeping rounding and local search, which always meets the budget; *MILP* = the exact optimum with HiGHS.
+The first relaxed solve includes cvxpy's one-off compilation of the problem for that layer count; the callback
+re-solves the same compiled problem with new sensitivities (the median column). {args.repeats} solves per size.
 
 ```
 {command}

@@ -17,9 +17,11 @@ from lightning_quant.callbacks import (
     ThresholdTuningCallback,
 )
 from lightning_quant.core.errors import QuantizationConfigError, UnsupportedModuleError
+from lightning_quant.core.quantizers import Quantizer, register_quantizer
 from lightning_quant.datamodules.generator import GeneratorDataModule
 from lightning_quant.surgery import (
     LayerSpec,
+    QuantizationRequest,
     QuantSpec,
     dequantize_model,
     find_blocks,
@@ -31,18 +33,31 @@ from lightning_quant.surgery import (
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> object:
+    # the search drivers import Optuna: loaded on first use, so `import lightning_quant` stays light
+    if name == "MixedPrecisionSearch":
+        from lightning_quant.search import MixedPrecisionSearch
+
+        return MixedPrecisionSearch
+    raise AttributeError(f"module 'lightning_quant' has no attribute {name!r}")
+
+
 __all__ = [
     "BitReallocationCallback",
     "BlockReplacementCallback",
     "DistillationCallback",
     "GeneratorDataModule",
     "LayerSpec",
+    "MixedPrecisionSearch",
     "QuantSpec",
     "QuantizationAwareTraining",
     "QuantizationCallback",
     "QuantizationConfigError",
     "QuantizationLossMixin",
+    "QuantizationRequest",
     "QuantizedExport",
+    "Quantizer",
     "ThresholdTuningCallback",
     "UnsupportedModuleError",
     "__version__",
@@ -51,5 +66,6 @@ __all__ = [
     "load_quantized",
     "quantization_summary",
     "quantize_model",
+    "register_quantizer",
     "save_quantized",
 ]

@@ -9,10 +9,11 @@ Two kinds of subcommands share one entry point:
 
       lightning-quant fit --config configs/trainer.yaml --config configs/quickstart.yaml --trainer.max_epochs=3
 
-* The suite's own commands (``quickstart``; later ``search``), each an ``argparse`` program registered in
-  :data:`COMMANDS` and dispatched before LightningCLI sees the arguments::
+* The suite's own commands (``quickstart``, ``search``), each a program registered in :data:`COMMANDS` and
+  dispatched before LightningCLI sees the arguments::
 
       lightning-quant quickstart --weight-bits 4 --act-bits 4
+      lightning-quant search --config configs/search.yaml --storage journal:///tmp/s.log --study-name digits
 """
 
 from __future__ import annotations
@@ -61,11 +62,21 @@ def _quickstart(argv: list[str]) -> int:
     return quickstart_main(argv, prog="lightning-quant quickstart")
 
 
-#: the suite's own subcommands by name (a ``search`` command registers here the same way)
+def _search(argv: list[str]) -> int:
+    from lightning_quant.search.cli import main as search_main
+
+    return search_main(argv, prog="lightning-quant search")
+
+
+#: the suite's own subcommands by name
 COMMANDS: dict[str, Command] = {
     "quickstart": Command(
         "train a small CNN on scikit-learn's digits (offline), quantize it with QAT, report accuracy and size",
         _quickstart,
+    ),
+    "search": Command(
+        "Bayesian search (BOMP-NAS) over per-layer bits and architecture with QAT in the loop; Pareto front",
+        _search,
     ),
 }
 

@@ -211,3 +211,36 @@ def test_own_subcommands_are_dispatched_before_lightning(monkeypatch):
     monkeypatch.setitem(COMMANDS, "search", Command("a later subcommand", lambda argv: seen.append(argv) or 3))
     assert main(["search", "--trials", "5"]) == 3
     assert seen == [["--trials", "5"]]
+
+
+def test_search_config_parses(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["search", "--config", str(CONFIGS / "search.yaml"), "--study-name", "other", "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["study_name"] == "other"  # `--study-name` is `--study_name`
+    assert printed["max_size_kib"] == 30 and printed["weight_bits"] == [2, 3, 4, 8]
+    assert printed["factory"]["class_path"] == "lightning_quant.search.ImageClassifierFactory"
+    assert printed["architecture"] == {"width_multiplier": [0.5, 0.75, 1.0]}
+
+
+def test_search_help_and_bad_budget(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["search", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "lightning-quant search" in out and "--storage" in out and "--max_size_kib" in out
+    status = main(["search", "--config", str(CONFIGS / "search.yaml"), "--max-size-kib", "1", f"--workdir={tmp_path}"])
+    assert status == 2
+    assert "No configuration of the search space meets the budget (max_size_kib=1.0)" in capsys.readouterr().err
+    assert not (tmp_path / "fp").exists()
+
+
+@pytest.mark.slow
+def test_search_config_runs(tmp_path, capsys):
+    args = ["search", "--config", str(CONFIGS / "search.yaml"), f"--workdir={tmp_path}", "--n-trials=2"]
+    args += ["--fp_epochs=1", "--qat_epochs=1", "--progress_bar=false", "--num_calibration_batches=1"]
+    args += ["--trainer_kwargs={accelerator: cpu, limit_train_batches: 2, limit_val_batches: 1}"]
+    assert main(args) == 0
+    assert "| trial | origin | architecture |" in capsys.readouterr().out
+    assert (tmp_path / "pareto_front.png").exists() and list((tmp_path / "specs").glob("trial_*.yaml"))

@@ -56,6 +56,9 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
     if path.name == "03_threshold_tuning_and_data_free.ipynb":
         _check_threshold_tuning_data_free_notebook(notebook)
         return
+    if path.name == "07_mixed_precision_search.ipynb":
+        _check_search_notebook(notebook)
+        return
     if path.name != "01_quickstart.ipynb":
         return
     text = _text_outputs(notebook)
@@ -124,3 +127,15 @@ def _check_threshold_tuning_data_free_notebook(notebook: nbformat.NotebookNode) 
     assert generated and float(generated.group(1)) > 30, text  # the generator learned the labels (chance: 10 %)
     images = [o for c in notebook.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) == 2, "the alpha/beta plot and the grid of generated samples are not both displayed"
+
+
+def _check_search_notebook(notebook: nbformat.NotebookNode) -> None:
+    text = _text_outputs(notebook)
+    trials = re.findall(r"trial \d+: (\w+)\s", text)
+    assert trials.count("COMPLETE") == 4, text  # fast mode: four trials
+    assert "every trial within the budget: True" in text, text
+    assert "| trial | origin | architecture |" in text, text
+    sizes = re.search(r"size reported by the search: ([\d.]+) KiB, size of the fine-tuned model: ([\d.]+) KiB", text)
+    assert sizes and sizes.group(1) == sizes.group(2), text
+    images = [o for c in notebook.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) == 1, "the Pareto front plot is not displayed"

@@ -159,5 +159,6 @@ def _readme_python_blocks() -> list[str]:
 @pytest.mark.filterwarnings("ignore:The number of training batches")
 def test_readme_examples_run(index, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the examples write their files into the working directory
-    code = _readme_python_blocks()[index].replace("max_epochs=10", "max_epochs=1")
+    # shorter runs than the README's: one epoch, two search trials
+    code = _readme_python_blocks()[index].replace("max_epochs=10", "max_epochs=1").replace("n_trials=20", "n_trials=2")
     exec(compile(code, f"README.md python block {index}", "exec"), {"__name__": "__readme__"})

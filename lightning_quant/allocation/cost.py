@@ -13,6 +13,7 @@ the user's unit (an average bit width, for instance) for messages and logs.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_quant.core.quantizers import UniformQuantizer
+from lightning_quant.core.quantizers import Quantizer
+from lightning_quant.surgery.capture import Call, Capture, modes_kept, quantizers_disabled
 from lightning_quant.surgery.layers import quantized_layers
 
 #: bits of an activation that is not quantized (a float32 input)
@@ -83,8 +85,11 @@ class LayerCosts:
         params: weight elements per layer.
         weight_bits: current weight bit width per layer.
         act_bits: current input bit width per layer (:data:`FLOAT_ACT_BITS` for a float input).
-        frozen: whether an allocator must leave the layer alone (``LayerSpec.frozen``).
+        frozen: whether an allocator must leave the layer alone (``LayerSpec.frozen``, and every layer whose
+            weight quantizer is not one uniform width: per-channel widths, codebooks).
         macs: multiply-accumulates per sample per layer (from :func:`trace_macs`), or ``None`` if not traced.
+        payload_bits: the weight's storage bits per layer, the quantizer's own account (``weight_bits`` is
+            ``payload_bits / params``, the average bits per parameter); what frozen layers cost.
     """
 
     names: tuple[str, ...]
@@ -93,39 +98,53 @@ class LayerCosts:
     act_bits: np.ndarray
     frozen: np.ndarray
     macs: np.ndarray | None = field(default=None)
+    payload_bits: np.ndarray | None = field(default=None)
 
     @property
     def free(self) -> np.ndarray:
         """Boolean mask of the layers an allocator may change."""
         return ~self.frozen
 
+    @property
+    def weight_payload(self) -> np.ndarray:
+        """Storage bits of each layer's weight (``params x weight_bits`` when not given)."""
+        return self.payload_bits if self.payload_bits is not None else self.params * self.weight_bits
+
     def with_macs(self, macs: Mapping[str, int]) -> LayerCosts:
         """A copy with the MACs of each layer (layers never called by the forward count 0)."""
         values = np.array([float(macs.get(n, 0)) for n in self.names])
-        return LayerCosts(self.names, self.params, self.weight_bits, self.act_bits, self.frozen, values)
+        return dataclasses.replace(self, macs=values)
 
 
 def layer_costs(model: nn.Module, macs: Mapping[str, int] | None = None) -> LayerCosts:
     """Collect the cost-model inputs of a quantized model's layers (shared layers counted once)."""
     layers = quantized_layers(model)
-    names, params, wbits, abits, frozen = [], [], [], [], []
+    names, params, payload, abits, frozen = [], [], [], [], []
     seen: set[int] = set()
     for name, layer in layers.items():
         if id(layer) in seen:
             continue
         seen.add(id(layer))
         names.append(name)
-        params.append(layer.weight.numel())
-        wbits.append(layer.weight_quantizer.bits)
+        weights = layer.quantized_parameters()
+        params.append(sum(param.numel() for _, param, _ in weights))
+        weight_quantizer = layer.weight_quantizer
+        payload.append(sum(q.payload_bits(param) for _, param, q in weights))
         quantizer = layer.input_quantizer
-        abits.append(quantizer.bits if isinstance(quantizer, UniformQuantizer) else FLOAT_ACT_BITS)
-        frozen.append(bool(layer.layer_spec.frozen))
+        abits.append(quantizer.bits if isinstance(quantizer, Quantizer) else FLOAT_ACT_BITS)
+        # a layer allocators can change has one quantized weight of one uniform width (they set `bits`); others
+        # count at their own size
+        allocatable = len(weights) == 1 and weight_quantizer.WIDTH_SETTABLE and isinstance(weight_quantizer.bits, int)
+        frozen.append(bool(layer.layer_spec.frozen) or not allocatable)
+    param_array = np.array(params, dtype=np.float64)
+    payload_array = np.array(payload, dtype=np.float64)
     costs = LayerCosts(
         tuple(names),
-        np.array(params, dtype=np.float64),
-        np.array(wbits, dtype=np.float64),
+        param_array,
+        payload_array / np.maximum(param_array, 1.0),
         np.array(abits, dtype=np.float64),
         np.array(frozen, dtype=bool),
+        payload_bits=payload_array,
     )
     return costs.with_macs(macs) if macs is not None else costs
 
@@ -142,6 +161,15 @@ def layer_macs(layer: nn.Module, output: Tensor) -> int:
     >>> layer_macs(nn.Linear(16, 4), torch.zeros(2, 4))
     64
     """
+    if isinstance(layer, nn.Embedding):
+        return 0  # a table lookup
+    if isinstance(layer, nn.RNNBase):  # every weight matrix is used once per time step
+        steps = output.shape[1] if layer.batch_first and output.dim() == 3 else output.shape[0]
+        matrices = sum(w.numel() for n, w in layer.named_parameters(recurse=False) if n.startswith("weight_"))
+        return int(steps * matrices)
+    if isinstance(layer, nn.MultiheadAttention):  # the in-projection (the output projection is its own layer)
+        tokens = output.shape[1] if layer.batch_first and output.dim() == 3 else output.shape[0]
+        return int(tokens * 3 * layer.embed_dim * layer.embed_dim)
     per_sample = output[0].numel() if output.dim() > 1 else output.numel()
     if isinstance(layer, nn.modules.conv._ConvNd):
         kernel = int(np.prod(layer.kernel_size))
@@ -152,7 +180,8 @@ def layer_macs(layer: nn.Module, output: Tensor) -> int:
 
 
 class MacTracer:
-    """Forward hooks that record each quantized layer's MACs per sample during the next forward(s).
+    """Forward hooks (a :class:`~lightning_quant.surgery.capture.Capture`) that record each quantized layer's MACs
+    per sample during the next forward(s).
 
     Used by :func:`trace_macs` (one forward of its own) and by callbacks, which attach it to a training forward
     that runs anyway. A layer called several times (a shared layer) accumulates its MACs per call.
@@ -164,22 +193,12 @@ class MacTracer:
 
     def __init__(self, model: nn.Module) -> None:
         self.macs: dict[str, int] = {}
-        self._handles: list[Any] = []
-        self._calls = 0
-        names_by_layer: dict[int, str] = {}
-        for name, layer in quantized_layers(model).items():
-            if id(layer) in names_by_layer:
-                continue
-            names_by_layer[id(layer)] = name
-            self._handles.append(layer.register_forward_hook(self._hook(name)))
-        self._first_layer = next(iter(names_by_layer.values()), None)
+        self._capture = Capture(model, quantized_layers(model), on_call=self._record)
 
-    def _hook(self, name: str):
-        def hook(module: nn.Module, inputs: Any, output: Tensor) -> None:
-            if isinstance(output, Tensor):
-                self.macs[name] = self.macs.get(name, 0) + layer_macs(module, output)
-
-        return hook
+    def _record(self, name: str, module: nn.Module, call: Call) -> None:
+        output = call.output[0] if isinstance(call.output, tuple) and call.output else call.output
+        if isinstance(output, Tensor):
+            self.macs[name] = self.macs.get(name, 0) + layer_macs(module, output)
 
     @property
     def traced(self) -> bool:
@@ -187,9 +206,7 @@ class MacTracer:
         return bool(self.macs)
 
     def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        self._capture.remove()
 
 
 @torch.no_grad()
@@ -200,22 +217,12 @@ def trace_macs(model: nn.Module, example_input: Any) -> dict[str, int]:
     uninitialised step size is touched; the model's modes are restored afterwards.
     """
     tracer = MacTracer(model)
-    modes = {m: m.training for m in model.modules()}
-    enabled = {q: q.enabled for q in model.modules() if isinstance(q, UniformQuantizer)}
+    args = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
     try:
-        model.eval()
-        for q in enabled:
-            q.enabled = False
-        if isinstance(example_input, (tuple, list)):
-            model(*example_input)
-        else:
-            model(example_input)
+        with quantizers_disabled(model), modes_kept(model, training=False):
+            model(*args)
     finally:
         tracer.remove()
-        for m, mode in modes.items():
-            m.training = mode
-        for q, value in enabled.items():
-            q.enabled = value
     return tracer.macs
 
 
@@ -231,7 +238,7 @@ def avg_bits_constraint(costs: LayerCosts, avg_bits: float) -> BudgetConstraint:
         "avg_weight_bits",
         costs.params[free],
         avg_bits * total,
-        offset=float(np.dot(costs.params[~free], costs.weight_bits[~free])),
+        offset=float(costs.weight_payload[~free].sum()),
         display_scale=1.0 / total,
         argument="avg_weight_bits",
     )
@@ -244,7 +251,7 @@ def size_constraint(costs: LayerCosts, size_bits: float) -> BudgetConstraint:
         "size_bits",
         costs.params[free],
         float(size_bits),
-        offset=float(np.dot(costs.params[~free], costs.weight_bits[~free])),
+        offset=float(costs.weight_payload[~free].sum()),
         argument="size_budget",
     )
 

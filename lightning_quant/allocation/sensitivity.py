@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from lightning_quant.core.errors import QuantizationConfigError
 from lightning_quant.core.quantizers import UniformQuantizer
+from lightning_quant.surgery.capture import quantizers_disabled
 
 
 def channel_sum(x: Tensor, ch_axis: int | None) -> Tensor:
@@ -177,16 +178,9 @@ def hutchinson_sensitivities(
     for name, layer in quantized_layers(model).items():
         if all(layer is not other for other in layers.values()):
             layers[name] = layer
-    quantizers = [q for q in model.modules() if isinstance(q, UniformQuantizer)]
-    enabled = [q.enabled for q in quantizers]
-    try:
-        for q in quantizers:
-            q.enabled = False
+    with quantizers_disabled(model):
         loss = loss_fn(model)
         diag = hutchinson_diagonal(loss, [layer.weight for layer in layers.values()], num_samples, generator)
-    finally:
-        for q, value in zip(quantizers, enabled, strict=True):
-            q.enabled = value
     out = {}
     for (name, layer), d in zip(layers.items(), diag, strict=True):
         h = channel_sum(d.clamp_min(0), layer.weight_quantizer.ch_axis)

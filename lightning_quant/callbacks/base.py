@@ -16,6 +16,18 @@ Facts from Lightning that decide its shape (see DESIGN.md):
   prefers it, :class:`QuantizationLossMixin` is the alternative.
 * Every callback keeps its state in ``state_dict``/``load_state_dict`` under a ``state_key`` made from its
   identifying arguments, so two instances never clash and a killed run resumes exactly.
+
+One owner of quantization: no callback quantizes the model by itself. Each states what it needs
+(:meth:`QuantizationCallback.quantization_request`, a :class:`~lightning_quant.surgery.requests.QuantizationRequest`);
+the first ``setup`` of any of them runs every callback's :meth:`~QuantizationCallback.before_quantization`, merges all
+requests (:func:`~lightning_quant.surgery.requests.merge_requests`: independent of the order of the callback list;
+contradictory requests raise an error naming both callbacks) and quantizes once; then each callback's
+:meth:`~QuantizationCallback.prepare_model` does its own preparation on the quantized model.
+
+Techniques that learn from the full-precision model (block replacement, threshold tuning, distillation) keep a
+:class:`FrozenCopy`: built in ``setup``, its weights kept in the callback's state, placed (restored weights, device,
+dtype) in ``on_fit_start`` -- after Lightning has restored a checkpoint, so a run resumed into a freshly constructed
+module (``trainer.fit(new_model, ckpt_path=...)``) learns from the original model, not from the new module.
 """
 
 from __future__ import annotations
@@ -32,7 +44,8 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_quant.core.errors import QuantizationConfigError
-from lightning_quant.surgery.quantize import dequantize_model, is_quantized
+from lightning_quant.surgery.quantize import dequantize_model, is_quantized, layer_candidates, quantize_model
+from lightning_quant.surgery.requests import QuantizationRequest, merge_requests
 from lightning_quant.surgery.serialization import SPEC_KEY
 from lightning_quant.surgery.spec import QuantSpec
 
@@ -78,11 +91,20 @@ class QuantizationCallback(Callback):
         self.load_state(state_dict)
 
     # -- surgery ---------------------------------------------------------------------------------------------
+    def quantization_request(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> QuantizationRequest | None:
+        """What this callback needs of the quantized model (``None``: it quantizes nothing itself)."""
+        return None
+
+    def before_quantization(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Change the float model before it is quantized (e.g. load a teacher's weights); runs once, in the first
+        ``setup`` of any quantization callback, before the merged quantization."""
+
     def prepare_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Quantize (or otherwise transform) ``pl_module`` in place; must be idempotent."""
+        """This technique's own preparation of the (quantized) ``pl_module``; must be idempotent."""
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        quantize_once(trainer, pl_module)
         self.prepare_model(trainer, pl_module)
 
     @override
@@ -137,6 +159,34 @@ class QuantizationCallback(Callback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._batch = None
+
+
+def quantize_once(trainer: pl.Trainer, pl_module: pl.LightningModule) -> QuantSpec | None:
+    """Quantize ``pl_module`` once with the merged requests of every quantization callback on ``trainer``.
+
+    A model that is already quantized (by an earlier ``setup``, or by the user) is left alone. The requests are
+    merged (and their conflicts raised) before anything changes; then every callback's ``before_quantization`` runs,
+    then the model is quantized. Returns the merged recipe, or ``None`` when nothing was quantized.
+    """
+    if is_quantized(pl_module):
+        return None
+    callbacks = [cb for cb in getattr(trainer, "callbacks", []) if isinstance(cb, QuantizationCallback)]
+    requests = [r for r in (cb.quantization_request(trainer, pl_module) for cb in callbacks) if r is not None]
+    if not requests:
+        return None
+    candidates = layer_candidates(pl_module)
+    if not candidates:
+        raise QuantizationConfigError(
+            f"`model` ({type(pl_module).__name__}) has no layer that can be quantized (Conv/Linear), so "
+            f"{', '.join(sorted({r.owner for r in requests}))} cannot quantize it."
+        )
+    spec = merge_requests(requests, candidates)
+    for callback in callbacks:
+        callback.before_quantization(trainer, pl_module)
+    quantize_model(pl_module, spec)
+    if len(requests) > 1:
+        log.info("Quantized once for %s.", ", ".join(sorted(r.owner for r in requests)))
+    return spec
 
 
 class QuantizationLossMixin:
@@ -204,6 +254,67 @@ def distillation_loss(student: Tensor, teacher: Tensor, temperature: float = 1.0
     log_p = F.log_softmax(teacher.detach().float().flatten(1) / t, dim=1)
     log_q = F.log_softmax(student.float().flatten(1) / t, dim=1)
     return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True) * (t * t)
+
+
+class FrozenCopy:
+    """A frozen full-precision copy of a model that lives in a callback's state (BR, FAT, distillation teachers).
+
+    :meth:`build` in ``setup`` (once per module), :meth:`state_dict` / :meth:`load_state_dict` in the callback's
+    state (the copy's weights), :meth:`place` in ``on_fit_start``: after Lightning restored a checkpoint, so a
+    resumed run -- into a freshly constructed module included -- has the copy it had before, on the module's device
+    and dtype, with rank 0's weights under DDP.
+    """
+
+    def __init__(self) -> None:
+        self._module: nn.Module | None = None
+        self._owner: int | None = None
+        self._pending: dict[str, Tensor] | None = None
+
+    @property
+    def module(self) -> nn.Module | None:
+        """The frozen copy, or ``None`` before :meth:`build`."""
+        return self._module
+
+    def built_for(self, pl_module: nn.Module) -> bool:
+        """Whether the copy was built from ``pl_module`` (a new module needs a new copy)."""
+        return self._module is not None and self._owner == id(pl_module)
+
+    def build(self, source: nn.Module, owner: nn.Module | None = None) -> nn.Module:
+        """Copy ``source`` (see :func:`frozen_fp_copy`), for ``owner`` (default: ``source``); weights restored
+        from a checkpoint before the build are applied now."""
+        self._module = frozen_fp_copy(source)
+        self._owner = id(owner if owner is not None else source)
+        if self._pending is not None:
+            self._module.load_state_dict(self._pending)
+            self._pending = None
+        return self._module
+
+    def state_dict(self) -> dict[str, Tensor] | None:
+        """The copy's weights (``None`` before :meth:`build`)."""
+        return (
+            None
+            if self._module is None
+            else {k: v.detach().cpu().clone() for k, v in self._module.state_dict().items()}
+        )
+
+    def load_state_dict(self, state: dict[str, Tensor] | None) -> None:
+        """Restore the copy's weights (kept until the copy is built or placed)."""
+        if state is None:
+            return
+        self._pending = state
+        if self._module is not None:
+            self._module.load_state_dict(state)
+            self._pending = None
+
+    def place(self, trainer: pl.Trainer, pl_module: nn.Module) -> nn.Module:
+        """Restored weights, rank 0's weights under DDP, ``pl_module``'s device and dtype, eval mode."""
+        if self._module is None:
+            raise QuantizationConfigError("The frozen full-precision copy was never built: `setup('fit')` did not run.")
+        if self._pending is not None:
+            self._module.load_state_dict(self._pending)
+            self._pending = None
+        place_fp_copy(trainer, pl_module, self._module)
+        return self._module
 
 
 def place_fp_copy(trainer: pl.Trainer, pl_module: nn.Module, fp: nn.Module) -> None:

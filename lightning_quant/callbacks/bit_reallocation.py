@@ -25,12 +25,21 @@ from lightning_quant.allocation.cost import (
     trace_macs,
 )
 from lightning_quant.allocation.sensitivity import FisherEMA, channel_sq_sum, noise_sensitivity
-from lightning_quant.allocation.solvers import SOLVERS, SolverName, allocate, check_feasible, validate_bit_choices
+from lightning_quant.allocation.solvers import (
+    SOLVERS,
+    SolverName,
+    allocate,
+    check_feasible,
+    noise_objective_table,
+    validate_bit_choices,
+)
 from lightning_quant.callbacks.base import QuantizationCallback
 from lightning_quant.core.errors import QuantizationConfigError
-from lightning_quant.core.quantizers import UniformQuantizer
+from lightning_quant.core.quantizers import Quantizer
+from lightning_quant.surgery.capture import Call, Capture
 from lightning_quant.surgery.layers import QuantizedLayer, quantized_layers
-from lightning_quant.surgery.quantize import is_quantized, quantize_model
+from lightning_quant.surgery.quantize import is_quantized
+from lightning_quant.surgery.requests import QuantizationRequest, explicit_fields
 from lightning_quant.surgery.spec import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -78,7 +87,8 @@ class BitReallocationCallback(QuantizationCallback):
     allocations is in the checkpoint; the final recipe is :attr:`spec`.
 
     Alone, the callback quantizes the model first with ``base_spec`` (default: W8A8, first and last layer frozen
-    at 8 bits); after (or before) ``QuantizationAwareTraining`` it uses that callback's quantized model.
+    at 8 bits); beside ``QuantizationAwareTraining`` (in either order) the model is quantized once with QAT's
+    recipe (and whatever ``base_spec`` sets explicitly).
 
     Args:
         avg_weight_bits: budget on the parameter-weighted average weight bit width (frozen layers included).
@@ -167,6 +177,7 @@ class BitReallocationCallback(QuantizationCallback):
         self.solver: SolverName = solver
         self.plot = plot
         self.base_spec = base_spec if base_spec is not None else QuantSpec()
+        self._base_spec_given = base_spec is not None
         self._ema = FisherEMA(ema_decay)
         self._history: list[dict[str, Any]] = []
         self._last_solved_step = -1
@@ -175,7 +186,7 @@ class BitReallocationCallback(QuantizationCallback):
         self._costs: LayerCosts | None = None
         self._constraints: list[BudgetConstraint] | None = None
         self._tracer: MacTracer | None = None
-        self._act_handles: list[Any] = []
+        self._act_capture: Capture | None = None
         self._act_sq: dict[str, Tensor] = {}
         self._spec: QuantSpec | None = None
         self._plot_path: Path | None = None
@@ -239,13 +250,10 @@ class BitReallocationCallback(QuantizationCallback):
 
     # -- surgery and set-up ----------------------------------------------------------------------------------
     @override
-    def prepare_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        callbacks = list(getattr(trainer, "callbacks", []))
-        later = callbacks[callbacks.index(self) + 1 :] if self in callbacks else []
-        # a quantization callback after this one quantizes with its own recipe (surgery is idempotent, so the
-        # first swap would win): leave the surgery to it; on_fit_start checks that it happened
-        if not is_quantized(pl_module) and not any(isinstance(cb, QuantizationCallback) for cb in later):
-            quantize_model(pl_module, self.base_spec)
+    def quantization_request(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> QuantizationRequest:
+        # a fallback recipe: another callback's (QAT's) wins, except for what the user set in `base_spec`
+        required = explicit_fields(self.base_spec) if self._base_spec_given else frozenset()
+        return QuantizationRequest(type(self).__name__, self.base_spec, required, priority=50)
 
     def _units(self, pl_module: nn.Module) -> dict[str, QuantizedLayer]:
         """The layers this callback allocates (quantized, not frozen), by name."""
@@ -257,8 +265,8 @@ class BitReallocationCallback(QuantizationCallback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not is_quantized(pl_module):
             raise QuantizationConfigError(
-                "BitReallocationCallback found no quantized layer. HINT: let it quantize the model (put no other "
-                "quantization callback after it) or add `QuantizationAwareTraining` to the callbacks."
+                "BitReallocationCallback found no quantized layer (its `base_spec` selects none). HINT: check "
+                "`base_spec`'s include/exclude, or add `QuantizationAwareTraining` to the callbacks."
             )
         if self.bops_budget is not None and self._macs is None:
             example = getattr(pl_module, "example_input_array", None)
@@ -278,7 +286,7 @@ class BitReallocationCallback(QuantizationCallback):
         owners: dict[int, str] = {}
         for name, layer in self._units(pl_module).items():
             quantizer = layer.input_quantizer
-            if isinstance(quantizer, UniformQuantizer) and owners.setdefault(id(quantizer), name) != name:
+            if isinstance(quantizer, Quantizer) and owners.setdefault(id(quantizer), name) != name:
                 raise QuantizationConfigError(
                     f"`activations=True` gives every layer its own input bits, but {owners[id(quantizer)]!r} and "
                     f"{name!r} share one input quantizer (`quantize_residuals=True` quantizes a residual tensor once "
@@ -299,21 +307,24 @@ class BitReallocationCallback(QuantizationCallback):
         self._constraints = constraints
 
     def _attach_activation_hooks(self, pl_module: nn.Module) -> None:
-        for name, layer in self._units(pl_module).items():
-            quantizer = layer.input_quantizer
-            if isinstance(quantizer, UniformQuantizer):
-                self._act_handles.append(quantizer.register_forward_hook(self._activation_hook(name)))
+        quantizers = {
+            name: layer.input_quantizer
+            for name, layer in self._units(pl_module).items()
+            if isinstance(layer.input_quantizer, Quantizer)
+        }
+        # the gradient of each quantized input, squared and summed, from the backward that runs anyway
+        self._act_capture = Capture(pl_module, quantizers, detach=False, on_call=self._on_activation)
 
-    def _activation_hook(self, name: str):
+    def _on_activation(self, name: str, module: nn.Module, call: Call) -> None:
+        output = call.output
+        if not (module.training and isinstance(output, Tensor) and output.requires_grad):
+            return
+
         def on_grad(grad: Tensor) -> None:
             value = channel_sq_sum(grad, None)
             self._act_sq[name] = value if name not in self._act_sq else self._act_sq[name] + value
 
-        def hook(module: nn.Module, inputs: Any, output: Tensor) -> None:
-            if module.training and isinstance(output, Tensor) and output.requires_grad:
-                output.register_hook(on_grad)
-
-        return hook
+        output.register_hook(on_grad)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -344,7 +355,7 @@ class BitReallocationCallback(QuantizationCallback):
         for name, layer in self._units(pl_module).items():
             s = noise_sensitivity(self._ema[name], layer.weight_quantizer) if name in self._ema else 0.0
             quantizer = layer.input_quantizer
-            if self.activations and isinstance(quantizer, UniformQuantizer) and name + _INPUT in self._ema:
+            if self.activations and isinstance(quantizer, Quantizer) and name + _INPUT in self._ema:
                 s += noise_sensitivity(self._ema[name + _INPUT], quantizer)
             out[name] = s
         return out
@@ -389,7 +400,8 @@ class BitReallocationCallback(QuantizationCallback):
             else:
                 sens = self.sensitivities(pl_module)
             names = list(units)
-            result = allocate(np.array([sens[n] for n in names]), self._constraints, self.bit_choices, self.solver)
+            table = noise_objective_table(np.array([sens[n] for n in names]), self.bit_choices)
+            result = allocate(table, self._constraints, self.bit_choices, self.solver)
             record = {
                 "step": int(trainer.global_step),
                 "reason": reason,
@@ -419,7 +431,7 @@ class BitReallocationCallback(QuantizationCallback):
         for name, b in bits.items():
             layer = units[name]
             layer.weight_quantizer.bits = b
-            if self.activations and isinstance(layer.input_quantizer, UniformQuantizer):
+            if self.activations and isinstance(layer.input_quantizer, Quantizer):
                 layer.input_quantizer.bits = b
 
     # -- end of training -------------------------------------------------------------------------------------
@@ -441,9 +453,9 @@ class BitReallocationCallback(QuantizationCallback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
-        for handle in self._act_handles:
-            handle.remove()
-        self._act_handles = []
+        if self._act_capture is not None:
+            self._act_capture.remove()
+            self._act_capture = None
         self._act_sq = {}
         if self._tracer is not None:
             self._tracer.remove()
@@ -482,7 +494,7 @@ def save_allocation_plot(
 def _avg_weight_bits(model: nn.Module) -> float:
     layers = {id(m): m for m in quantized_layers(model).values()}.values()
     params = sum(m.weight.numel() for m in layers)
-    return sum(m.weight.numel() * m.weight_quantizer.bits for m in layers) / max(params, 1)
+    return sum(m.weight_quantizer.payload_bits(m.weight) for m in layers) / max(params, 1)
 
 
 def _check_budget(argument: str, value: object) -> None:

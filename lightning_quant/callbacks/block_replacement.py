@@ -16,10 +16,12 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_quant.callbacks.base import QuantizationCallback, distillation_loss, frozen_fp_copy, place_fp_copy
+from lightning_quant.callbacks.base import FrozenCopy, QuantizationCallback, distillation_loss
 from lightning_quant.core.errors import QuantizationConfigError
 from lightning_quant.surgery.blocks import find_blocks
-from lightning_quant.surgery.quantize import is_quantized, quantizable_layers, quantize_model
+from lightning_quant.surgery.capture import Call, Capture
+from lightning_quant.surgery.quantize import is_quantized, quantizable_layers
+from lightning_quant.surgery.requests import QuantizationRequest, explicit_fields
 from lightning_quant.surgery.spec import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -113,11 +115,11 @@ class BlockReplacementCallback(QuantizationCallback):
       dtype at ``on_fit_start`` and, under DDP, rank 0's copy is broadcast.
 
     How F is built (in ``setup``, stage ``fit``): a deep copy of the LightningModule *before* quantization. When
-    another quantization callback earlier in the Trainer's callback list has already quantized the model, F is
+    the model is already quantized (the suite quantizes once, in the first ``setup`` of any of its callbacks), F is
     ``dequantize_model(deepcopy(model))``: quantization keeps the float weights, so before training both orders
     (``[BR, QAT]`` or ``[QAT, BR]``) give the same F. (Only a model that was already trained with quantizers,
-    e.g. a second ``fit``, gives a different F: its latent float weights.) Alone, or when no quantization callback
-    follows it, BR quantizes the model with ``quantize_spec`` (default :class:`QuantSpec`: W8A8).
+    e.g. a second ``fit``, gives a different F: its latent float weights.) Alone, BR asks for ``quantize_spec``
+    (default :class:`QuantSpec`: W8A8); beside ``QuantizationAwareTraining`` QAT's recipe is used.
 
     Resume: F's weights are not those of the model in a checkpoint (the model has been trained since), so F's
     ``state_dict`` is saved in this callback's state (a second copy of the weights in each checkpoint) and loaded
@@ -220,11 +222,10 @@ class BlockReplacementCallback(QuantizationCallback):
         self.num_sampled = num_sampled
         self.seed = seed
         self.quantize_spec = quantize_spec if quantize_spec is not None else QuantSpec()
+        self._quantize_spec_given = quantize_spec is not None
         # resolved in setup / on the first step
         self._block_names: list[str] = []
-        self._fp: nn.Module | None = None
-        self._fp_owner: int | None = None
-        self._pending_fp_state: dict[str, Tensor] | None = None
+        self._fp_copy = FrozenCopy()
         self._root: str | None = None
         self._stem: list[str] = []
         self._checked = False
@@ -253,7 +254,7 @@ class BlockReplacementCallback(QuantizationCallback):
     @override
     def state(self) -> dict[str, Any]:
         return {
-            "fp_state_dict": None if self._fp is None else self._fp.state_dict(),
+            "fp_state_dict": self._fp_copy.state_dict(),
             "rng_state": self._generator().get_state(),
             "block_names": list(self._block_names),
         }
@@ -262,17 +263,16 @@ class BlockReplacementCallback(QuantizationCallback):
     def load_state(self, state: dict[str, Any]) -> None:
         self._rng_state = state["rng_state"].clone()
         self._rng = None
-        fp_state = state["fp_state_dict"]
-        if fp_state is not None:
-            if self._fp is not None:
-                self._fp.load_state_dict(fp_state)
-            else:
-                self._pending_fp_state = fp_state
+        self._fp_copy.load_state_dict(state["fp_state_dict"])
 
     @property
     def fp_model(self) -> nn.Module | None:
         """The frozen full-precision copy (of the whole LightningModule), or ``None`` before ``setup``."""
-        return self._fp
+        return self._fp_copy.module
+
+    @property
+    def _fp(self) -> nn.Module | None:
+        return self._fp_copy.module
 
     @property
     def block_names(self) -> list[str]:
@@ -325,45 +325,38 @@ class BlockReplacementCallback(QuantizationCallback):
                 f"`num_sampled` must be at most n - 1 = {n - 1} (the number of mixed models of the {n} blocks "
                 f"{names}), got {self.num_sampled}. HINT: num_sampled=None evaluates all of them."
             )
-        if stage == "fit" and not (self._fp is not None and self._fp_owner == id(pl_module)):
+        if stage == "fit" and not self._fp_copy.built_for(pl_module):
             self._block_names = names
-            self._fp = self._copy_fp(trainer, pl_module)
-            self._fp_owner = id(pl_module)
+            self._copy_fp(trainer, pl_module)
             self._checked = False
-            if self._pending_fp_state is not None:
-                self._fp.load_state_dict(self._pending_fp_state)
-                self._pending_fp_state = None
         elif not self._block_names:
             self._block_names = names
         super().setup(trainer, pl_module, stage)
 
     def _copy_fp(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> nn.Module:
         was_quantized = is_quantized(pl_module)
-        fp = frozen_fp_copy(pl_module)
+        fp = self._fp_copy.build(pl_module)
         if was_quantized:
             rank_zero_info(
-                "BlockReplacementCallback: the model was already quantized (by an earlier callback); the FP copy is "
-                "its dequantized copy (same float weights)."
+                "BlockReplacementCallback: the model was already quantized (by another callback's setup); the FP copy "
+                "is its dequantized copy (same float weights)."
             )
         return fp
 
     @override
-    def prepare_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        callbacks = list(getattr(trainer, "callbacks", []))
-        later = callbacks[callbacks.index(self) + 1 :] if self in callbacks else []
-        # a quantization callback after this one quantizes with its own recipe (the first swap would win)
-        if not is_quantized(pl_module) and not any(isinstance(cb, QuantizationCallback) for cb in later):
-            quantize_model(pl_module, self.quantize_spec)
+    def quantization_request(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> QuantizationRequest:
+        # a fallback recipe: another callback's (QAT's) wins, except for what the user set in `quantize_spec`
+        required = explicit_fields(self.quantize_spec) if self._quantize_spec_given else frozenset()
+        return QuantizationRequest(type(self).__name__, self.quantize_spec, required, priority=50)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not is_quantized(pl_module):
             raise QuantizationConfigError(
-                "BlockReplacementCallback found no quantized layer. HINT: let it quantize the model (put no other "
-                "quantization callback after it) or add `QuantizationAwareTraining` to the callbacks."
+                "BlockReplacementCallback found no quantized layer (its `quantize_spec` selects none). HINT: check "
+                "`quantize_spec`'s include/exclude, or add `QuantizationAwareTraining` to the callbacks."
             )
-        assert self._fp is not None  # setup("fit") built it
-        place_fp_copy(trainer, pl_module, self._fp)
+        self._fp_copy.place(trainer, pl_module)  # setup("fit") built it; restored weights, device, dtype
         self._install_hooks(pl_module)
         mode = f"{self.num_sampled} of {len(self._block_names) - 1}" if self.num_sampled else "all"
         rank_zero_info(
@@ -524,18 +517,12 @@ class BlockReplacementCallback(QuantizationCallback):
         if not (cache_stem and self._stem):
             return fp_root(*args, **kwargs)
         assert self._fp is not None
-        handles = []
-        for name in self._stem:
 
-            def keep(module: nn.Module, a: Any, out: Any, name: str = name) -> None:
-                self._stem_cache[name] = out
+        def keep(name: str, module: nn.Module, call: Call) -> None:
+            self._stem_cache[name] = call.output
 
-            handles.append(self._fp.get_submodule(name).register_forward_hook(keep))
-        try:
+        with Capture(self._fp, self._stem, detach=False, on_call=keep):
             return fp_root(*args, **kwargs)
-        finally:
-            for h in handles:
-                h.remove()
 
     def _mixed_forward(self, fp_root: nn.Module, i: int, args: tuple, kwargs: dict, use_stem: bool = True) -> Any:
         """M_i: Q's blocks 1..i, then F's forward from there on."""

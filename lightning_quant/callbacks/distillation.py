@@ -11,9 +11,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_quant.callbacks.base import QuantizationCallback, distillation_loss, frozen_fp_copy, place_fp_copy
+from lightning_quant.callbacks.base import FrozenCopy, QuantizationCallback, distillation_loss
 from lightning_quant.core.errors import QuantizationConfigError
-from lightning_quant.surgery.quantize import is_quantized
+from lightning_quant.surgery.capture import Capture
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +49,9 @@ class DistillationCallback(QuantizationCallback):
     * ``None``: ``"datamodule"`` when the datamodule has a ``teacher`` module, else ``"copy"``.
     * an ``nn.Module``: that model.
 
-    ``student_init="teacher"`` loads the teacher's weights into the model in ``setup`` (before quantization: put
-    this callback before ``QuantizationAwareTraining``) -- how a YAML config starts the student from the trained
-    FP model.
+    ``student_init="teacher"`` loads the teacher's weights into the model before it is quantized (in whichever
+    quantization callback's ``setup`` comes first, so the order of the callbacks does not matter) -- how a YAML
+    config starts the student from the trained FP model.
 
     Logged: ``quant/kd/loss`` (the added term, before weighting by ``weight``: the raw KD).
 
@@ -101,12 +101,8 @@ class DistillationCallback(QuantizationCallback):
         self.weight = float(weight)
         self.student_init = student_init
         self.logits_module = logits_module
-        self._teacher: nn.Module | None = None
-        self._teacher_owner: int | None = None
-        self._pending_state: dict[str, Tensor] | None = None
-        self._handle: Any = None
-        self._armed = False
-        self._captured: tuple[tuple[Any, ...], dict[str, Any], Any] | None = None
+        self._teacher = FrozenCopy()
+        self._capture: Capture | None = None
 
     # -- identity and state ----------------------------------------------------------------------------------
     @override
@@ -115,22 +111,16 @@ class DistillationCallback(QuantizationCallback):
 
     @override
     def state(self) -> dict[str, Any]:
-        return {"teacher_state_dict": None if self._teacher is None else self._teacher.state_dict()}
+        return {"teacher_state_dict": self._teacher.state_dict()}
 
     @override
     def load_state(self, state: dict[str, Any]) -> None:
-        teacher_state = state.get("teacher_state_dict")
-        if teacher_state is None:
-            return
-        if self._teacher is not None:
-            self._teacher.load_state_dict(teacher_state)
-        else:
-            self._pending_state = teacher_state
+        self._teacher.load_state_dict(state.get("teacher_state_dict"))
 
     @property
     def teacher_model(self) -> nn.Module | None:
         """The frozen teacher, or ``None`` before ``setup("fit")``."""
-        return self._teacher
+        return self._teacher.module
 
     # -- set-up ----------------------------------------------------------------------------------------------
     def _resolve_source(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> nn.Module:
@@ -149,26 +139,28 @@ class DistillationCallback(QuantizationCallback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and not (self._teacher is not None and self._teacher_owner == id(pl_module)):
-            source = self._resolve_source(trainer, pl_module)
-            self._teacher = frozen_fp_copy(source)
-            self._teacher_owner = id(pl_module)
-            if self._pending_state is not None:
-                self._teacher.load_state_dict(self._pending_state)
-                self._pending_state = None
-            if self.student_init == "teacher" and source is not pl_module:
-                self._init_student(pl_module)
+        if stage == "fit":
+            self._build_teacher(trainer, pl_module)
         super().setup(trainer, pl_module, stage)
 
-    def _init_student(self, pl_module: pl.LightningModule) -> None:
-        assert self._teacher is not None
-        if is_quantized(pl_module):
-            raise QuantizationConfigError(
-                '`student_init="teacher"` loads the teacher\'s FP weights before quantization, but the model is '
-                "already quantized. HINT: put DistillationCallback before QuantizationAwareTraining in `callbacks`."
-            )
+    def _build_teacher(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> nn.Module:
+        if not self._teacher.built_for(pl_module):
+            self._teacher.build(self._resolve_source(trainer, pl_module), owner=pl_module)
+        assert self._teacher.module is not None
+        return self._teacher.module
+
+    @override
+    def before_quantization(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # runs before the model is quantized, in whichever callback's setup comes first: the order of the callback
+        # list does not matter
+        if self.student_init == "teacher" and trainer.state.fn == "fit":
+            source = self._resolve_source(trainer, pl_module)
+            if source is not pl_module:
+                self._init_student(pl_module, self._build_teacher(trainer, pl_module))
+
+    def _init_student(self, pl_module: pl.LightningModule, teacher: nn.Module) -> None:
         try:
-            pl_module.load_state_dict(self._teacher.state_dict())
+            pl_module.load_state_dict(teacher.state_dict())
         except RuntimeError as err:
             raise QuantizationConfigError(
                 f'`student_init="teacher"`: the teacher\'s weights do not fit the model ({type(pl_module).__name__}). '
@@ -178,8 +170,7 @@ class DistillationCallback(QuantizationCallback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        assert self._teacher is not None  # setup("fit") built it
-        place_fp_copy(trainer, pl_module, self._teacher)  # rank 0's weights, the module's device and dtype
+        self._teacher.place(trainer, pl_module)  # restored weights, rank 0's under DDP, the module's device and dtype
         try:
             target = pl_module.get_submodule(self.logits_module) if self.logits_module else pl_module
         except AttributeError as err:
@@ -187,16 +178,13 @@ class DistillationCallback(QuantizationCallback):
                 f"`logits_module` {self.logits_module!r} is not a submodule of {type(pl_module).__name__}."
             ) from err
         self._remove_hook()
-        self._handle = target.register_forward_hook(self._capture, with_kwargs=True)
-
-    def _capture(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        if self._armed and self._captured is None:
-            self._captured = (args, kwargs, output)
+        # the first call of the logits module in each training step: its inputs, and its output with the graph
+        self._capture = Capture(pl_module, {"": target}, inputs=True, detach=False, first_call_only=True, armed=False)
 
     def _remove_hook(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        if self._capture is not None:
+            self._capture.remove()
+            self._capture = None
 
     # -- the loss --------------------------------------------------------------------------------------------
     @override
@@ -204,29 +192,34 @@ class DistillationCallback(QuantizationCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
-        self._captured = None
-        self._armed = True
+        if self._capture is not None:
+            self._capture.clear()
+            self._capture.arm()
 
     def _teacher_root(self) -> nn.Module:
-        assert self._teacher is not None
+        teacher = self._teacher.module
+        assert teacher is not None
         if self.logits_module:
             try:
-                return self._teacher.get_submodule(self.logits_module)
+                return teacher.get_submodule(self.logits_module)
             except AttributeError:
-                return self._teacher  # a teacher given as the bare network
-        return self._teacher
+                return teacher  # a teacher given as the bare network
+        return teacher
 
     @override
     def extra_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Tensor | None:
-        self._armed = False
-        captured, self._captured = self._captured, None
+        captured = None
+        if self._capture is not None:
+            self._capture.disarm()
+            captured = self._capture.first("")
+            self._capture.clear()
         if captured is None:
             raise QuantizationConfigError(
                 f"DistillationCallback saw no call of {self.logits_module or type(pl_module).__name__!r} in this "
                 "training step. HINT: set `logits_module` to the submodule that returns the logits (e.g. "
                 '"backbone" when training_step calls self.backbone(x)).'
             )
-        args, kwargs, student = captured
+        args, kwargs, student = captured.args, captured.kwargs, captured.output
         if not isinstance(student, Tensor):
             raise QuantizationConfigError(
                 f"DistillationCallback needs logits (a Tensor) from {self.logits_module or 'the model'!r}, got "
@@ -245,6 +238,4 @@ class DistillationCallback(QuantizationCallback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hook()
-        self._armed = False
-        self._captured = None
         super().teardown(trainer, pl_module, stage)

@@ -14,7 +14,7 @@ from lightning_quant.callbacks.base import QuantizationCallback
 from lightning_quant.core.errors import QuantizationConfigError
 from lightning_quant.core.functional import validate_bits
 from lightning_quant.surgery.layers import activation_quantizers, quantized_layers
-from lightning_quant.surgery.quantize import quantize_model
+from lightning_quant.surgery.requests import QuantizationRequest, explicit_fields
 from lightning_quant.surgery.spec import Granularity, LayerSpec, ObserverName, QuantSpec, ScaleMode
 from lightning_quant.surgery.summary import quantization_summary
 
@@ -123,8 +123,9 @@ class QuantizationAwareTraining(QuantizationCallback):
 
     # -- surgery ---------------------------------------------------------------------------------------------
     @override
-    def prepare_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        quantize_model(pl_module, self.spec)
+    def quantization_request(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> QuantizationRequest:
+        # the recipe's fields the user set must hold; the rest are preferences that win over other callbacks'
+        return QuantizationRequest(type(self).__name__, self.spec, explicit_fields(self.spec), priority=0)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -147,6 +148,12 @@ class QuantizationAwareTraining(QuantizationCallback):
     ) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         self._set_observing(pl_module, self.calibrating)
+        # observers update only in training mode, and Lightning keeps each module's own mode at fit start: the
+        # quantizers of a model quantized earlier and then put in eval mode would silently stop observing
+        for layer in quantized_layers(pl_module).values():
+            layer.weight_quantizer.train()
+        for quantizer in activation_quantizers(pl_module).values():
+            quantizer.train()
         if self.freeze_bn_after_epochs is not None and trainer.current_epoch >= self.freeze_bn_after_epochs:
             # re-applied every batch: Lightning restores train mode after validation
             for module in pl_module.modules():

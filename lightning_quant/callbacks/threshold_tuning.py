@@ -14,19 +14,16 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_quant.callbacks.base import (
-    QuantizationCallback,
-    QuantizationLossMixin,
-    frozen_fp_copy,
-    place_fp_copy,
-)
+from lightning_quant.callbacks.base import FrozenCopy, QuantizationCallback, QuantizationLossMixin
 from lightning_quant.core.errors import QuantizationConfigError
 from lightning_quant.core.functional import validate_bits
 from lightning_quant.core.quantizers import UniformQuantizer
 from lightning_quant.core.thresholds import ThresholdFactors
+from lightning_quant.surgery.capture import Capture
 from lightning_quant.surgery.fold import fold_batchnorm
 from lightning_quant.surgery.layers import QuantizedLayer, quantized_layers
-from lightning_quant.surgery.quantize import is_quantized, quantizable_layers, quantize_model
+from lightning_quant.surgery.quantize import is_quantized, quantizable_layers
+from lightning_quant.surgery.requests import QuantizationRequest
 from lightning_quant.surgery.spec import LayerSpec, QuantSpec
 
 log = logging.getLogger(__name__)
@@ -124,9 +121,12 @@ class ThresholdTuningCallback(QuantizationCallback):
     ``pl_module(x)`` itself with ``x`` the batch's images. While it trains, BatchNorm and Dropout layers are kept in
     eval mode (the thresholds are tuned for inference).
 
-    Composes with other callbacks: if an earlier callback already quantized the model with observer-mode quantizers
-    (e.g. ``QuantizationAwareTraining(scale_mode="observer")``), its quantizers get the factors; LSQ quantizers
-    raise. Export (``QuantizedExport``) sees the tuned step sizes and zero points.
+    Composes with other callbacks, in any order: the model is quantized once with the merged recipe of every
+    quantization callback (see :mod:`lightning_quant.callbacks.base`). FAT requires observer-mode quantizers with its
+    observers (and the BatchNorm fold): beside ``QuantizationAwareTraining()`` the model gets QAT's bits with FAT's
+    fixed ranges, and a QAT that explicitly asks for ``scale_mode="lsq"`` is a conflict with a clear error. The
+    teacher's weights are in this callback's state, so a run resumed into a freshly constructed module distils
+    from the original model. Export (``QuantizedExport``) sees the tuned step sizes and zero points.
 
     Logged: ``quant/fat/loss`` (the distillation term), ``quant/fat/lr``, ``quant/fat/alpha_mean``,
     ``quant/fat/calibrating``.
@@ -225,10 +225,18 @@ class ThresholdTuningCallback(QuantizationCallback):
             ),
             exclude=tuple(exclude or ()),
             first_last_bits=first_last_bits,
+            fold_batchnorm=self.fold_bn,
         )
+        # what FAT cannot work without (fixed observer ranges to adjust) and what the user set
+        required = {"default.scale_mode", "default.weight_observer", "default.act_observer"}
+        required |= {"fold_batchnorm"} if self.fold_bn else set()
+        required |= {"default.weight_bits"} if bits != 8 else set()
+        required |= {"default.act_bits"} if act_bits != bits else set()
+        required |= {"first_last_bits"} if first_last_bits != 8 else set()
+        required |= {"exclude"} if exclude else set()
+        self._required = frozenset(required)
         # resolved in setup
-        self._teacher: nn.Module | None = None
-        self._owner: int | None = None
+        self._teacher = FrozenCopy()
         self._quantizers: dict[str, UniformQuantizer] = {}
         self._folded: list[tuple[str, str]] = []
         self._optimizer: torch.optim.Optimizer | None = None
@@ -238,12 +246,11 @@ class ThresholdTuningCallback(QuantizationCallback):
         self._tuning_steps = 0
         self._steps_since_restart = 0
         # per step
-        self._hook: Any = None
-        self._capture: tuple[tuple[Any, ...], dict[str, Any], Any] | None = None
-        self._capturing = False
+        self._capture: Capture | None = None
         self._stepped_at: int | None = None
         self._checked_trained = False
         self._last_loss: Tensor | None = None
+        self._stage = "fit"
 
     # -- identity and state ----------------------------------------------------------------------------------
     @override
@@ -257,6 +264,7 @@ class ThresholdTuningCallback(QuantizationCallback):
             "tuning_steps": self._tuning_steps,
             "steps_since_restart": self._steps_since_restart,
             "optimizer": None if self._optimizer is None else self._optimizer.state_dict(),
+            "teacher": self._teacher.state_dict(),
         }
 
     @override
@@ -265,6 +273,7 @@ class ThresholdTuningCallback(QuantizationCallback):
         self._tuning_steps = int(state["tuning_steps"])
         self._steps_since_restart = int(state["steps_since_restart"])
         self._pending_optimizer_state = state["optimizer"]
+        self._teacher.load_state_dict(state.get("teacher"))
         if self._optimizer is not None and self._pending_optimizer_state is not None:
             self._optimizer.load_state_dict(self._pending_optimizer_state)
             self._pending_optimizer_state = None
@@ -273,7 +282,7 @@ class ThresholdTuningCallback(QuantizationCallback):
     @property
     def teacher(self) -> nn.Module | None:
         """The frozen full-precision copy (BatchNorm folded), or ``None`` before ``setup("fit")``."""
-        return self._teacher
+        return self._teacher.module
 
     @property
     def calibrating(self) -> bool:
@@ -312,24 +321,23 @@ class ThresholdTuningCallback(QuantizationCallback):
                 f"`model` ({type(pl_module).__name__}) has no layer that can be quantized (Conv/Linear), so "
                 "ThresholdTuningCallback has no thresholds to tune."
             )
-        if self.fold_bn:
-            # exact in eval mode; quantized convs keep their integers (see fold_batchnorm); idempotent
-            self._folded += fold_batchnorm(pl_module)
-        if stage == "fit" and self._owner != id(pl_module):
-            # the teacher: the folded FP model, copied before quantization (dequantized if an earlier callback
-            # already quantized it: the float weights are the same)
-            self._teacher = frozen_fp_copy(pl_module)
-            self._owner = id(pl_module)
-            self._checked_trained = False
+        self._stage = stage
         super().setup(trainer, pl_module, stage)
 
     @override
+    def quantization_request(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> QuantizationRequest:
+        return QuantizationRequest(type(self).__name__, self.spec, self._required, priority=10)
+
+    @override
     def prepare_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        callbacks = list(getattr(trainer, "callbacks", []))
-        earlier = callbacks[: callbacks.index(self)] if self in callbacks else []
-        if not is_quantized(pl_module) or not any(isinstance(cb, QuantizationCallback) for cb in earlier):
-            # validate the layer selection before swapping anything (quantize_model is atomic on its own errors)
-            quantize_model(pl_module, self.spec)
+        if self.fold_bn:
+            # a model quantized before fit (by the user) is folded here; exact in eval mode, integers kept; idempotent
+            self._folded += fold_batchnorm(pl_module)
+        if self._stage == "fit" and not self._teacher.built_for(pl_module):
+            # the teacher: the folded FP model (the quantized model dequantized: the float weights are the same);
+            # on resume its weights come from this callback's state (FrozenCopy)
+            self._teacher.build(pl_module)
+            self._checked_trained = False
         layers = quantized_layers(pl_module)
         tuned = self._tuned_layers(pl_module, layers)
         self._quantizers = {}
@@ -372,9 +380,7 @@ class ThresholdTuningCallback(QuantizationCallback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._teacher is None:
-            raise QuantizationConfigError("ThresholdTuningCallback: no teacher; `setup('fit')` did not run.")
-        place_fp_copy(trainer, pl_module, self._teacher)
+        self._teacher.place(trainer, pl_module)  # restored weights on resume; the module's device and dtype
         params = self.factor_parameters()
         if not params:
             raise QuantizationConfigError("ThresholdTuningCallback found no quantizer to tune (see `tune_layers`).")
@@ -386,15 +392,13 @@ class ThresholdTuningCallback(QuantizationCallback):
             # resumed after calibration: the factors' calibrated ranges came back with the model's state
             for quantizer in self._quantizers.values():
                 quantizer.observing = False
-        self._hook = pl_module.register_forward_hook(self._capture_hook, with_kwargs=True)
+        self._remove_hook()
+        # the first call of the LightningModule in each training step: its inputs, and the student's output
+        self._capture = Capture(pl_module, inputs=True, detach=False, first_call_only=True, armed=False)
         rank_zero_info(
             f"Threshold tuning (FAT): {len(params) // 2} quantizers, W{self.bits}A{self.act_bits}, "
             f"{len(self._folded)} BatchNorm folded, {self.num_calibration_batches} calibration batches."
         )
-
-    def _capture_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        if self._capturing and self._capture is None:
-            self._capture = (args, kwargs, output)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -404,12 +408,11 @@ class ThresholdTuningCallback(QuantizationCallback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
         self._remove_hook()
-        self._capture = None
 
     def _remove_hook(self) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        if self._capture is not None:
+            self._capture.remove()
+            self._capture = None
 
     # -- the training step -----------------------------------------------------------------------------------
     @override
@@ -422,26 +425,34 @@ class ThresholdTuningCallback(QuantizationCallback):
                 module.eval()
         observing = self.calibrating
         for quantizer in self._quantizers.values():
+            # observers update only in training mode, which Lightning does not set at fit start: a model quantized
+            # earlier and then put in eval mode would otherwise not calibrate at all
+            quantizer.train()
             factors = quantizer.threshold_factors
             quantizer.observing = observing and not (factors is not None and factors.is_calibrated)
-        self._capture = None
-        self._capturing = True
+        if self._capture is not None:
+            self._capture.clear()
+            self._capture.arm()
 
     @override
     def extra_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Tensor | None:
-        self._capturing = False
-        capture, self._capture = self._capture, None
+        capture = None
+        if self._capture is not None:
+            self._capture.disarm()
+            capture = self._capture.first("")
+            self._capture.clear()
         if self.calibrating and not self._check_due():
             # nothing to learn yet; keeps the factors in the graph (DDP) and the loss differentiable
             return sum((p.sum() * 0.0 for p in self.factor_parameters()), torch.zeros((), device=pl_module.device))
-        assert self._teacher is not None
+        teacher_model = self._teacher.module
+        assert teacher_model is not None
         if capture is not None:
-            args, kwargs, student = capture
+            args, kwargs, student = capture.args, capture.kwargs, capture.output
         else:
             args, kwargs = (_images(batch),), {}
             student = pl_module(*args)
         with torch.no_grad():
-            teacher = self._teacher(*args, **kwargs)
+            teacher = teacher_model(*args, **kwargs)
         student_t, teacher_t = _first_tensor(student), _first_tensor(teacher)
         if student_t is None or teacher_t is None:
             raise QuantizationConfigError(
@@ -488,7 +499,8 @@ class ThresholdTuningCallback(QuantizationCallback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._capturing = False
+        if self._capture is not None:
+            self._capture.disarm()
         if not trainer.optimizers:
             self._step_factors(trainer, pl_module)  # no user optimizer: no on_before_optimizer_step
         calibrated_this_batch = self.calibrating

@@ -1,5 +1,7 @@
-"""Quantization numerics: fake-quant functions with straight-through gradients, quantizers, observers, errors."""
+"""Quantization numerics: fake-quant functions with straight-through gradients, the quantizer protocol and its
+kinds (uniform, codebook), k-means, observers, errors."""
 
+from lightning_quant.core.codebook import CodebookQuantizer, index_bits_for
 from lightning_quant.core.errors import QuantizationConfigError, UnsupportedModuleError
 from lightning_quant.core.functional import (
     binarize,
@@ -9,6 +11,7 @@ from lightning_quant.core.functional import (
     quantize_to_int,
     scale_zero_point_from_bounds,
 )
+from lightning_quant.core.kmeans import KMeansResult, kmeans, kmeans_plus_plus
 from lightning_quant.core.observers import (
     OBSERVERS,
     MinMaxObserver,
@@ -18,25 +21,42 @@ from lightning_quant.core.observers import (
     PercentileObserver,
     make_observer,
 )
-from lightning_quant.core.quantizers import UniformQuantizer
+from lightning_quant.core.quantizers import (
+    QUANTIZER_KINDS,
+    Quantizer,
+    UniformGrid,
+    UniformQuantizer,
+    build_weight_quantizer,
+    register_quantizer,
+)
 from lightning_quant.core.thresholds import ThresholdFactors
 
 __all__ = [
     "OBSERVERS",
+    "QUANTIZER_KINDS",
+    "CodebookQuantizer",
+    "KMeansResult",
     "MSEObserver",
     "MinMaxObserver",
     "MovingAverageObserver",
     "Observer",
     "PercentileObserver",
     "QuantizationConfigError",
+    "Quantizer",
     "ThresholdFactors",
+    "UniformGrid",
     "UniformQuantizer",
     "UnsupportedModuleError",
     "binarize",
+    "build_weight_quantizer",
     "fake_quantize",
+    "index_bits_for",
+    "kmeans",
+    "kmeans_plus_plus",
     "lsq_fake_quantize",
     "make_observer",
     "quant_range",
     "quantize_to_int",
+    "register_quantizer",
     "scale_zero_point_from_bounds",
 ]

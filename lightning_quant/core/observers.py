@@ -52,7 +52,8 @@ class Observer(nn.Module):
         self.register_buffer("max_val", torch.zeros(num_channels))
         self.register_buffer("num_batches", torch.zeros((), dtype=torch.long))
 
-    def _batch_min_max(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def batch_min_max(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The minimum and maximum of one batch (per tensor, or per channel)."""
         x = x.detach().float()
         if self.ch_axis is None:
             return x.min().reshape(1), x.max().reshape(1)
@@ -61,7 +62,7 @@ class Observer(nn.Module):
 
     def batch_bounds(self, x: Tensor, qmin: int, qmax: int, symmetric: bool) -> tuple[Tensor, Tensor]:
         """The bounds this observer takes from one batch (before merging with earlier ones)."""
-        return self._batch_min_max(x)
+        return self.batch_min_max(x)
 
     def _merge(self, lo: Tensor, hi: Tensor) -> None:
         if self.num_batches == 0:
@@ -74,7 +75,11 @@ class Observer(nn.Module):
     @torch.no_grad()
     def update(self, x: Tensor, qmin: int, qmax: int, symmetric: bool) -> None:
         """Observe a batch; ``qmin``/``qmax``/``symmetric`` describe the grid (used by range-searching observers)."""
-        lo, hi = self.batch_bounds(x, qmin, qmax, symmetric)
+        self.update_bounds(*self.batch_bounds(x, qmin, qmax, symmetric))
+
+    @torch.no_grad()
+    def update_bounds(self, lo: Tensor, hi: Tensor) -> None:
+        """Merge one batch's bounds (from :meth:`batch_bounds`, e.g. computed per group of channels)."""
         if self._reduce == "mean":
             lo, hi = _all_reduce(lo, "mean"), _all_reduce(hi, "mean")
         else:
@@ -195,7 +200,7 @@ class MSEObserver(Observer):
 
     def batch_bounds(self, x: Tensor, qmin: int, qmax: int, symmetric: bool) -> tuple[Tensor, Tensor]:
         x = x.detach().float()
-        lo, hi = self._batch_min_max(x)
+        lo, hi = self.batch_min_max(x)
         best_err = torch.full_like(lo, float("inf"))
         best_lo, best_hi = lo.clone(), hi.clone()
         # channels first, flattened, strided down to max_samples per channel

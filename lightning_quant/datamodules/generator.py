@@ -27,6 +27,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_quant.core.errors import QuantizationConfigError
+from lightning_quant.surgery.capture import Call, Capture
 
 __all__ = ["ConditionalGenerator", "GeneratorDataModule", "GeneratorTrainer", "bn_layers", "distill_inputs"]
 
@@ -194,15 +195,18 @@ def _bn_stat_loss(mean: Tensor, var: Tensor, run_mean: Tensor, run_var: Tensor, 
 
 
 class _BNStatistics:
-    """Forward pre-hooks on every BN layer of a model: the distance of each input's batch statistics."""
+    """Hooks on every BN layer of a model (a :class:`~lightning_quant.surgery.capture.Capture` of their inputs,
+    graph kept): the distance of each input's batch statistics from the layer's running statistics."""
 
     def __init__(self, model: nn.Module, kind: str) -> None:
         self.kind = kind
         self.losses: list[Tensor] = []
-        self._handles = [m.register_forward_pre_hook(self._hook) for _, m in bn_layers(model)]
+        self._capture = Capture(
+            model, dict(bn_layers(model)), outputs=False, inputs=True, detach=False, on_call=self._record
+        )
 
-    def _hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        x = args[0].float()
+    def _record(self, name: str, module: nn.Module, call: Call) -> None:
+        x = call.input.float()
         dims = [d for d in range(x.dim()) if d != 1]
         mean = x.mean(dim=dims)
         var = x.var(dim=dims, unbiased=False)
@@ -215,9 +219,7 @@ class _BNStatistics:
         return total
 
     def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        self._capture.remove()
 
 
 def distill_inputs(

@@ -66,7 +66,8 @@ from torch import Tensor, nn
 
 from lightning_quant.core.errors import QuantizationConfigError, UnsupportedModuleError
 from lightning_quant.core.functional import fake_quantize
-from lightning_quant.core.quantizers import UniformQuantizer
+from lightning_quant.core.quantizers import Quantizer
+from lightning_quant.surgery.capture import capture
 from lightning_quant.surgery.fold import fold_batchnorm as _fold_batchnorm
 from lightning_quant.surgery.layers import activation_quantizers, quantized_layers
 from lightning_quant.surgery.quantize import is_quantized
@@ -104,7 +105,8 @@ def _decomposed_ops() -> Any:
 
 
 class _ExportQuantizer(nn.Module):
-    """A frozen copy of a :class:`UniformQuantizer` written with ops that export as 8-bit Q/DQ.
+    """A frozen copy of a quantizer's uniform grid (``Quantizer.uniform_grid``) written with ops that export as
+    8-bit Q/DQ.
 
     Per-tensor: ``quantized_decomposed.quantize_per_tensor`` / ``dequantize_per_tensor`` with Python constants
     (aten's fused per-tensor fake-quant has no meta kernel, so torch.export cannot trace it with a dynamic batch
@@ -114,18 +116,23 @@ class _ExportQuantizer(nn.Module):
     A grid narrower than 8 bits is exported exactly: ``x`` is first clamped to ``[(qmin - z) s, (qmax - z) s]``
     and then quantized on the int8/uint8 range with the same ``s`` and ``z``, so every value lands on the same
     integer as at ``bits``. ``clamp=False`` skips the clamp for a weight that already holds its fake-quant
-    values (which also makes binary weights +-1 integers with step ``s``).
+    values (which also makes binary weights +-1 integers with step ``s``, per-channel widths and codebook values
+    integers of their grids).
     """
 
-    def __init__(self, quantizer: UniformQuantizer, *, clamp: bool) -> None:
+    def __init__(self, quantizer: Quantizer, *, clamp: bool) -> None:
         super().__init__()
-        scale = quantizer.effective_scale().detach().clone().float()
-        zero_point = quantizer.zero_point.detach().clone()
+        grid = quantizer.uniform_grid()
+        if grid is None:
+            raise UnsupportedModuleError(f"A {quantizer.KIND} quantizer without a uniform grid has no Q/DQ form.")
+        scale = grid.scale.detach().clone().float()
+        zero_point = grid.zero_point.detach().clone()
         self.bits = quantizer.bits  # read by the layer's summary and repr
-        self.ch_axis = quantizer.ch_axis
-        self.qmin, self.qmax = (-128, 127) if quantizer.qmin < 0 else (0, 255)
+        self.ch_axis = grid.ch_axis
+        low = int(grid.qmin.min()) if isinstance(grid.qmin, Tensor) else grid.qmin
+        self.qmin, self.qmax = (-128, 127) if low < 0 else (0, 255)
         self.dtype = torch.int8 if self.qmin < 0 else torch.uint8
-        self.per_tensor = scale.numel() == 1 and quantizer.ch_axis is None
+        self.per_tensor = scale.numel() == 1 and grid.ch_axis is None
         # the TorchScript exporter knows aten's fake-quant but not the quantized_decomposed ops
         self.use_decomposed = self.per_tensor
         self.register_buffer("scale", scale)
@@ -134,12 +141,12 @@ class _ExportQuantizer(nn.Module):
         self.scale_value = float(scale.reshape(-1)[0])
         self.zero_point_value = int(zero_point.reshape(-1)[0])
         self.bounds: tuple[float, float] | None = None
-        if clamp and not quantizer.is_binary and (quantizer.qmin, quantizer.qmax) != (self.qmin, self.qmax):
-            if not self.per_tensor:
+        if clamp and (grid.qmin, grid.qmax) != (self.qmin, self.qmax):
+            if not self.per_tensor or isinstance(grid.qmin, Tensor):
                 raise UnsupportedModuleError("Per-channel activation quantizers below 8 bits cannot be exported.")
             self.bounds = (
-                (quantizer.qmin - self.zero_point_value) * self.scale_value,
-                (quantizer.qmax - self.zero_point_value) * self.scale_value,
+                (grid.qmin - self.zero_point_value) * self.scale_value,
+                (grid.qmax - self.zero_point_value) * self.scale_value,
             )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -152,6 +159,18 @@ class _ExportQuantizer(nn.Module):
         return fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax, self.ch_axis)
 
 
+class _FloatWeight(nn.Module):
+    """Stands in for a weight quantizer whose values lie on no uniform grid: the weight is exported as its exact
+    (dequantized) float values and the layer runs in float."""
+
+    def __init__(self, bits: int | tuple[int, ...]) -> None:
+        super().__init__()
+        self.bits = bits
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+
 def _check_exportable(model: nn.Module) -> None:
     if not is_quantized(model):
         raise QuantizationConfigError(
@@ -161,25 +180,30 @@ def _check_exportable(model: nn.Module) -> None:
         )
     for name, quantizer in model.named_modules():
         role = name.rsplit(".", 1)[-1]
-        if not isinstance(quantizer, UniformQuantizer) and (
+        if not isinstance(quantizer, Quantizer) and (
             not role.endswith("_quantizer") or isinstance(quantizer, nn.Identity)
         ):
             continue
         owner = name.rsplit(".", 1)[0] if "." in name else "<model>"
-        if type(quantizer) is not UniformQuantizer:
+        if not isinstance(quantizer, Quantizer):
             raise UnsupportedModuleError(
-                f"Layer {owner!r} has a {role} of type {type(quantizer).__name__}, which the ONNX exporter "
-                "cannot express as QuantizeLinear/DequantizeLinear (only UniformQuantizer can). HINT: "
-                "dequantize that layer (`exclude=[...]` in the spec) or export its codebook with "
-                "`lightning_quant.export.packing`."
+                f"Layer {owner!r} has a {role} of type {type(quantizer).__name__}, which is not a lightning-quant "
+                "quantizer, so the ONNX exporter cannot express it as QuantizeLinear/DequantizeLinear. HINT: "
+                "subclass `lightning_quant.core.Quantizer` (and register it), or dequantize that layer "
+                "(`exclude=[...]` in the spec)."
             )
-        if not quantizer._initialized:
+        if not quantizer.is_initialized:
             raise QuantizationConfigError(
                 f"The {role} of layer {owner!r} has never seen data, so its step size is arbitrary. HINT: "
                 "calibrate first: run a few batches through the model in training mode (a quantization "
                 "callback does this during fit)."
             )
-        if role != "weight_quantizer" and quantizer.is_binary:
+        if role != "weight_quantizer" and quantizer.uniform_grid() is None:
+            raise UnsupportedModuleError(
+                f"The {role} of layer {owner!r} ({quantizer.KIND}) lies on no uniform grid, which ONNX Q/DQ needs "
+                "for activations."
+            )
+        if role != "weight_quantizer" and quantizer.bits == 1:
             raise UnsupportedModuleError(f"Layer {owner!r} has a binary {role}, which ONNX cannot express.")
 
 
@@ -217,14 +241,26 @@ def prepare_for_export(model: nn.Module, *, fold_batchnorm: bool = True) -> nn.M
     if fold_batchnorm:
         folded = _fold_batchnorm(prepared, inexact="skip")
         log.debug("export: folded %d BatchNorm layers", len(folded))
-    for layer in quantized_layers(prepared).values():
-        quantizer = layer.weight_quantizer
-        layer.weight.copy_(quantizer(layer.weight))
-        layer.weight_quantizer = _ExportQuantizer(quantizer, clamp=False)
+    float_weights = []
+    for name, layer in quantized_layers(prepared).items():
+        for param_name, param, quantizer in layer.quantized_parameters():
+            param.copy_(quantizer(param))
+            if quantizer.uniform_grid() is None:
+                layer.set_weight_quantizer(param_name, _FloatWeight(quantizer.bits))
+                float_weights.append(name)
+            else:
+                layer.set_weight_quantizer(param_name, _ExportQuantizer(quantizer, clamp=False))
+    if float_weights:
+        log.warning(
+            "export: the weights of %s lie on no uniform grid (float codebooks, or incremental quantization not "
+            "finished): they are exported as their exact float values and these layers run in float. HINT: give "
+            "codebooks `codebook_bits` (e.g. 6) for integer export.",
+            float_weights,
+        )
     # activation quantizers: layer inputs and outputs, and those a folded output-quantized BatchNorm left behind
     for parent in list(prepared.modules()):
         for attr, child in list(parent._modules.items()):
-            if isinstance(child, UniformQuantizer):
+            if isinstance(child, Quantizer):
                 parent._modules[attr] = _ExportQuantizer(child, clamp=True)
     return prepared
 
@@ -393,7 +429,8 @@ def export_onnx(
     Raises:
         QuantizationConfigError: a model without quantized layers or with an uncalibrated quantizer, a path in
             a missing directory, an existing file without ``overwrite=True``, or a bad argument.
-        UnsupportedModuleError: a quantizer the exporter cannot express as Q/DQ (e.g. codebooks).
+        UnsupportedModuleError: a quantizer the exporter cannot express (an activation quantizer off any uniform
+            grid, a binary activation, a module that is not a lightning-quant quantizer).
     """
     path = _check_path(path, overwrite)
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < 13:
@@ -582,17 +619,8 @@ def _per_layer_diffs(
             "verify_onnx(per_layer=True) needs the layer scopes that torch's dynamo exporter writes into the "
             "ONNX nodes; this file has none (exported with dynamo=False?). HINT: export with `dynamo=True`."
         )
-    captured: dict[str, Tensor] = {}
-    handles = [
-        layers[name].register_forward_hook(lambda _m, _i, out, name=name: captured.__setitem__(name, out.detach()))
-        for name in outputs
-    ]
-    try:
-        with torch.no_grad():
-            prepared(x.cpu())
-    finally:
-        for handle in handles:
-            handle.remove()
+    calls = capture(prepared, x.cpu(), {name: layers[name] for name in outputs}, training=None)
+    captured = {name: calls[name][0].output for name in outputs}
     probe = copy.deepcopy(onnx_model)
     existing = {o.name for o in probe.graph.output}
     for tensor_name in outputs.values():

@@ -81,11 +81,16 @@ __all__ = [
     "load_packed_model",
     "model_size_report",
     "pack_bits",
+    "pack_codes",
     "pack_model",
+    "pack_rows",
     "packed_num_bytes",
+    "packed_rows_num_bytes",
     "save_packed",
     "save_packed_model",
     "unpack_bits",
+    "unpack_codes",
+    "unpack_rows",
     "zero_run_decode",
     "zero_run_encode",
     "zero_run_size_bits",
@@ -289,6 +294,88 @@ def unpack_bits(packed: Tensor, bits: int, signed: bool, numel: int) -> Tensor:
     elif signed:
         codes = torch.where(codes >= (1 << (bits - 1)), codes - (1 << bits), codes)
     return codes.to(out_dtype)
+
+
+def _row_widths(row_bits: object, rows: int, argument: str = "row_bits") -> list[int]:
+    if isinstance(row_bits, (str, bytes)) or not isinstance(row_bits, (list, tuple)) or len(row_bits) != rows:
+        raise QuantizationConfigError(
+            f"`{argument}` must give one width per row ({rows} rows), got {row_bits!r}. Pass a list of {rows} ints."
+        )
+    return [_check_pack_bits(b) for b in row_bits]
+
+
+def packed_rows_num_bytes(shape: tuple[int, ...] | list[int], row_bits: list[int] | tuple[int, ...]) -> int:
+    """Bytes that :func:`pack_rows` uses: ``ceil(sum(row_bits) * numel_per_row / 8)``."""
+    per_row = math.prod(shape[1:]) if len(shape) > 1 else 1
+    return (sum(row_bits) * per_row + 7) // 8
+
+
+def pack_rows(values: IntArray, row_bits: list[int] | tuple[int, ...], signed: bool) -> Tensor:
+    """Pack codes with one width per row (per output channel: per-channel bit widths) into one bit stream.
+
+    Rows (slices along dimension 0) follow each other, each value at its row's width, in the layout of
+    :func:`pack_bits` (which this equals when every row has the same width): ``ceil(sum(row_bits) * n / 8)`` bytes
+    for rows of ``n`` values. Signed one-bit rows hold ``{-1, +1}``.
+
+    >>> packed = pack_rows(torch.tensor([[1, -1], [3, -4]]), [1, 3], signed=True)
+    >>> packed.numel(), unpack_rows(packed, [1, 3], True, (2, 2)).tolist()
+    (1, [[1, -1], [3, -4]])
+    """
+    tensor = values if isinstance(values, Tensor) else torch.from_numpy(np.ascontiguousarray(values))
+    if tensor.dim() == 0:
+        raise QuantizationConfigError("`values` must have a row dimension (dimension 0).")
+    widths_list = _row_widths(row_bits, tensor.shape[0])
+    rows = _as_int_tensor(tensor).reshape(tensor.shape[0], -1).to(torch.int64)
+    per_row = rows.shape[1]
+    unsigned = torch.empty_like(rows)
+    for width in sorted(set(widths_list)):
+        idx = torch.tensor([r for r, w in enumerate(widths_list) if w == width], device=rows.device)
+        part = rows.index_select(0, idx)
+        _check_range(part.reshape(-1), width, signed)
+        if width == 1 and signed:
+            part = (part + 1) // 2
+        elif signed:
+            part = part & ((1 << width) - 1)
+        unsigned[idx] = part
+    widths = torch.tensor(widths_list, device=rows.device).repeat_interleave(per_row)
+    flat = unsigned.reshape(-1)
+    offsets = torch.cumsum(widths, 0) - widths
+    total = int(widths.sum())
+    n_bytes = (total + 7) // 8
+    stream = torch.zeros(n_bytes * 8, dtype=torch.uint8, device=rows.device)
+    for bit in range(max(widths_list, default=0)):
+        sel = widths > bit
+        stream[offsets[sel] + bit] = ((flat[sel] >> bit) & 1).to(torch.uint8)
+    weights = torch.tensor([1 << k for k in range(8)], dtype=torch.uint8, device=rows.device)
+    return (stream.reshape(n_bytes, 8) * weights).sum(dim=1, dtype=torch.int32).to(torch.uint8)
+
+
+def unpack_rows(packed: Tensor, row_bits: list[int] | tuple[int, ...], signed: bool, shape: tuple[int, ...]) -> Tensor:
+    """Inverse of :func:`pack_rows`: the codes in ``shape`` (``int16``)."""
+    shape = tuple(int(d) for d in shape)
+    widths_list = _row_widths(row_bits, shape[0] if shape else 0)
+    expected = packed_rows_num_bytes(shape, widths_list)
+    if not isinstance(packed, Tensor) or packed.dtype != torch.uint8 or packed.numel() != expected:
+        got = f"{packed.numel()} bytes of {packed.dtype}" if isinstance(packed, Tensor) else type(packed).__name__
+        raise QuantizationConfigError(
+            f"`packed` must be {expected} uint8 bytes for shape {shape} at row_bits {widths_list[:8]}..., got {got}. "
+            "Pass pack_rows' output with the same shape and widths."
+        )
+    per_row = math.prod(shape[1:]) if len(shape) > 1 else 1
+    flat = packed.reshape(-1)
+    byte_shifts = torch.arange(8, device=flat.device, dtype=torch.uint8)
+    stream = ((flat.unsqueeze(1) >> byte_shifts) & 1).reshape(-1).to(torch.int64)
+    widths = torch.tensor(widths_list, device=flat.device).repeat_interleave(per_row)
+    offsets = torch.cumsum(widths, 0) - widths
+    codes = torch.zeros(widths.numel(), dtype=torch.int64, device=flat.device)
+    for bit in range(max(widths_list, default=0)):
+        sel = widths > bit
+        codes[sel] |= stream[offsets[sel] + bit] << bit
+    if signed:
+        binary = widths == 1
+        half = 1 << (widths - 1)
+        codes = torch.where(binary, codes * 2 - 1, torch.where(codes >= half, codes - (1 << widths), codes))
+    return codes.to(torch.int16).reshape(shape)
 
 
 # ---------------------------------------------------------------------------------------- zero-run coding
@@ -523,21 +610,26 @@ def save_packed(path: str | os.PathLike[str], tensors: dict[str, dict[str, Any]]
             raise QuantizationConfigError(
                 f"`tensors[{name!r}]` is missing {missing}. Every entry needs {list(_REQUIRED_KEYS)}."
             )
-        bits = _check_pack_bits(entry["bits"])
         shape = [
             _check_int(f"tensors[{name!r}]['shape']", d, 0, None, "Give the unpacked shape.") for d in entry["shape"]
         ]
         numel = math.prod(shape)
+        if isinstance(entry["bits"], (list, tuple)):  # one width per row (pack_rows)
+            bits: int | list[int] = _row_widths(entry["bits"], shape[0] if shape else 0, f"tensors[{name!r}]['bits']")
+            expected = packed_rows_num_bytes(shape, bits)
+        else:
+            bits = _check_pack_bits(entry["bits"])
+            expected = packed_num_bytes(numel, bits)
         packed = entry["packed"]
         if not isinstance(packed, Tensor) or packed.dtype != torch.uint8 or packed.dim() != 1:
             raise QuantizationConfigError(
                 f"`tensors[{name!r}]['packed']` must be a flat uint8 tensor from pack_bits, got "
                 f"{getattr(packed, 'dtype', type(packed).__name__)}. Pass pack_bits' output."
             )
-        if packed.numel() != packed_num_bytes(numel, bits):
+        if packed.numel() != expected:
             raise QuantizationConfigError(
                 f"`tensors[{name!r}]['packed']` has {packed.numel()} bytes, but shape {tuple(shape)} at "
-                f"bits={bits} packs into {packed_num_bytes(numel, bits)}. Pass the shape and bits used to pack."
+                f"bits={bits} packs into {expected}. Pass the shape and bits used to pack."
             )
         meta: dict[str, Any] = {"bits": bits, "signed": bool(entry["signed"]), "shape": shape}
         fields: dict[str, Any] = {}
@@ -630,7 +722,6 @@ def load_packed(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
 # ------------------------------------------------------------------------------------------ whole models
 #: entry of :func:`pack_model` that holds the model's quantization recipe (``QuantSpec`` JSON)
 SPEC_ENTRY = "__lightning_quant_spec__"
-_QUANTIZER_STATE = ("scale", "zero_point", "bit_width", "initialized")
 
 
 def _empty_entry(**extra: Any) -> dict[str, Any]:
@@ -640,15 +731,68 @@ def _empty_entry(**extra: Any) -> dict[str, Any]:
 
 def _quantized_parts(model: torch.nn.Module) -> tuple[dict[str, Any], set[str]]:
     """The quantized layers and the state-dict keys that packing replaces (weights, quantizer state)."""
-    from lightning_quant.surgery.layers import quantized_layers  # export sits above surgery
+    from lightning_quant.surgery.layers import quantized_layers, quantizers  # export sits above surgery
 
     layers = quantized_layers(model)
     replaced = set()
-    for name, module in model.named_modules():
-        if type(module).__name__ == "UniformQuantizer" or "Observer" in type(module).__name__:
-            replaced.update(f"{name}.{key}" for key, _ in module.state_dict().items())
-    replaced.update(f"{name}.weight" for name in layers)
+    for name, module in quantizers(model).items():
+        replaced.update(f"{name}.{key}" for key, _ in module.state_dict().items())
+    replaced.update(f"{name}.{param}" for name, layer in layers.items() for param, _, _ in layer.quantized_parameters())
     return layers, replaced
+
+
+def _quantized_weights(layers: dict[str, Any]) -> list[tuple[str, str, Tensor, Any]]:
+    """``(layer name, state-dict key, Parameter, quantizer)`` of every quantized Parameter of ``layers``."""
+    return [
+        (name, f"{name}.{param_name}", param, quantizer)
+        for name, layer in layers.items()
+        for param_name, param, quantizer in layer.quantized_parameters()
+    ]
+
+
+def pack_codes(codes: Tensor, widths: Tensor, signed: bool) -> tuple[Tensor, int | list[int]]:
+    """Pack a quantizer's codes at their widths (``Quantizer.code_widths``): ``(packed bytes, bits)`` where
+    ``bits`` is one int, or one width per row for per-channel widths."""
+    if widths.dim() == 0 or widths.numel() == 1:
+        bits = int(widths.reshape(-1)[0])
+        return pack_bits(codes.cpu(), bits, signed), bits
+    row_bits = [int(w) for w in widths.reshape(-1).tolist()]
+    return pack_rows(codes.cpu(), row_bits, signed), row_bits
+
+
+def unpack_codes(packed: Tensor, bits: int | list[int], signed: bool, shape: tuple[int, ...]) -> Tensor:
+    """Inverse of :func:`pack_codes`: the codes in ``shape``."""
+    if isinstance(bits, (list, tuple)):
+        return unpack_rows(packed, list(bits), signed, shape)
+    return unpack_bits(packed, bits, signed, math.prod(shape)).reshape(shape)
+
+
+def _pack_side(entry: dict[str, Any], side: dict[str, tuple[Tensor, int]]) -> None:
+    """Store a quantizer's side tensors in ``entry``: float ones raw (float32), integer ones packed at their bits."""
+    for key, (tensor, bits) in side.items():
+        if tensor.is_floating_point():
+            entry[key] = tensor.detach().float().cpu().clone()
+        else:
+            entry[key] = pack_bits(tensor.cpu(), bits, signed=True)
+            entry[f"{key}__bits"] = int(bits)
+            entry[f"{key}__shape"] = ",".join(str(d) for d in tensor.shape)
+
+
+def _unpack_side(entry: dict[str, Any]) -> dict[str, Tensor]:
+    side = {}
+    for key, value in entry.items():
+        if not isinstance(value, Tensor) or key == "packed" or key.endswith("__bits"):
+            continue
+        if f"{key}__bits" in entry:
+            shape = tuple(int(d) for d in str(entry[f"{key}__shape"]).split(",") if d)
+            side[key] = unpack_bits(value, entry[f"{key}__bits"], True, math.prod(shape)).reshape(shape)
+        else:
+            side[key] = value
+    return side
+
+
+def _side_bytes(entry: dict[str, Any]) -> int:
+    return sum(v.numel() * v.element_size() for k, v in entry.items() if isinstance(v, Tensor) and k != "packed")
 
 
 @torch.no_grad()
@@ -657,8 +801,11 @@ def pack_model(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
 
     Entries (the format of :func:`save_packed`):
 
-    * ``<layer>.weight``: the weight integers (``int_repr``) packed at the layer's bit width (binary: 1 bit),
-      with ``scale`` and ``zero_point`` (float32, one per channel or one per tensor) and ``ch_axis``.
+    * ``<layer>.<parameter>`` (the quantized Parameter's state-dict key, e.g. ``conv1.weight``): the quantizer's
+      codes (``int_repr``: integers on a uniform grid, codebook indices) packed at their storage widths (binary:
+      1 bit; per-channel widths: one width per output channel, one bit stream), with the quantizer's side tensors
+      (``scale``/``zero_point``, or the codebook packed at its bits and its scale), the quantizer kind and
+      ``ch_axis``.
     * ``<layer>.input_quantizer`` (and every other activation quantizer by its module name, e.g. a residual
       ``<bn>.output_quantizer``): the activation step size and zero point (no payload), ``bits``.
     * every other floating-point tensor of the state dict (biases, BatchNorm, float layers), stored raw under
@@ -668,7 +815,8 @@ def pack_model(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
     Observer statistics and integer bookkeeping buffers are not stored (they do not change the outputs).
 
     Raises:
-        QuantizationConfigError: ``model`` has no quantized layer.
+        QuantizationConfigError: ``model`` has no quantized layer, or a codebook layer is still mid-way through
+            incremental quantization (some weights in float).
     """
     from lightning_quant.surgery.layers import activation_quantizers
     from lightning_quant.surgery.spec import QuantSpec
@@ -676,19 +824,25 @@ def pack_model(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
     spec = QuantSpec.from_model(model)  # raises a clear error for a float model
     layers, replaced = _quantized_parts(model)
     entries: dict[str, dict[str, Any]] = {SPEC_ENTRY: _empty_entry(kind="spec", spec=spec.to_json())}
-    for name, layer in layers.items():
-        quantizer = layer.weight_quantizer
-        codes = quantizer.int_repr(layer.weight)
-        entries[f"{name}.weight"] = {
-            "packed": pack_bits(codes.cpu(), quantizer.bits, quantizer.qmin < 0),
-            "bits": quantizer.bits,
-            "signed": quantizer.qmin < 0,
-            "shape": tuple(layer.weight.shape),
-            "scale": quantizer.effective_scale().detach().float().cpu().clone(),
-            "zero_point": quantizer.zero_point.detach().float().cpu().clone(),
-            "ch_axis": quantizer.ch_axis,
+    for name, key, weight, quantizer in _quantized_weights(layers):
+        if getattr(quantizer, "complete", True) is False:
+            raise QuantizationConfigError(
+                f"Layer {name!r} is mid-way through incremental quantization: some of its weights are still float, "
+                "so it has no packed form yet. HINT: pack after the last stage (every codebook entry frozen)."
+            )
+        codes = quantizer.int_repr(weight)
+        packed, bits = pack_codes(codes, quantizer.code_widths(codes), quantizer.signed_codes)
+        entry = {
+            "packed": packed,
+            "bits": bits,
+            "signed": quantizer.signed_codes,
+            "shape": tuple(codes.shape),
+            "ch_axis": getattr(quantizer, "ch_axis", None),
+            "quantizer": quantizer.KIND,
             "kind": "weight",
         }
+        _pack_side(entry, quantizer.side_tensors())
+        entries[key] = entry
     for name, act in activation_quantizers(model).items():
         entries[name] = _empty_entry(
             kind="activation",
@@ -714,9 +868,9 @@ def save_packed_model(model: torch.nn.Module, path: str | os.PathLike[str]) -> i
 def load_packed_model(model: torch.nn.Module, path: str | os.PathLike[str]) -> torch.nn.Module:
     """Load a file of :func:`save_packed_model` into a fresh model (float, or quantized with the same recipe).
 
-    A float model is first quantized with the stored recipe. Weights become their dequantized values
-    ``(q - z) * s`` and the quantizers get the stored step sizes, so the fake-quant outputs are exactly those of
-    the saved model (eval mode).
+    A float model is first quantized with the stored recipe. Each weight quantizer restores its state from the
+    codes and side tensors (``Quantizer.load_codes``) and the weight becomes the values its codes stand for, so the
+    fake-quant outputs are exactly those of the saved model (eval mode).
 
     Raises:
         QuantizationConfigError: the file is not a packed model, or it does not fit ``model``.
@@ -733,31 +887,31 @@ def load_packed_model(model: torch.nn.Module, path: str | os.PathLike[str]) -> t
     if not is_quantized(model):
         quantize_model(model, QuantSpec.from_json(entries[SPEC_ENTRY]["spec"]))
     layers, _ = _quantized_parts(model)
-    weights = {k.removesuffix(".weight"): e for k, e in entries.items() if e.get("kind") == "weight"}
-    if set(weights) != set(layers):
+    weights = {k: e for k, e in entries.items() if e.get("kind") == "weight"}
+    expected_weights = {key: (weight, quantizer) for _, key, weight, quantizer in _quantized_weights(layers)}
+    if set(weights) != set(expected_weights):
         raise QuantizationConfigError(
-            f"The packed file's quantized layers {sorted(weights)[:6]} do not match the model's "
-            f"{sorted(layers)[:6]}. Load it into the model it was saved from."
+            f"The packed file's quantized weights {sorted(weights)[:6]} do not match the model's "
+            f"{sorted(expected_weights)[:6]}. Load it into the model it was saved from."
         )
-    for name, layer in layers.items():
-        entry = weights[name]
-        quantizer = layer.weight_quantizer
-        if tuple(entry["shape"]) != tuple(layer.weight.shape):
+    for key, (weight, quantizer) in expected_weights.items():
+        entry = weights[key]
+        kind = entry.get("quantizer", "uniform")
+        if kind != quantizer.KIND:
             raise QuantizationConfigError(
-                f"`{name}.weight` has shape {tuple(layer.weight.shape)} in the model, {entry['shape']} in the file."
+                f"`{key}` was packed by a {kind!r} quantizer, the model's is {quantizer.KIND!r}. Load it into "
+                "the model it was saved from."
             )
-        quantizer.bits = entry["bits"]
-        codes = unpack_bits(entry["packed"], entry["bits"], entry["signed"], math.prod(entry["shape"]))
-        codes = codes.to(torch.float32).reshape(entry["shape"])
-        scale, zero_point = entry["scale"], entry["zero_point"]
-        view = [-1] + [1] * (codes.dim() - 1) if scale.numel() > 1 else [1] * codes.dim()
-        values = (
-            codes * scale.reshape(view)
-            if quantizer.is_binary
-            else (codes - zero_point.reshape(view)) * scale.reshape(view)
-        )
-        layer.weight.copy_(values.to(layer.weight))
-        _set_quantizer(quantizer, scale, zero_point)
+        expected = tuple(quantizer.int_repr(weight).shape)
+        if tuple(entry["shape"]) != expected:
+            raise QuantizationConfigError(
+                f"`{key}` has codes of shape {expected} in the model, {tuple(entry['shape'])} in the file."
+            )
+        if quantizer.WIDTH_SETTABLE:
+            quantizer.bits = tuple(entry["bits"]) if isinstance(entry["bits"], list) else entry["bits"]
+        codes = unpack_codes(entry["packed"], entry["bits"], entry["signed"], tuple(entry["shape"]))
+        quantizer.load_codes(codes, _unpack_side(entry))
+        weight.copy_(quantizer.dequantize(codes).to(weight))
     acts = activation_quantizers(model)
     for key, entry in entries.items():
         if entry.get("kind") != "activation":
@@ -768,7 +922,7 @@ def load_packed_model(model: torch.nn.Module, path: str | os.PathLike[str]) -> t
                 "the model it was saved from."
             )
         acts[key].bits = entry["act_bits"]
-        _set_quantizer(acts[key], entry["scale"], entry["zero_point"])
+        acts[key].load_codes(torch.zeros(0), {"scale": entry["scale"], "zero_point": entry["zero_point"]})
     state = model.state_dict(keep_vars=True)
     for key, entry in entries.items():
         if entry.get("kind") != "float":
@@ -781,21 +935,13 @@ def load_packed_model(model: torch.nn.Module, path: str | os.PathLike[str]) -> t
     return model
 
 
-def _set_quantizer(quantizer: Any, scale: Tensor, zero_point: Tensor) -> None:
-    quantizer.scale.data.copy_(scale.to(quantizer.scale))
-    quantizer.zero_point.copy_(zero_point.to(quantizer.zero_point))
-    quantizer.initialized.fill_(1)
-    quantizer._initialized = True
-    quantizer.observing = False
-
-
 @dataclass(frozen=True)
 class ModelSizeReport:
     """A quantized model's real size in bytes, next to float32 (see :func:`model_size_report`)."""
 
     fp32_bytes: int
-    weight_bytes: int  # packed integer weights
-    scale_bytes: int  # step sizes and zero points (weights and activations), float32
+    weight_bytes: int  # packed weight codes (integers on a grid, codebook indices)
+    scale_bytes: int  # side tensors: step sizes and zero points (weights and activations), codebooks
     float_bytes: int  # every other floating-point tensor (biases, BatchNorm, float layers)
     zero_run_bytes: int | None = None  # the weights zero-run encoded instead of densely packed
     huffman_bytes: int | None = None  # the weights Huffman coded instead of densely packed
@@ -842,19 +988,23 @@ def model_size_report(model: torch.nn.Module, *, encodings: bool = False, run_bi
     weight_bytes = scale_bytes = float_bytes = 0
     zero_run_bits = huffman_bits = 0
     fp32_bytes = 0
-    for entry in entries.values():
+    params = {key: weight for _, key, weight, _ in _quantized_weights(_quantized_parts(model)[0])}
+    for key, entry in entries.items():
         kind = entry.get("kind")
         if kind == "weight":
             weight_bytes += entry["packed"].numel()
-            scale_bytes += 4 * (entry["scale"].numel() + entry["zero_point"].numel())
-            fp32_bytes += 4 * math.prod(entry["shape"])
+            scale_bytes += _side_bytes(entry)
+            fp32_bytes += 4 * params[key].numel()
             if encodings:
-                codes = unpack_bits(entry["packed"], entry["bits"], entry["signed"], math.prod(entry["shape"]))
-                if entry["bits"] == 1:  # binary weights have no zeros to skip: stored densely
-                    zero_run_bits += codes.numel()
-                else:
-                    zero_run_bits += zero_run_size_bits(codes, entry["bits"], run_bits, signed=entry["signed"])
-                huffman_bits += base_encode_size_bits(codes, entry["bits"], signed=entry["signed"])
+                codes = unpack_codes(entry["packed"], entry["bits"], entry["signed"], tuple(entry["shape"]))
+                row_bits = entry["bits"] if isinstance(entry["bits"], list) else [entry["bits"]] * codes.shape[0]
+                for width in sorted(set(row_bits)):  # each width group is encoded with its own field width
+                    group = codes.reshape(codes.shape[0], -1)[[r for r, w in enumerate(row_bits) if w == width]]
+                    if width == 1:  # binary weights have no zeros to skip: stored densely
+                        zero_run_bits += group.numel()
+                    else:
+                        zero_run_bits += zero_run_size_bits(group, width, run_bits, signed=entry["signed"])
+                    huffman_bits += base_encode_size_bits(group, width, signed=entry["signed"])
         elif kind == "activation":
             scale_bytes += 4 * (entry["scale"].numel() + entry["zero_point"].numel())
         elif kind == "float":

@@ -15,10 +15,22 @@ the fused graph nor the latency of our exports (``benchmarks/export_latency.py``
 OpenVINO (optional extra ``lightning-quant[openvino]``) runs the same QDQ file with its own int8 kernels:
 :func:`create_openvino_model` compiles it for the CPU with ``INFERENCE_PRECISION_HINT=f32`` (OpenVINO defaults
 to bf16 on CPUs that have it, which would change the float parts of the graph).
+
+Exact int8 products on every x86 CPU. onnxruntime's fast U8S8 kernels for x86 CPUs *without* VNNI (AVX2-only
+CPUs, AVX512 without VNNI) multiply with ``vpmaddubsw``, which adds each pair of ``uint8 * int8`` products in a
+saturating int16: two activations near 255 times two weights near 127 overflow, and the convolution's sum is
+clipped (measured on an AVX2-only AMD EPYC: a W8A8 LeNet-5 on digits agreed with its fake-quant model on only
+90-96 % of the top-1 predictions, logits off by up to 0.36). VNNI CPUs and ARM sum in int32 and are exact. onnxruntime's
+session option ``session.x64quantprecision`` rewrites constant int8 weights to uint8 so that its exact (slower)
+U8U8 kernels run. :func:`int8_products_saturate` probes once per process whether this CPU's U8S8 kernels saturate,
+and :func:`create_session` turns the option on exactly there (our choice: correct results by default, full speed
+where the fast kernels are exact -- onnxruntime's own check also switches to U8U8 on VNNI CPUs, where U8U8 is
+several times slower).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
@@ -31,7 +43,14 @@ from lightning_quant.core.errors import QuantizationConfigError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_THREADS", "create_openvino_model", "create_session", "openvino_available", "preprocess"]
+__all__ = [
+    "DEFAULT_THREADS",
+    "create_openvino_model",
+    "create_session",
+    "int8_products_saturate",
+    "openvino_available",
+    "preprocess",
+]
 
 #: intra-op threads of the deployment session (the measured optimum on the 2-core machine)
 DEFAULT_THREADS = 2
@@ -45,6 +64,88 @@ def preprocess(onnx_path: str | os.PathLike[str], output_path: str | os.PathLike
     return Path(output_path)
 
 
+#: onnxruntime's session option that replaces its U8S8 kernels by exact U8U8 ones on x86 (see the module docstring)
+_EXACT_INT8_OPTION = "session.x64quantprecision"
+
+
+@functools.cache
+def int8_products_saturate() -> bool:
+    """Whether onnxruntime's default int8 (U8S8) kernels saturate on this CPU (probed once per process).
+
+    Runs ``MatMulInteger`` of a row of 255s (uint8) by a constant column of 127s (int8) in a default CPU session
+    and compares it with the exact integer sum: x86 CPUs without VNNI add product pairs in a saturating int16
+    (``32767`` instead of ``2 * 255 * 127 = 64770``).
+    """
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    k = 64
+    weights = numpy_helper.from_array(np.full((k, 1), 127, np.int8), "b")
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["a", "b"], ["y"])],
+        "u8s8_probe",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, [1, k])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [1, 1])],
+        initializer=[weights],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"])
+    got = int(session.run(None, {"a": np.full((1, k), 255, np.uint8)})[0][0, 0])
+    saturates = got != 255 * 127 * k
+    if saturates:
+        log.info(
+            "onnxruntime's U8S8 int8 kernels saturate on this CPU (no VNNI): int8 sessions use its exact, slower U8U8 "
+            "kernels (`%s`).",
+            _EXACT_INT8_OPTION,
+        )
+    return saturates
+
+
+def _weight_dequantize_nodes(graph: onnx.GraphProto) -> tuple[list[onnx.NodeProto], dict[str, onnx.TensorProto]]:
+    initializers = {t.name: t for t in graph.initializer}
+    nodes = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input and n.input[0] in initializers]
+    return nodes, initializers
+
+
+def _shared_weight_dequantize_inputs(model: onnx.ModelProto) -> bool:
+    """Whether two weight ``DequantizeLinear`` nodes share an initializer (e.g. one all-zero zero-point tensor)."""
+    nodes, initializers = _weight_dequantize_nodes(model.graph)
+    names = [name for node in nodes for name in node.input if name in initializers]
+    return len(names) != len(set(names))
+
+
+def _unshare_weight_dequantize_inputs(model: onnx.ModelProto) -> None:
+    """Give every weight ``DequantizeLinear`` its own copies of the initializers it shares with another one (in place).
+
+    onnxruntime 1.32's ``session.x64quantprecision`` rewrite turns each int8 weight and its zero point into uint8
+    initializers and fails on the second user of a shared zero point ("Attempt to replace the existing tensor");
+    our exports share one zero-point tensor among equally wide layers. Copies change no value.
+    """
+    graph = model.graph
+    nodes, initializers = _weight_dequantize_nodes(graph)
+    taken = set(initializers) | {name for node in graph.node for name in (*node.input, *node.output)}
+    seen: set[str] = set()
+    for node in nodes:
+        for position, name in enumerate(node.input):
+            if name not in initializers:
+                continue
+            if name not in seen:
+                seen.add(name)
+                continue
+            index = 1
+            while f"{name}_copy{index}" in taken:
+                index += 1
+            duplicate = onnx.TensorProto()
+            duplicate.CopyFrom(initializers[name])
+            duplicate.name = f"{name}_copy{index}"
+            taken.add(duplicate.name)
+            graph.initializer.append(duplicate)
+            node.input[position] = duplicate.name
+
+
 def create_session(
     onnx_model: str | os.PathLike[str] | onnx.ModelProto,
     *,
@@ -53,6 +154,7 @@ def create_session(
     preprocess_graph: bool = False,
     optimization: str = "all",
     quantize_bias: bool | None = None,
+    exact_int8: bool | None = None,
 ) -> Any:
     """An onnxruntime CPU ``InferenceSession`` for the int8 deployment of an exported QDQ model.
 
@@ -67,6 +169,11 @@ def create_session(
             that :func:`~lightning_quant.export.export_onnx` marked int8-ready (all activations 8-bit), off
             otherwise -- their convs stay in float anyway, and without the int32 rounding of the bias the
             session computes the fake-quant model exactly.
+        exact_int8: make onnxruntime compute int8 products exactly (``session.x64quantprecision``: constant int8
+            weights become uint8 and its U8U8 kernels run; weights that share a zero-point initializer get their
+            own copies first, which the rewrite needs). ``None`` (default): on where :func:`int8_products_saturate`
+            says the fast kernels saturate (x86 CPUs without VNNI), off elsewhere, where they are exact. ``False``
+            keeps the fast, saturating kernels.
 
     Returns:
         The ``onnxruntime.InferenceSession``.
@@ -83,6 +190,8 @@ def create_session(
         raise QuantizationConfigError(f"`optimization` must be one of {list(levels)}, got {optimization!r}.")
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise QuantizationConfigError(f"`threads` must be a positive integer, got {threads!r}.")
+    if exact_int8 is not None and not isinstance(exact_int8, bool):
+        raise QuantizationConfigError(f"`exact_int8` must be True, False or None (probe this CPU), got {exact_int8!r}.")
     options = ort.SessionOptions()
     options.graph_optimization_level = levels[optimization]
     options.intra_op_num_threads = threads
@@ -92,15 +201,24 @@ def create_session(
     if optimized_model_path is not None:
         options.optimized_model_filepath = os.fspath(optimized_model_path)
     if isinstance(onnx_model, onnx.ModelProto):
+        proto = onnx_model
         source: Any = onnx_model.SerializeToString()
-        meta = {p.key: p.value for p in onnx_model.metadata_props}
     else:
         source = os.fspath(onnx_model)
-        meta = {p.key: p.value for p in onnx.load(source, load_external_data=False).metadata_props}
+        proto = onnx.load(source, load_external_data=False)
+    meta = {p.key: p.value for p in proto.metadata_props}
     if quantize_bias is None:
         quantize_bias = meta.get("lightning_quant.int8_ready", "True") == "True"
     if not quantize_bias:
         options.add_session_config_entry("optimization.disable_specified_optimizers", "WeightBiasQuantization")
+    if exact_int8 is None:
+        exact_int8 = int8_products_saturate()
+    if exact_int8:
+        options.add_session_config_entry(_EXACT_INT8_OPTION, "1")
+        if _shared_weight_dequantize_inputs(proto):
+            proto = onnx.load(source) if isinstance(source, str) else onnx.load_from_string(source)
+            _unshare_weight_dequantize_inputs(proto)
+            source = proto.SerializeToString()
     if preprocess_graph:
         with tempfile.TemporaryDirectory() as tmp:
             raw = Path(tmp) / "raw.onnx"

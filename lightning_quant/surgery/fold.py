@@ -172,27 +172,28 @@ def fold_batchnorm(
         if bn.bias is not None:
             shift = shift + bn.bias
         recalibrate = False
-        if isinstance(conv, QuantizedLayer) and isinstance(conv.weight_quantizer, UniformQuantizer):
+        if isinstance(conv, QuantizedLayer):
             quantizer = conv.weight_quantizer
-            exact = quantizer.ch_axis == 0 and quantizer.scale.numel() == factor.numel()
-            exact = exact and (quantizer.symmetric or not bool((factor < 0).any()))
+            exact = quantizer.absorbs_channel_factor(factor)
             if not exact and inexact == "error":
+                why = (
+                    f"a {quantizer.KIND} weight quantizer"
+                    if not isinstance(quantizer, UniformQuantizer)
+                    else ("per-tensor" if quantizer.ch_axis is None else "asymmetric") + " weight step size"
+                )
                 raise QuantizationConfigError(
-                    f"Folding {bn_name} into the quantized {conv_name} changes its weight integers "
-                    f"({'per-tensor' if quantizer.ch_axis is None else 'asymmetric'} weight step size). "
+                    f"Folding {bn_name} into the quantized {conv_name} changes its weight integers ({why}). "
                     'HINT: pass `inexact="recalibrate"` (close, not exact) or `inexact="skip"`.'
                 )
             if not exact and inexact == "skip":
                 log.info("fold_batchnorm: %s -> %s skipped (it would change the weight integers).", bn_name, conv_name)
                 continue
             if exact:
-                scale = quantizer.scale.abs() * factor.abs().to(quantizer.scale)
-                quantizer.scale.copy_(scale.clamp_min(1e-8))
+                quantizer.absorb_channel_factor(factor)
             recalibrate = not exact
         conv.weight.mul_(factor.reshape(_channel_shape(conv.weight)).to(conv.weight))
         if recalibrate:
-            conv.weight_quantizer.observer.reset()
-            conv.weight_quantizer.observe(conv.weight)
+            conv.weight_quantizer.recalibrate(conv.weight)
             log.info("fold_batchnorm: recalibrated the weight quantizer of %s after folding %s.", conv_name, bn_name)
         _fold_bias(conv, factor, shift)
         # an output-quantized BatchNorm leaves its quantizer behind, now right after the (folded) conv

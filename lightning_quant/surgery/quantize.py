@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from torch import nn
 
 from lightning_quant.core.errors import QuantizationConfigError
-from lightning_quant.core.quantizers import UniformQuantizer
+from lightning_quant.core.quantizers import Quantizer, UniformQuantizer, build_weight_quantizer
 from lightning_quant.surgery.fold import fold_batchnorm
 from lightning_quant.surgery.graph import (
     residual_activations,
@@ -25,6 +25,7 @@ from lightning_quant.surgery.layers import (
     activation_quantizer,
     quantized_layers,
     quantizers,
+    unsupported_reason,
 )
 from lightning_quant.surgery.spec import LayerSpec, QuantSpec
 
@@ -33,7 +34,24 @@ log = logging.getLogger(__name__)
 
 def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Float layers of ``model`` that :func:`quantize_model` can swap, by name, in registration order."""
-    return {name: m for name, m in model.named_modules() if type(m) in QUANTIZED_TYPES}
+    return {
+        name: m for name, m in model.named_modules() if type(m) in QUANTIZED_TYPES and unsupported_reason(m) is None
+    }
+
+
+def layer_candidates(model: nn.Module) -> dict[str, str]:
+    """Every layer a spec may select, float or already quantized: name -> layer type name, in registration order.
+
+    Already-quantized layers take part in pattern checks and the first/last rule, so a second
+    :func:`quantize_model` with the same spec resolves the same way and swaps nothing.
+    """
+    float_layers = quantizable_layers(model)
+    done = quantized_layers(model)
+    return {
+        name: (m.float_type if isinstance(m, QuantizedLayer) else type(m)).__name__
+        for name, m in model.named_modules()
+        if name in float_layers or name in done
+    }
 
 
 def _references(model: nn.Module, target: nn.Module) -> Iterator[tuple[nn.Module, str]]:
@@ -76,14 +94,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> nn.Module
             f"`spec` must be a QuantSpec, got {type(spec).__name__}. HINT: `QuantSpec.from_dict(...)` reads a dict."
         )
     float_layers = quantizable_layers(model)
-    done = quantized_layers(model)
-    # already-quantized layers take part in pattern checks and the first/last rule, so a second call with
-    # the same spec resolves the same way and swaps nothing
-    candidates = {
-        name: (m.float_type if isinstance(m, QuantizedLayer) else type(m)).__name__
-        for name, m in model.named_modules()
-        if name in float_layers or name in done
-    }
+    candidates = layer_candidates(model)
     if not candidates:
         raise QuantizationConfigError(
             f"`model` ({type(model).__name__}) has no layer that can be quantized; supported types are "
@@ -95,6 +106,10 @@ def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> nn.Module
             "The spec selects no layer of `model`: check `include`, `exclude` and `exclude_types` "
             f"against the quantizable layers {list(candidates)[:12]}."
         )
+    for name, layer_spec in resolved.items():
+        if name in float_layers:  # a spec that does not fit its layer fails here, before anything changes
+            layer = float_layers[name]
+            build_weight_quantizer(QUANTIZED_TYPES[type(layer)].float_weight(layer), layer_spec, f"Layer {name!r}")
     if spec.quantize_residuals:
         # an untraceable model fails here, before anything changes; then give each use of a ReLU module that is
         # called twice (torchvision's BasicBlock), and each functional ReLU at an addition, a module of its own,
@@ -112,7 +127,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> nn.Module
     activations = residual_activations(model) if spec.quantize_residuals else {}
     # build everything first: nothing below this point raises on user input
     swaps: dict[nn.Module, nn.Module] = {
-        float_layers[name]: QUANTIZED_TYPES[type(float_layers[name])].from_float(float_layers[name], layer_spec)
+        float_layers[name]: QUANTIZED_TYPES[type(float_layers[name])].from_float(float_layers[name], layer_spec, name)
         for name, layer_spec in resolved.items()
         if name in float_layers
     }
@@ -155,9 +170,7 @@ def _share_activation_quantizers(
         if type(relu) not in OUTPUT_QUANTIZED_TYPES:
             continue  # already quantized
         layers = [swaps.get(modules[c], modules[c]) for c in consumers]
-        layers = [
-            m for m in layers if isinstance(m, QuantizedLayer) and isinstance(m.input_quantizer, UniformQuantizer)
-        ]
+        layers = [m for m in layers if isinstance(m, QuantizedLayer) and isinstance(m.input_quantizer, Quantizer)]
         if layers:
             shared = layers[0].input_quantizer
             for layer in layers[1:]:
@@ -199,6 +212,7 @@ __all__ = [
     "UniformQuantizer",
     "dequantize_model",
     "is_quantized",
+    "layer_candidates",
     "quantizable_layers",
     "quantize_model",
     "set_observing",

@@ -22,13 +22,25 @@ from torch import nn
 from lightning_quant.core.errors import QuantizationConfigError
 from lightning_quant.core.functional import validate_bits
 from lightning_quant.core.observers import OBSERVERS
+from lightning_quant.core.quantizers import QUANTIZER_KINDS
 
 Granularity = Literal["per_channel", "per_tensor"]
+CodebookVector = Literal["scalar", "kernel"]
 ScaleMode = Literal["lsq", "observer"]
 ObserverName = Literal["minmax", "moving_average", "percentile", "mse"]
 
 #: layer types that :func:`~lightning_quant.surgery.quantize.quantize_model` can wrap, by class name
-QUANTIZABLE_TYPES: tuple[str, ...] = ("Conv1d", "Conv2d", "Conv3d", "Linear")
+QUANTIZABLE_TYPES: tuple[str, ...] = (
+    "Conv1d",
+    "Conv2d",
+    "Conv3d",
+    "Linear",
+    "Embedding",
+    "MultiheadAttention",
+    "LSTM",
+    "GRU",
+    "RNN",
+)
 
 
 def _check_choice(argument: str, value: object, choices: Iterable[object]) -> None:
@@ -42,7 +54,9 @@ class LayerSpec:
     """How one Conv/Linear layer is quantized.
 
     Args:
-        weight_bits: weight bit width, 2-8, or 1 for binary weights (``scale * sign(w)``).
+        weight_bits: weight bit width, 2-8, or 1 for binary weights (``scale * sign(w)``); or one width per output
+            channel (a list as long as the layer has output channels, binary channels included; needs
+            ``weight_granularity="per_channel"``). For ``weight_kind="codebook"``: the bits of one index.
         act_bits: bit width of the layer's input activation (2-8), or ``None`` to leave the input in float.
         weight_granularity: ``per_channel`` (one step per output channel) or ``per_tensor``.
         weight_symmetric: symmetric signed weight grid (zero point 0); ``False`` for asymmetric.
@@ -56,9 +70,16 @@ class LayerSpec:
         output_bits: bit width of a fake-quantizer on the layer's *output* (same grid as the input), or
             ``None`` (the default). :attr:`QuantSpec.quantize_residuals` sets it on the layers that feed a
             residual addition; set it yourself where tracing cannot find them.
+        weight_kind: the weight quantizer's kind in the registry
+            (:data:`~lightning_quant.core.quantizers.QUANTIZER_KINDS`): ``"uniform"`` (a uniform grid, the
+            default) or ``"codebook"`` (:class:`~lightning_quant.core.codebook.CodebookQuantizer`).
+        codebook_size: codebook entries (``"codebook"`` only); default ``2**weight_bits``.
+        codebook_bits: bits of the codebook entries' own uniform grid, or ``None`` for float entries.
+        codebook_vector: ``"scalar"`` (an index per weight) or ``"kernel"`` (an index per k x k kernel).
+        codebook_zero: keep one entry at exactly 0 (SLQ/MLQ).
     """
 
-    weight_bits: int = 8
+    weight_bits: int | tuple[int, ...] = 8
     act_bits: int | None = 8
     weight_granularity: Granularity = "per_channel"
     weight_symmetric: bool = True
@@ -69,12 +90,34 @@ class LayerSpec:
     act_observer: ObserverName = "moving_average"
     frozen: bool = False
     output_bits: int | None = None
+    weight_kind: str = "uniform"
+    codebook_size: int | None = None
+    codebook_bits: int | None = None
+    codebook_vector: CodebookVector = "scalar"
+    codebook_zero: bool = False
 
     GRANULARITIES: ClassVar[tuple[str, ...]] = ("per_channel", "per_tensor")
     SCALE_MODES: ClassVar[tuple[str, ...]] = ("lsq", "observer")
+    CODEBOOK_VECTORS: ClassVar[tuple[str, ...]] = ("scalar", "kernel")
+    _CODEBOOK_FIELDS: ClassVar[tuple[str, ...]] = ("codebook_size", "codebook_bits", "codebook_vector", "codebook_zero")
 
     def __post_init__(self) -> None:
-        validate_bits("weight_bits", self.weight_bits, allow_binary=True)
+        if isinstance(self.weight_bits, list):  # from YAML/JSON
+            object.__setattr__(self, "weight_bits", tuple(self.weight_bits))
+        if isinstance(self.weight_bits, tuple):
+            if not self.weight_bits:
+                raise QuantizationConfigError("`weight_bits` is an empty list. HINT: pass one int, or one per channel.")
+            for bits in self.weight_bits:
+                validate_bits("weight_bits", bits, allow_binary=True)
+            if self.weight_granularity != "per_channel":
+                raise QuantizationConfigError(
+                    f"`weight_bits` gives one width per channel, but `weight_granularity={self.weight_granularity!r}`. "
+                    "HINT: per-channel widths need `weight_granularity='per_channel'`."
+                )
+            if len(set(self.weight_bits)) == 1:  # one width after all
+                object.__setattr__(self, "weight_bits", self.weight_bits[0])
+        else:
+            validate_bits("weight_bits", self.weight_bits, allow_binary=True)
         if self.act_bits is not None:
             validate_bits("act_bits", self.act_bits)
         if self.output_bits is not None:
@@ -83,13 +126,51 @@ class LayerSpec:
         _check_choice("scale_mode", self.scale_mode, self.SCALE_MODES)
         _check_choice("weight_observer", self.weight_observer, sorted(OBSERVERS))
         _check_choice("act_observer", self.act_observer, sorted(OBSERVERS))
-        if self.weight_bits == 1 and not self.weight_symmetric:
+        binary = 1 in self.weight_bits if isinstance(self.weight_bits, tuple) else self.weight_bits == 1
+        if binary and not self.weight_symmetric and self.weight_kind == "uniform":
             raise QuantizationConfigError(
                 "Binary weights (`weight_bits=1`) are symmetric: set `weight_symmetric=True`."
             )
+        _check_choice("weight_kind", self.weight_kind, sorted(QUANTIZER_KINDS))
+        _check_choice("codebook_vector", self.codebook_vector, self.CODEBOOK_VECTORS)
+        if self.weight_kind == "codebook":
+            self._check_codebook()
+        else:
+            changed = [f for f in self._CODEBOOK_FIELDS if getattr(self, f) != _FIELD_DEFAULTS[f]]
+            if changed:
+                raise QuantizationConfigError(
+                    f"{changed} apply to codebook quantizers only, but `weight_kind={self.weight_kind!r}`. HINT: pass "
+                    "`weight_kind='codebook'`, or leave them at their defaults."
+                )
+
+    def _check_codebook(self) -> None:
+        if isinstance(self.weight_bits, tuple):
+            raise QuantizationConfigError(
+                f"`weight_bits` of a codebook quantizer is one index width, got per-channel widths "
+                f"{list(self.weight_bits)[:8]}. HINT: pass one int."
+            )
+        size = self.codebook_size
+        if size is not None:
+            if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= 2**self.weight_bits:
+                raise QuantizationConfigError(
+                    f"`codebook_size` must be an integer in [1, 2**weight_bits] = [1, {2**self.weight_bits}], got "
+                    f"{size!r}. HINT: raise `weight_bits` (the index bits) or use fewer entries."
+                )
+        if self.codebook_bits is not None:
+            validate_bits("codebook_bits", self.codebook_bits)
+        if self.codebook_zero and self.codebook_vector != "scalar":
+            raise QuantizationConfigError("`codebook_zero=True` needs `codebook_vector='scalar'`.")
+
+    @property
+    def per_channel_bits(self) -> bool:
+        """Whether ``weight_bits`` gives one width per output channel."""
+        return isinstance(self.weight_bits, tuple)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if isinstance(self.weight_bits, tuple):
+            data["weight_bits"] = list(self.weight_bits)
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "LayerSpec") -> LayerSpec:
@@ -98,6 +179,9 @@ class LayerSpec:
         if unknown:
             raise QuantizationConfigError(f"Unknown keys {unknown} in {where}. Allowed keys: {sorted(names)}.")
         return cls(**dict(data))
+
+
+_FIELD_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(LayerSpec)}
 
 
 @dataclass(frozen=True)
@@ -207,6 +291,9 @@ class QuantSpec:
                     act_bits=None if layer.act_bits is None else self.first_last_bits,
                     output_bits=None if layer.output_bits is None else self.first_last_bits,
                     frozen=True,
+                    # the first and last layers keep a uniform grid whatever the default kind
+                    weight_kind="uniform",
+                    **{f: _FIELD_DEFAULTS[f] for f in LayerSpec._CODEBOOK_FIELDS},
                 )
             for pattern, override in self.layers.items():
                 if fnmatch.fnmatchcase(name, pattern):
@@ -275,7 +362,13 @@ class QuantSpec:
         from lightning_quant.surgery.fold import FoldedBatchNorm  # these modules import this one
         from lightning_quant.surgery.layers import OutputQuantized, quantized_layers
 
-        layers = {name: module.current_spec() for name, module in quantized_layers(model).items()}
+        quantized = quantized_layers(model)
+        # a layer quantized by its parent (attention's output projection) is rebuilt by the parent
+        layers = {
+            name: module.current_spec()
+            for name, module in quantized.items()
+            if not ("." in name and name.rsplit(".", 1)[0] in quantized)
+        }
         if not layers:
             raise QuantizationConfigError(
                 "`model` has no quantized layer: call `quantize_model(model, spec)` (or train with a "

@@ -17,6 +17,7 @@ from lightning_quant.allocation import (
     allocate,
     check_feasible,
     noise_objective,
+    noise_objective_table,
     quiet_native_output,
     round_to_budget,
     solve_milp,
@@ -77,15 +78,16 @@ def _check(allocation, constraints, choices) -> None:
 @given(problems())
 def test_relaxed_meets_every_budget_exactly(problem) -> None:
     sens, constraints, choices = problem
-    _check(solve_relaxed(sens, constraints, choices), constraints, choices)
+    _check(solve_relaxed(noise_objective_table(sens, choices), constraints, choices), constraints, choices)
 
 
 @SETTINGS
 @given(problems())
 def test_milp_meets_every_budget_and_bounds_the_relaxed_rounding(problem) -> None:
     sens, constraints, choices = problem
-    relaxed = solve_relaxed(sens, constraints, choices)
-    milp = solve_milp(sens, constraints, choices)
+    table = noise_objective_table(sens, choices)
+    relaxed = solve_relaxed(table, constraints, choices)
+    milp = solve_milp(table, constraints, choices)
     _check(milp, constraints, choices)
     tol = 1e-9 * max(1.0, float(sens.sum()))
     # HiGHS stops at a relative MIP gap of 1e-4
@@ -109,7 +111,7 @@ def test_milp_is_the_exact_optimum_on_small_problems() -> None:
             for b in itertools.product(choices, repeat=n)
             if c.cost(np.array(b, dtype=np.float64)) <= budget
         )
-        assert solve_milp(sens, [c], choices).objective == pytest.approx(best, rel=1e-4)
+        assert solve_milp(noise_objective_table(sens, choices), [c], choices).objective == pytest.approx(best, rel=1e-4)
 
 
 def test_relaxed_gap_to_milp_is_small_in_practice() -> None:
@@ -121,7 +123,8 @@ def test_relaxed_gap_to_milp_is_small_in_practice() -> None:
         params = rng.integers(100, 100_000, n).astype(np.float64)
         sens = rng.lognormal(0, 2, n)
         c = BudgetConstraint("avg_weight_bits", params, float(np.floor(params.sum() * rng.uniform(2.5, 6))))
-        gaps.append(solve_relaxed(sens, [c], range(2, 9)).objective / solve_milp(sens, [c], range(2, 9)).objective)
+        table = noise_objective_table(sens, range(2, 9))
+        gaps.append(solve_relaxed(table, [c], range(2, 9)).objective / solve_milp(table, [c], range(2, 9)).objective)
     assert np.mean(gaps) - 1 < 0.05
     assert max(gaps) <= 4.0
 
@@ -130,7 +133,7 @@ def test_more_sensitive_units_get_more_bits() -> None:
     params = np.full(3, 1000.0)
     c = BudgetConstraint("avg_weight_bits", params, 4 * 3000.0, display_scale=1 / 3000)
     for solver in ("relaxed", "milp"):
-        bits = allocate(np.array([1.0, 30.0, 1000.0]), [c], range(2, 9), solver=solver).bits
+        bits = allocate(noise_objective_table([1.0, 30.0, 1000.0], range(2, 9)), [c], range(2, 9), solver=solver).bits
         assert bits[0] < bits[1] < bits[2]
         assert bits.sum() == 12
 
@@ -142,7 +145,7 @@ def test_infeasible_budget_names_the_achievable_range() -> None:
     match = r"`avg_weight_bits` = 1.5 cannot be met.*smallest achievable avg_weight_bits is 2 and the largest 8"
     for solver in ("relaxed", "milp"):
         with pytest.raises(QuantizationConfigError, match=match):
-            allocate(np.ones(2), [c], (2, 3, 4, 8), solver=solver)
+            allocate(noise_objective_table(np.ones(2), (2, 3, 4, 8)), [c], (2, 3, 4, 8), solver=solver)
 
 
 def test_no_free_unit_and_no_budget_are_errors() -> None:
@@ -151,18 +154,33 @@ def test_no_free_unit_and_no_budget_are_errors() -> None:
     with pytest.raises(QuantizationConfigError, match="No budget given"):
         check_feasible([], (2, 8))
     with pytest.raises(QuantizationConfigError, match=r"`solver` must be one of \['relaxed', 'milp'\]"):
-        allocate(np.ones(1), [BudgetConstraint("size_bits", np.ones(1), 10.0)], (2, 8), solver="greedy")
+        allocate(np.ones((1, 2)), [BudgetConstraint("size_bits", np.ones(1), 10.0)], (2, 8), solver="greedy")
 
 
 def test_rounding_repairs_an_infeasible_start() -> None:
     params = np.array([10.0, 20.0, 30.0])
     c = BudgetConstraint("size_bits", params, 180.0)
-    bits = round_to_budget(np.full(3, 8.0), np.array([1.0, 2.0, 3.0]), [c], range(2, 9))
+    bits = round_to_budget(np.full(3, 8.0), noise_objective_table([1.0, 2.0, 3.0], range(2, 9)), [c], range(2, 9))
     assert c.cost(bits) <= 180.0
     # from the bottom, the greedy fill uses the budget: 3 bits each costs exactly 180
-    assert round_to_budget(np.full(3, 2.0), np.ones(3), [c], range(2, 9)).tolist() == [3, 3, 3]
+    ones = noise_objective_table(np.ones(3), range(2, 9))
+    assert round_to_budget(np.full(3, 2.0), ones, [c], range(2, 9)).tolist() == [3, 3, 3]
     loose = BudgetConstraint("size_bits", params, 8 * 60.0)
-    assert round_to_budget(np.full(3, 2.0), np.ones(3), [loose], range(2, 9)).tolist() == [8, 8, 8]
+    assert round_to_budget(np.full(3, 2.0), ones, [loose], range(2, 9)).tolist() == [8, 8, 8]
+
+
+def test_rounding_without_fill_only_lowers_and_keeps_feasible_starts() -> None:
+    params = np.array([10.0, 20.0, 30.0])
+    c = BudgetConstraint("size_bits", params, 180.0)
+    ones = noise_objective_table(np.ones(3), range(2, 9))
+    # a feasible start comes back as it is (the fill would raise it to [3, 3, 3])
+    assert round_to_budget(np.full(3, 2.0), ones, [c], range(2, 9), fill=False).tolist() == [2, 2, 2]
+    start = np.array([8.0, 2.0, 5.0])
+    bits = round_to_budget(start, ones, [c], range(2, 9), fill=False)
+    assert c.cost(bits) <= 180.0 and np.all(bits <= start)
+    # no fill after the repair: one step up from the result on any unit would not fit, or the fill's result is higher
+    filled = round_to_budget(start, ones, [c], range(2, 9))
+    assert c.cost(filled) <= 180.0 and filled.sum() >= bits.sum()
 
 
 def test_budget_at_the_exact_uniform_cost_is_met() -> None:
@@ -170,7 +188,7 @@ def test_budget_at_the_exact_uniform_cost_is_met() -> None:
     params = np.array([432.0, 2400.0, 48000.0, 10080.0, 850.0])
     c = BudgetConstraint("avg_weight_bits", params, 3.0 * params.sum(), display_scale=1 / params.sum())
     for solver in ("relaxed", "milp"):
-        result = allocate(params.copy(), [c], range(2, 9), solver=solver)
+        result = allocate(noise_objective_table(params, range(2, 9)), [c], range(2, 9), solver=solver)
         assert result.bits.tolist() == [3] * 5
         assert result.costs["avg_weight_bits"] == 3.0
 
@@ -180,6 +198,6 @@ def test_highs_prints_nothing(capfd) -> None:
         os.write(1, b"native banner\n")
         print("python banner")
     c = BudgetConstraint("size_bits", np.ones(3), 12.0)
-    solve_milp(np.ones(3), [c], (2, 3, 4, 8))
+    solve_milp(noise_objective_table(np.ones(3), (2, 3, 4, 8)), [c], (2, 3, 4, 8))
     out, err = capfd.readouterr()
     assert out == "" and err == ""

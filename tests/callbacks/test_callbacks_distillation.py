@@ -134,13 +134,20 @@ def test_data_free_recipe_runs_and_starts_from_the_teacher(trainer_kwargs):
     assert kd.teacher_model is not teacher  # a frozen copy, the datamodule's teacher stays on its own
 
 
-def test_student_init_after_quantization_is_refused(trainer_kwargs):
+@pytest.mark.parametrize("distillation_first", [True, False])
+def test_student_init_works_in_either_callback_order(trainer_kwargs, distillation_first):
+    torch.manual_seed(0)
     teacher = ImageClassifier(resnet8(in_channels=1, num_classes=10, width=4))
     student = ImageClassifier(resnet8(in_channels=1, num_classes=10, width=4))
-    callbacks = [QuantizationAwareTraining(4, 4), DistillationCallback(teacher=teacher, student_init="teacher")]
+    qat = QuantizationAwareTraining(4, 4)
+    kd = DistillationCallback(teacher=teacher, student_init="teacher")
+    callbacks = [kd, qat] if distillation_first else [qat, kd]
     data = DataLoader(TensorDataset(torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))), batch_size=8)
-    with pytest.raises(QuantizationConfigError, match="put DistillationCallback before QuantizationAwareTraining"):
-        L.Trainer(**trainer_kwargs(max_steps=1), callbacks=callbacks).fit(student, data)
+    L.Trainer(**trainer_kwargs(max_steps=0), callbacks=callbacks).fit(student, data)
+    # the student was quantized after it took the teacher's weights, whatever the order
+    assert is_quantized(student)
+    weights = {k: v for k, v in student.state_dict().items() if "quantizer" not in k}
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in weights.items())
 
 
 def test_logits_module_names_the_submodule_called_by_training_step(trainer_kwargs):

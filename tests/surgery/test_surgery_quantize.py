@@ -168,7 +168,7 @@ def test_unknown_pattern_and_empty_model_errors() -> None:
     with pytest.raises(QuantizationConfigError, match="selects no layer"):
         quantize_model(BranchyNet(), QuantSpec(exclude=["*"]))
     with pytest.raises(QuantizationConfigError, match="`exclude_types` must be one of"):
-        QuantSpec(exclude_types=["LSTM"])
+        QuantSpec(exclude_types=["BatchNorm2d"])
 
 
 def test_spec_round_trips_json_yaml_and_files(tmp_path) -> None:

@@ -1,0 +1,128 @@
+"""Argument checks with one message format: the argument, what it must be, what was given, and the fix.
+
+Every public class and function of the suite validates its arguments with these (before any work is done and
+before the user's model is touched), so messages read the same everywhere::
+
+    `every_n_steps` must be an integer >= 1, got 0. HINT: pass e.g. `every_n_steps=100`.
+
+Each check returns the value normalised (an ``int``, a ``float``, a tuple), so callers can store what it returns.
+
+>>> check_int("epochs", 3, minimum=1)
+3
+>>> check_real("lr", 0.5, minimum=0.0, minimum_inclusive=False)
+0.5
+>>> check_choice("mode", "qat", ("qat", "ptq"))
+'qat'
+>>> check_int("n", 0, minimum=1)
+Traceback (most recent call last):
+...
+lightning_quant.core.errors.QuantizationConfigError: `n` must be an integer >= 1, got 0. HINT: pass e.g. `n=1`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from lightning_quant.core.errors import QuantizationConfigError
+
+__all__ = [
+    "check_bool",
+    "check_choice",
+    "check_int",
+    "check_names",
+    "check_real",
+    "config_error",
+]
+
+
+def config_error(argument: str, requirement: str, value: Any, fix: str | None = None) -> QuantizationConfigError:
+    """The suite's message: ``` `argument` must be <requirement>, got <value>. HINT: <fix>```."""
+    hint = f" HINT: {fix}" if fix else ""
+    return QuantizationConfigError(f"`{argument}` must be {requirement}, got {value!r}.{hint}")
+
+
+def check_bool(argument: str, value: object) -> bool:
+    """``value`` if it is ``True`` or ``False``."""
+    if not isinstance(value, bool):
+        raise config_error(argument, "True or False", value)
+    return value
+
+
+def check_int(
+    argument: str,
+    value: object,
+    *,
+    minimum: int | None = None,
+    maximum: int | None = None,
+    allow_none: bool = False,
+    fix: str | None = None,
+) -> int | None:
+    """``value`` as an int within ``[minimum, maximum]`` (bools are not integers here)."""
+    if value is None and allow_none:
+        return None
+    if minimum is not None and maximum is not None:
+        requirement = f"an integer in [{minimum}, {maximum}]"
+    elif minimum is not None:
+        requirement = f"an integer >= {minimum}"
+    elif maximum is not None:
+        requirement = f"an integer <= {maximum}"
+    else:
+        requirement = "an integer"
+    if allow_none:
+        requirement += " or None"
+    example = minimum if minimum is not None else (maximum if maximum is not None else 1)
+    fix = fix or f"pass e.g. `{argument}={example}`."
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise config_error(argument, requirement, value, fix)
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        raise config_error(argument, requirement, value, fix)
+    return value
+
+
+def check_real(
+    argument: str,
+    value: object,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    minimum_inclusive: bool = True,
+    maximum_inclusive: bool = True,
+    allow_none: bool = False,
+    fix: str | None = None,
+) -> float | None:
+    """``value`` as a finite float within the given bounds (ints accepted, bools not)."""
+    if value is None and allow_none:
+        return None
+    low = "" if minimum is None else f"{'>=' if minimum_inclusive else '>'} {minimum}"
+    high = "" if maximum is None else f"{'<=' if maximum_inclusive else '<'} {maximum}"
+    requirement = (
+        "a finite number" + (f" {low}" if low else "") + (" and" if low and high else "") + (f" {high}" if high else "")
+    )
+    if allow_none:
+        requirement += " or None"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise config_error(argument, requirement, value, fix)
+    below = minimum is not None and (value < minimum if minimum_inclusive else value <= minimum)
+    above = maximum is not None and (value > maximum if maximum_inclusive else value >= maximum)
+    if below or above:
+        raise config_error(argument, requirement, value, fix)
+    return float(value)
+
+
+def check_choice(argument: str, value: object, choices: Iterable[object], fix: str | None = None) -> Any:
+    """``value`` if it is one of ``choices``."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise config_error(argument, f"one of {list(choices)}", value, fix)
+    return value
+
+
+def check_names(argument: str, value: object, *, allow_none: bool = True) -> tuple[str, ...] | None:
+    """A list of names or ``fnmatch`` patterns as a tuple (a bare string is refused: it is a common slip)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, str) or not isinstance(value, Sequence) or not all(isinstance(v, str) for v in value):
+        raise config_error(argument, "a list of layer-name patterns", value, f"`{argument}=[{value!r}]`.")
+    return tuple(value)

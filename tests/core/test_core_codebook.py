@@ -1,0 +1,192 @@
+"""k-means and the codebook quantizer: scikit-learn reference, codebook values, gradients, frozen entries, resume."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from sklearn.cluster import KMeans
+
+from lightning_quant.core.codebook import CodebookQuantizer, index_bits_for
+from lightning_quant.core.errors import QuantizationConfigError
+from lightning_quant.core.kmeans import kmeans, kmeans_plus_plus
+from lightning_quant.core.quantizers import QUANTIZER_KINDS, build_weight_quantizer
+from lightning_quant.surgery.spec import LayerSpec
+
+
+def _blobs(n: int, d: int, k: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(scale=4.0, size=(k, d))
+    return centres[rng.integers(0, k, size=n)] + rng.normal(size=(n, d))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# k-means against scikit-learn
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("n", "d", "k", "seed"), [(400, 1, 5, 0), (300, 9, 8, 1), (1000, 4, 16, 2), (50, 2, 3, 3)])
+def test_kmeans_matches_sklearn_from_the_same_init(n, d, k, seed):
+    x = _blobs(n, d, k, seed)
+    init = x[np.random.default_rng(seed + 10).choice(n, size=k, replace=False)]
+    ref = KMeans(n_clusters=k, init=init, n_init=1, max_iter=100, tol=0.0, algorithm="lloyd").fit(x)
+    ours = kmeans(torch.from_numpy(x), torch.from_numpy(init), iterations=100, batch_size=64)
+    assert ours.inertia == pytest.approx(ref.inertia_, rel=1e-5)
+    np.testing.assert_allclose(ours.centers.numpy(), ref.cluster_centers_, rtol=1e-6, atol=1e-8)
+    assert (ours.labels.numpy() == ref.labels_).all()
+
+
+def test_kmeans_fixed_centres_never_move_and_plusplus_is_seeded():
+    x = torch.from_numpy(_blobs(200, 1, 4, 5))
+    init = torch.tensor([[0.0], [1.0], [-3.0], [5.0]], dtype=x.dtype)
+    fixed = torch.tensor([True, False, False, False])
+    result = kmeans(x, init, fixed=fixed)
+    assert result.centers[0, 0].item() == 0.0
+    assert not torch.equal(result.centers[1:], init[1:])
+    assert torch.equal(kmeans_plus_plus(x, 4, seed=3), kmeans_plus_plus(x, 4, seed=3))
+    assert not torch.equal(kmeans_plus_plus(x, 4, seed=3), kmeans_plus_plus(x, 4, seed=4))
+
+
+def test_kmeans_rejects_more_centres_than_points():
+    with pytest.raises(QuantizationConfigError, match=r"`init` = 5 centres for 3 points"):
+        kmeans(torch.zeros(3, 2), 5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the codebook quantizer
+# ---------------------------------------------------------------------------------------------------------------
+def _conv_weight(seed: int = 0, shape=(8, 4, 3, 3)) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("vector", ["scalar", "kernel"])
+def test_after_fitting_weights_take_only_codebook_values_on_its_grid(vector):
+    w = _conv_weight()
+    q = CodebookQuantizer(w.shape, num_entries=8, vector=vector, codebook_bits=6)
+    out = q(w)
+    book = q.effective_codebook().detach()
+    rows = out.detach().reshape(-1, book.shape[1])
+    # every weight (or kernel) is one of the entries
+    assert all(bool((row == book).all(dim=1).any()) for row in rows)
+    # the entries lie on the 6-bit symmetric grid
+    codes = q.codebook_codes()
+    assert torch.equal(codes.float() * q.codebook_scale, book) and codes.abs().max() <= 32
+    # codes and values agree with forward; storage is index bits per vector
+    assert torch.equal(q.dequantize(q.int_repr(w)), out.detach())
+    vectors = w.numel() // (9 if vector == "kernel" else 1)
+    assert q.payload_bits(w) == vectors * 3
+    assert q.side_bits() == 8 * book.shape[1] * 6 + 32
+
+
+def test_entry_gradients_are_summed_over_the_weights_that_use_them():
+    w = _conv_weight(1).requires_grad_(True)
+    q = CodebookQuantizer(w.shape, num_entries=4, vector="kernel")
+    upstream = torch.randn(w.shape, generator=torch.Generator().manual_seed(2))
+    (q(w) * upstream).sum().backward()
+    per_kernel = upstream.reshape(-1, 9)
+    expected = torch.zeros(4, 9).index_add_(0, q.indices, per_kernel)
+    torch.testing.assert_close(q.codebook.grad, expected, rtol=1e-6, atol=1e-6)
+    # the float weight gets the straight-through gradient of its entry
+    torch.testing.assert_close(w.grad, upstream)
+
+
+def _train(q: CodebookQuantizer, w: torch.Tensor, steps: int, opt: torch.optim.Optimizer, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        target = torch.randn(w.shape, generator=gen)
+        opt.zero_grad()
+        ((q(w) - target) ** 2).mean().backward()
+        opt.step()
+
+
+def test_frozen_entries_do_not_move_under_momentum_and_weight_decay_and_resume_bit_identically():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(_conv_weight(3, (16, 1, 1, 1)).reshape(16))
+    q = CodebookQuantizer(w.shape, num_entries=5, codebook_bits=None)
+    q(w)
+    opt = torch.optim.SGD([q.codebook, w], lr=0.1, momentum=0.9, weight_decay=0.1)
+    _train(q, w, 3, opt, seed=0)  # momentum builds up on every entry
+    q.freeze([0, 2])
+    frozen_before = q.effective_codebook().detach()[[0, 2]].clone()
+    moving_before = q.effective_codebook().detach()[[1, 3, 4]].clone()
+    state = io.BytesIO()
+    torch.save({"q": q.state_dict(), "w": w.detach().clone(), "opt": opt.state_dict()}, state)
+    _train(q, w, 5, opt, seed=1)
+    after = q.effective_codebook().detach()
+    assert torch.equal(after[[0, 2]], frozen_before)
+    assert not torch.equal(after[[1, 3, 4]], moving_before)
+    # weights of frozen entries keep exactly their entry's value
+    values = q(w).detach()
+    for e in (0, 2):
+        assert torch.all(values[q.indices == e] == frozen_before[[0, 2].index(e), 0])
+    # resume: a fresh quantizer, weight and optimizer from the saved state continue bit-identically
+    state.seek(0)
+    saved = torch.load(state, weights_only=True)
+    q2 = CodebookQuantizer(w.shape, num_entries=5, codebook_bits=None)
+    q2.load_state_dict(saved["q"])
+    w2 = torch.nn.Parameter(saved["w"])
+    opt2 = torch.optim.SGD([q2.codebook, w2], lr=0.1, momentum=0.9, weight_decay=0.1)
+    opt2.load_state_dict(saved["opt"])
+    _train(q2, w2, 5, opt2, seed=1)
+    assert torch.equal(q2.effective_codebook(), q.effective_codebook())
+    assert torch.equal(q2(w2), q(w))
+
+
+def test_partial_mode_keeps_weights_of_unfrozen_entries_in_float():
+    w = torch.linspace(-1, 1, 40)
+    q = CodebookQuantizer(w.shape, num_entries=3, fixed_values=(0.0,))
+    q(w)
+    assert 0.0 in q.codebook.detach().flatten().tolist()
+    q.set_partial(True)
+    assert torch.equal(q(w), w)  # nothing frozen yet: all float
+    zero = int((q.codebook.detach().flatten() == 0.0).nonzero()[0])
+    q.freeze([zero])
+    out = q(w)
+    assigned = q.indices == zero
+    assert torch.all(out[assigned] == 0.0) and torch.equal(out[~assigned], w[~assigned])
+    assert not q.complete and q.uniform_grid() is None
+    assert q.payload_bits(w) == int(assigned.sum()) * 2 + int((~assigned).sum()) * 32
+    q.freeze([0, 1, 2])
+    assert q.complete
+
+
+def test_refit_keeps_frozen_entries_and_their_weights():
+    w = _conv_weight(4, (64,))
+    q = CodebookQuantizer(w.shape, num_entries=4)
+    q(w)
+    q.freeze([1])
+    before = q.effective_codebook().detach().clone()
+    kept = q.indices == 1
+    q.fit(w + 0.3)
+    assert torch.equal(q.effective_codebook().detach()[1], before[1])
+    assert torch.equal(q.indices == 1, kept)
+    q.freeze(torch.tensor([True, False, False, False]))
+    assert q.frozen.tolist() == [1, 1, 0, 0]
+    assert q.reassign(w) >= 0 and torch.equal(q.indices == 1, kept)
+
+
+def test_codebook_errors_name_the_problem():
+    with pytest.raises(QuantizationConfigError, match=r"A codebook of 16 entries is larger than the 8 kernels"):
+        CodebookQuantizer((2, 4, 3, 3), num_entries=16, vector="kernel")
+    with pytest.raises(QuantizationConfigError, match=r"`vector='kernel'` needs a convolution weight"):
+        CodebookQuantizer((4, 4), num_entries=2, vector="kernel")
+    with pytest.raises(QuantizationConfigError, match=r"`index_bits` must be an integer in \[5, 8\]"):
+        CodebookQuantizer((64,), num_entries=17, index_bits=4)
+    spec = LayerSpec(weight_kind="codebook", weight_bits=4)
+    with pytest.raises(QuantizationConfigError, match=r"Layer 'conv': A codebook of 16 entries is larger"):
+        kernel_spec = LayerSpec(weight_kind="codebook", weight_bits=4, codebook_vector="kernel")
+        build_weight_quantizer(torch.zeros(2, 1, 2, 2), kernel_spec, "Layer 'conv'")
+    assert isinstance(build_weight_quantizer(torch.zeros(4, 8), spec), CodebookQuantizer)
+
+
+def test_layer_spec_validates_the_quantizer_kind():
+    assert {"uniform", "codebook"} <= set(QUANTIZER_KINDS)
+    with pytest.raises(QuantizationConfigError, match=r"`weight_kind` must be one of \['codebook', 'uniform'\]"):
+        LayerSpec(weight_kind="lattice")
+    with pytest.raises(QuantizationConfigError, match=r"apply to codebook quantizers only"):
+        LayerSpec(codebook_bits=6)
+    with pytest.raises(QuantizationConfigError, match=r"`codebook_size` must be an integer in \[1, 2\*\*weight_bits\]"):
+        LayerSpec(weight_kind="codebook", weight_bits=2, codebook_size=5)
+    spec = LayerSpec(weight_kind="codebook", weight_bits=5, codebook_size=17, codebook_zero=True)
+    assert LayerSpec.from_dict(spec.to_dict()) == spec
+    assert index_bits_for(17) == 5
