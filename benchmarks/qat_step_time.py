@@ -124,8 +124,24 @@ def _fp32(base: nn.Module) -> nn.Module:
     return copy.deepcopy(base)
 
 
-def _ours(base: nn.Module, bits: int, x: torch.Tensor) -> nn.Module:
-    model = quantize_model(copy.deepcopy(base), QuantSpec(default=LayerSpec(weight_bits=bits, act_bits=bits)))
+def _half_2_half_4_bits(base: nn.Module) -> dict[str, LayerSpec]:
+    """Per-channel widths for every Conv/Linear: the first half of its output channels 2-bit, the rest 4-bit."""
+    layers = {}
+    for name, module in base.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            channels = module.weight.shape[0]
+            widths = (2,) * (channels // 2) + (4,) * (channels - channels // 2)
+            layers[name] = LayerSpec(weight_bits=widths, act_bits=4)
+    return layers
+
+
+def _ours(base: nn.Module, bits: int, x: torch.Tensor, mixed: bool = False) -> nn.Module:
+    spec = QuantSpec(default=LayerSpec(weight_bits=bits, act_bits=bits))
+    if mixed:  # every layer's widths given explicitly, the first and last layer included
+        spec = QuantSpec(
+            default=LayerSpec(weight_bits=4, act_bits=4), first_last_bits=None, layers=_half_2_half_4_bits(base)
+        )
+    model = quantize_model(copy.deepcopy(base), spec)
     # one calibration forward: every quantizer (weights and inputs) sets its step size from data
     set_observing(model, True)
     with torch.no_grad():
@@ -577,6 +593,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-rounds", type=int, default=None, help="stop after this many timed rounds (default 4x steps)")
     p.add_argument("--max-minutes", type=float, default=20.0, help="stop timing new rounds after this many minutes")
     p.add_argument("--no-torch-ao", action="store_true", help="skip the torch.ao eager-mode QAT lines")
+    p.add_argument("--no-mixed", action="store_true", help="skip the per-channel mixed-width line")
     p.add_argument(
         "--no-aten-baseline",
         action="store_true",
@@ -654,6 +671,17 @@ def main(argv: list[str] | None = None) -> int:
                     context=fused_disabled,
                 )
             )
+    if not args.no_mixed:
+        variants.append(
+            Variant(
+                "lightning-quant W2/4A4 per-channel mixed (LSQ)",
+                lambda: _ours(base, 4, x, mixed=True),
+                note=(
+                    "every Conv/Linear with one width per output channel: the first half of its channels 2-bit, the "
+                    "rest 4-bit (two equal-width groups, one fake-quant kernel each), 4-bit inputs; fused kernels."
+                ),
+            )
+        )
     if not args.no_torch_ao:
         variants += [
             Variant(
