@@ -6,10 +6,14 @@ Add a callback to your ``Trainer`` and get a low-bit model, with no change to yo
     trainer.fit(model, datamodule)
 """
 
+from lightning_quant.allocation.orthogonality import orthogonal_allocation
 from lightning_quant.callbacks import (
+    AutoQBCallback,
     BitReallocationCallback,
     BlockReplacementCallback,
     DistillationCallback,
+    IncrementalQuantizationCallback,
+    OrthogonalMixedPrecision,
     QuantizationAwareTraining,
     QuantizationCallback,
     QuantizationLossMixin,
@@ -44,12 +48,15 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "AutoQBCallback",
     "BitReallocationCallback",
     "BlockReplacementCallback",
     "DistillationCallback",
     "GeneratorDataModule",
+    "IncrementalQuantizationCallback",
     "LayerSpec",
     "MixedPrecisionSearch",
+    "OrthogonalMixedPrecision",
     "QuantSpec",
     "QuantizationAwareTraining",
     "QuantizationCallback",
@@ -64,6 +71,7 @@ __all__ = [
     "dequantize_model",
     "find_blocks",
     "load_quantized",
+    "orthogonal_allocation",
     "quantization_summary",
     "quantize_model",
     "register_quantizer",

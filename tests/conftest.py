@@ -24,6 +24,17 @@ def mnist_root() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (tiny models: as fast, and no crawl when the CPU is shared)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_trainer_kwargs(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
     """Trainer settings for seconds-long CPU runs."""
     kwargs: dict[str, Any] = dict(
@@ -96,3 +107,18 @@ def crash_and_resume(
     assert last.exists(), "no checkpoint was written before the crash"
     resumed = fit("resumed", [], ckpt_path=last)
     return straight, resumed
+
+
+def shipped_config(name: str, capsys) -> dict[str, Any]:
+    """The configuration ``lightning-quant fit --config configs/trainer.yaml --config configs/<name> --print_config``
+    prints (parsed and validated by the CLI), as a dict."""
+    import yaml
+
+    from lightning_quant.cli import main
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    args = ["--config", str(configs / "trainer.yaml"), "--config", str(configs / name)]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *args, "--print_config"])
+    assert exit_info.value.code == 0
+    return yaml.safe_load(capsys.readouterr().out)

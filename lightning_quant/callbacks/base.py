@@ -13,7 +13,9 @@ Facts from Lightning that decide its shape (see DESIGN.md):
   loss Lightning is about to back-propagate (divided by ``accumulate_grad_batches``, as Lightning divides the
   user's loss). The value the user logged in ``training_step`` is unchanged. Manual optimization
   back-propagates the user's own tensor, which may not be changed in place: there, and wherever a user
-  prefers it, :class:`QuantizationLossMixin` is the alternative.
+  prefers it, :class:`QuantizationLossMixin` is the alternative. Callbacks that add no loss term (QAT,
+  QBitOpt, export, ...) do not care how the module optimizes: Lightning calls ``on_before_backward`` for
+  ``manual_backward`` too, and they ignore it.
 * Every callback keeps its state in ``state_dict``/``load_state_dict`` under a ``state_key`` made from its
   identifying arguments, so two instances never clash and a killed run resumes exactly.
 
@@ -64,6 +66,7 @@ class QuantizationCallback(Callback):
 
     def __init__(self) -> None:
         self._batch: Any = None
+        self._loss_requested = False
 
     # -- identity and state ----------------------------------------------------------------------------------
     def identity(self) -> dict[str, Any]:
@@ -104,6 +107,9 @@ class QuantizationCallback(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":  # every suite callback's check, before the first setup changes the model
+            for callback in {id(cb): cb for cb in [self, *_suite_callbacks(trainer)]}.values():
+                callback._check_optimization(pl_module)
         quantize_once(trainer, pl_module)
         self.prepare_model(trainer, pl_module)
 
@@ -124,6 +130,23 @@ class QuantizationCallback(Callback):
         pl_module.log(f"quant/{self.TECHNIQUE}/{name}", value, **kwargs)
 
     # -- extra loss terms ------------------------------------------------------------------------------------
+    @property
+    def adds_loss(self) -> bool:
+        """Whether this callback adds a loss term to the training loss (it overrides :meth:`extra_loss`)."""
+        return type(self).extra_loss is not QuantizationCallback.extra_loss
+
+    def _check_optimization(self, pl_module: pl.LightningModule) -> None:
+        """Refuse, before training, a loss term that manual optimization without the mixin cannot receive."""
+        if self.adds_loss and not pl_module.automatic_optimization and not isinstance(pl_module, QuantizationLossMixin):
+            # manual optimization back-propagates the user's own tensor: changing it in place is not safe
+            raise QuantizationConfigError(
+                f"{type(self).__name__} adds a loss term to the training loss, which needs automatic optimization "
+                f"or the mixin; {type(pl_module).__name__} sets `automatic_optimization = False`. HINT: make your "
+                "LightningModule inherit `lightning_quant.callbacks.QuantizationLossMixin` and back-propagate "
+                "`loss + self.quantization_loss(batch)` (callbacks that add no loss, such as "
+                "QuantizationAwareTraining, need nothing)."
+            )
+
     def extra_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Tensor | None:
         """A loss term to add to the user's training loss for ``batch`` (``None``: nothing to add).
 
@@ -137,19 +160,13 @@ class QuantizationCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._batch = batch
+        self._loss_requested = False
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
-        if isinstance(pl_module, QuantizationLossMixin):
-            return  # the module added the term itself, inside training_step
-        if not pl_module.automatic_optimization:
-            # manual optimization back-propagates the user's own tensor: changing it in place is not safe
-            raise QuantizationConfigError(
-                f"{type(self).__name__} adds a loss term to the training loss, which needs automatic optimization "
-                "or the mixin. HINT: make your LightningModule inherit "
-                "`lightning_quant.callbacks.QuantizationLossMixin` and back-propagate "
-                "`loss + self.quantization_loss(batch)`."
-            )
+        if not self.adds_loss or isinstance(pl_module, QuantizationLossMixin):
+            return  # nothing to add, or the module added the term itself, inside training_step
+        self._check_optimization(pl_module)  # a module switched to manual optimization after setup
         extra = self.extra_loss(trainer, pl_module, self._batch)
         if extra is None:
             return
@@ -157,8 +174,33 @@ class QuantizationCallback(Callback):
         loss.add_(extra / trainer.accumulate_grad_batches)
 
     @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._check_loss_requested(pl_module, outputs)
+
+    def _check_loss_requested(self, pl_module: pl.LightningModule, outputs: Any) -> None:
+        """Under the mixin, a loss term that ``training_step`` did not request would silently do nothing.
+
+        Subclasses that override ``on_train_batch_end`` call this (or ``super()``) from it. A step that
+        automatic optimization skipped (``training_step`` returned ``None``) is not checked.
+        """
+        skipped = pl_module.automatic_optimization and outputs is None
+        if self.adds_loss and isinstance(pl_module, QuantizationLossMixin) and not self._loss_requested and not skipped:
+            raise QuantizationConfigError(
+                f"{type(self).__name__} adds a loss term, but {type(pl_module).__name__}.training_step did not "
+                "request it in this step: with `QuantizationLossMixin` the module adds the suite's terms itself, so "
+                f"{type(self).__name__} would do nothing. HINT: return (or back-propagate) "
+                "`loss + self.quantization_loss(batch)` in every training_step."
+            )
+
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._batch = None
+
+
+def _suite_callbacks(trainer: pl.Trainer) -> list[QuantizationCallback]:
+    return [cb for cb in getattr(trainer, "callbacks", []) if isinstance(cb, QuantizationCallback)]
 
 
 def quantize_once(trainer: pl.Trainer, pl_module: pl.LightningModule) -> QuantSpec | None:
@@ -170,7 +212,7 @@ def quantize_once(trainer: pl.Trainer, pl_module: pl.LightningModule) -> QuantSp
     """
     if is_quantized(pl_module):
         return None
-    callbacks = [cb for cb in getattr(trainer, "callbacks", []) if isinstance(cb, QuantizationCallback)]
+    callbacks = _suite_callbacks(trainer)
     requests = [r for r in (cb.quantization_request(trainer, pl_module) for cb in callbacks) if r is not None]
     if not requests:
         return None
@@ -205,7 +247,8 @@ class QuantizationLossMixin:
         """The sum of the extra loss terms of every quantization callback on the trainer for ``batch``."""
         total = torch.zeros(())
         for callback in self.trainer.callbacks:  # type: ignore[attr-defined]
-            if isinstance(callback, QuantizationCallback):
+            if isinstance(callback, QuantizationCallback) and callback.adds_loss:
+                callback._loss_requested = True
                 extra = callback.extra_loss(self.trainer, self, batch)  # type: ignore[arg-type]
                 if extra is not None:
                     total = total.to(extra.device) + extra

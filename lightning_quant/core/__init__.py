@@ -1,7 +1,7 @@
 """Quantization numerics: fake-quant functions with straight-through gradients, the quantizer protocol and its
 kinds (uniform, codebook), k-means, observers, errors."""
 
-from lightning_quant.core.codebook import CodebookQuantizer, index_bits_for
+from lightning_quant.core.codebook import CodebookQuantizer, index_bits_for, power_of_two_entries
 from lightning_quant.core.errors import QuantizationConfigError, UnsupportedModuleError
 from lightning_quant.core.functional import (
     binarize,
@@ -55,6 +55,7 @@ __all__ = [
     "kmeans_plus_plus",
     "lsq_fake_quantize",
     "make_observer",
+    "power_of_two_entries",
     "quant_range",
     "quantize_to_int",
     "register_quantizer",

@@ -51,6 +51,7 @@ from __future__ import annotations
 import ast
 import copy
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -78,12 +79,15 @@ __all__ = [
     "DEFAULT_OPSET",
     "FLOAT_CONV_OPS",
     "INT8_CONV_OPS",
+    "TASKS",
     "LayerDiff",
+    "Task",
     "VerificationResult",
     "count_conv_ops",
     "export_onnx",
     "int8_ready",
     "prepare_for_export",
+    "resolve_example_input",
     "verify_onnx",
 ]
 
@@ -352,12 +356,97 @@ def _check_path(path: str | os.PathLike[str], overwrite: bool) -> Path:
 def _as_tuple(example_input: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
     if isinstance(example_input, Tensor):
         return (example_input,)
-    if isinstance(example_input, Sequence) and all(isinstance(t, Tensor) for t in example_input):
+    if isinstance(example_input, Sequence) and example_input and all(isinstance(t, Tensor) for t in example_input):
         return tuple(example_input)
     raise QuantizationConfigError(
         f"`example_input` must be a tensor or a tuple of tensors, got {type(example_input).__name__}. "
-        "HINT: pass one batch of inputs, e.g. `torch.randn(1, 3, 32, 32)`."
+        "HINT: pass one batch of inputs, e.g. `torch.randn(2, 3, 32, 32)`."
     )
+
+
+def resolve_example_input(
+    model: nn.Module, example_input: Tensor | Sequence[Tensor] | None = None
+) -> tuple[tuple[Tensor, ...], str]:
+    """The inputs to export ``model`` with, and where they came from (for messages).
+
+    ``example_input`` when given, else the model's ``example_input_array`` (Lightning's convention for the input
+    of an export, set in a ``LightningModule``'s ``__init__``).
+
+    Raises:
+        QuantizationConfigError: neither is set, or ``example_input_array`` holds keyword inputs (a dict).
+    """
+    if example_input is not None:
+        return _as_tuple(example_input), "the given `example_input`"
+    array = getattr(model, "example_input_array", None)
+    source = f"`{type(model).__name__}.example_input_array`"
+    if array is None:
+        raise QuantizationConfigError(
+            f"`example_input` is None and {type(model).__name__} sets no `example_input_array`, so there is no input "
+            "to export with. HINT: pass `example_input=` (one batch of what `forward` takes), or set "
+            "`self.example_input_array = torch.randn(2, ...)` in the module's `__init__`."
+        )
+    if isinstance(array, dict):
+        raise QuantizationConfigError(
+            f"{source} is a dict (keyword inputs), which the ONNX export does not take. HINT: pass the inputs in "
+            "`forward`'s positional order as a tuple, e.g. `example_input=(input_ids, attention_mask)`."
+        )
+    try:
+        return _as_tuple(array), source
+    except QuantizationConfigError as err:
+        raise QuantizationConfigError(f"{source}: {err}") from err
+
+
+def _batch_of_at_least_two(args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """``args`` with a batch of >= 2: tracing from batch 1 can fix the batch axis (attention models' reshapes)."""
+    batch = {a.shape[0] if a.dim() else None for a in args}
+    if None in batch or len(batch) != 1:
+        raise QuantizationConfigError(
+            f"`dynamic_batch=True` needs every input batched along dim 0 with one batch size, got shapes "
+            f"{[tuple(a.shape) for a in args]}. HINT: pass inputs with a common batch size, or `dynamic_batch=False`."
+        )
+    return tuple(torch.cat([a, a]) for a in args) if batch == {1} else args
+
+
+def _check_batch_axis(onnx_model: onnx.ModelProto, args: tuple[Tensor, ...]) -> None:
+    """Run the file at the export batch size and one more; raise when only the export batch runs."""
+    from lightning_quant.export.runtime import create_session  # runtime imports nothing from here at import time
+
+    session = create_session(onnx_model, threads=1, optimization="basic")
+    names = [i.name for i in session.get_inputs()]
+    batch = args[0].shape[0]
+
+    def run(inputs: tuple[Tensor, ...]) -> int | None:
+        feed = {name: _to_numpy(t) for name, t in zip(names, inputs, strict=False)}
+        out = session.run(None, feed)[0]
+        return out.shape[0] if out.ndim else None
+
+    larger = tuple(torch.cat([a, a[:1]]) for a in args)
+    try:
+        got = run(larger)
+        error = None if got == batch + 1 else f"the output has batch {got}"
+    except Exception as err:  # onnxruntime raises its own exception types; the check below decides
+        error = str(err).splitlines()[0]
+    if error is None:
+        return
+    try:
+        run(args)
+    except Exception as err:  # the file does not run at all: not a batch-axis problem, verification will say more
+        log.warning("export_onnx: onnxruntime cannot run the exported graph (%s); batch axis not checked.", err)
+        return
+    raise UnsupportedModuleError(
+        f"export_onnx: the exported graph fixed its batch axis although `dynamic_batch=True`: it runs at the export "
+        f"batch size {batch} but not at {batch + 1} ({error}). A reshape with a constant batch size in the model's "
+        "forward (e.g. `x.view(64, -1)`) does this. HINT: write it as `x.flatten(1)` or `x.view(x.shape[0], -1)`; "
+        "or export a fixed-batch file with `dynamic_batch=False`."
+    )
+
+
+def _to_numpy(t: Tensor, dtype: Any = None) -> np.ndarray:
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        t = t.float()
+    array = t.numpy()
+    return array if dtype is None else array.astype(dtype, copy=False)
 
 
 def _export_dynamo(module: nn.Module, args: tuple[Tensor, ...], path: Path, opset: int, dynamic_batch: bool) -> None:
@@ -399,7 +488,7 @@ def _export_torchscript(
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike[str],
-    example_input: Tensor | Sequence[Tensor],
+    example_input: Tensor | Sequence[Tensor] | None = None,
     *,
     overwrite: bool = False,
     opset: int = DEFAULT_OPSET,
@@ -412,7 +501,10 @@ def export_onnx(
     Args:
         model: the quantized model (a ``LightningModule`` included); it is not modified.
         path: the ``.onnx`` file to write; its directory must exist.
-        example_input: one batch of inputs (a tensor or a tuple of tensors) to trace with.
+        example_input: one batch of inputs (a tensor or a tuple of tensors, in their own dtypes: token ids stay
+            int64) to trace with; ``None`` takes the model's ``example_input_array`` (Lightning's convention).
+            With ``dynamic_batch`` a batch of 1 is repeated to 2: traced from batch 1, attention models get a
+            reshape with a constant batch size.
         overwrite: replace an existing file.
         opset: the ONNX opset (>= 13 for per-channel Q/DQ).
         fold_batchnorm: fold BatchNorm layers into the preceding convolutions first. ``"auto"`` folds when the
@@ -420,7 +512,8 @@ def export_onnx(
             into ``QLinearConv``, which needs the fold. Below 8 bits the convs run in float anyway, and leaving
             BatchNorm unfolded keeps the graph numerically identical to the fake-quant model (a fold reorders
             float arithmetic, and one activation moved by a 4-bit step changes later layers noticeably).
-        dynamic_batch: make the batch dimension of inputs and output dynamic.
+        dynamic_batch: make the batch dimension of inputs and output dynamic; the file is then run in onnxruntime
+            at the export batch size and one more before it is written, and refused if only the first runs.
         dynamo: try torch's dynamo exporter first (the default); ``False`` uses the TorchScript exporter only.
 
     Returns:
@@ -428,14 +521,17 @@ def export_onnx(
 
     Raises:
         QuantizationConfigError: a model without quantized layers or with an uncalibrated quantizer, a path in
-            a missing directory, an existing file without ``overwrite=True``, or a bad argument.
+            a missing directory, an existing file without ``overwrite=True``, no example input, or a bad argument.
         UnsupportedModuleError: a quantizer the exporter cannot express (an activation quantizer off any uniform
-            grid, a binary activation, a module that is not a lightning-quant quantizer).
+            grid, a binary activation, a module that is not a lightning-quant quantizer), or a graph whose batch
+            axis came out fixed although ``dynamic_batch=True``.
     """
     path = _check_path(path, overwrite)
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < 13:
         raise QuantizationConfigError(f"`opset` must be an integer >= 13 (per-channel Q/DQ), got {opset!r}.")
-    args = _as_tuple(example_input)
+    args, _ = resolve_example_input(model, example_input)
+    if dynamic_batch:
+        args = _batch_of_at_least_two(args)
     _check_exportable(model)
     ready = int8_ready(model)
     if fold_batchnorm == "auto":
@@ -475,6 +571,8 @@ def export_onnx(
         entry = onnx_model.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.checker.check_model(onnx_model)
+    if dynamic_batch:
+        _check_batch_axis(onnx_model, args)
     onnx.save(onnx_model, os.fspath(path))
     log.info(
         "export_onnx: wrote %s (%s exporter, %d weight Q folded into integers)",
@@ -496,26 +594,39 @@ class LayerDiff:
     diverged: bool
 
 
+#: how :func:`verify_onnx` compares outputs: ``auto`` decides from the output's shape (and the labels)
+Task = Literal["auto", "multiclass", "binary", "regression"]
+TASKS: tuple[str, ...] = ("auto", "multiclass", "binary", "regression")
+
+
 @dataclass(frozen=True)
 class VerificationResult:
     """What :func:`verify_onnx` measured.
 
     Attributes:
         num_samples: samples compared.
-        agreement: fraction of samples where the top-1 predictions agree.
-        max_abs_diff: largest absolute logit difference.
-        mean_abs_diff: mean absolute logit difference.
-        torch_accuracy: top-1 accuracy of the PyTorch model (``None`` without labels).
-        onnx_accuracy: top-1 accuracy of onnxruntime (``None`` without labels).
+        agreement: fraction of samples whose predictions agree: the arg-max class for multi-class outputs
+            (``[N, C]``, ``C >= 2``), the sign for one logit per sample (``[N]`` or ``[N, 1]``); ``None`` for any
+            other output (images, sequences, reconstructions, regression), which ``relative_error`` judges
+            instead (see :func:`verify_onnx`).
+        max_abs_diff: largest absolute output difference.
+        mean_abs_diff: mean absolute output difference.
+        torch_accuracy: accuracy of the PyTorch model (``None`` without labels, or labels that do not fit the
+            output: integer class ids for multi-class, 0/1 for one logit).
+        onnx_accuracy: accuracy of onnxruntime (``None`` likewise).
         int8_convs: convolutions that run in integer arithmetic after onnxruntime's optimisation.
         float_convs: convolutions that still run in float.
         int8_ops: integer op types of the optimised graph and their counts (QLinearConv, QGemm, ...).
         layers: per-layer differences (``per_layer=True`` only), in graph order.
         first_divergent_layer: the first layer whose output diverged beyond the tolerance, or ``None``.
+        task: how the outputs were compared: ``multiclass``, ``binary`` or ``regression``.
+        relative_error: ``||onnx - torch|| / ||torch||`` over all outputs (``None`` when the PyTorch outputs are
+            all zero and the file's are not).
+        mse: mean squared output difference.
     """
 
     num_samples: int
-    agreement: float
+    agreement: float | None
     max_abs_diff: float
     mean_abs_diff: float
     torch_accuracy: float | None
@@ -525,26 +636,42 @@ class VerificationResult:
     int8_ops: dict[str, int] = field(default_factory=dict)
     layers: tuple[LayerDiff, ...] = ()
     first_divergent_layer: str | None = None
+    task: str = "multiclass"
+    relative_error: float | None = None
+    mse: float = 0.0
+
+    @property
+    def agreement_name(self) -> str:
+        """What :attr:`agreement` counts, in words."""
+        return {"multiclass": "top-1 agreement", "binary": "sign agreement (one logit)"}.get(self.task, "agreement")
 
     def as_metrics(self) -> dict[str, float]:
-        """Flat numeric figures, for loggers (``None`` accuracies left out)."""
+        """Flat numeric figures, for loggers (undefined figures left out)."""
         metrics = {
-            "agreement": self.agreement,
             "max_abs_diff": self.max_abs_diff,
             "mean_abs_diff": self.mean_abs_diff,
+            "mse": self.mse,
             "int8_convs": float(self.int8_convs),
             "float_convs": float(self.float_convs),
             "num_samples": float(self.num_samples),
         }
+        if self.agreement is not None:
+            metrics["agreement"] = self.agreement
+        if self.relative_error is not None:
+            metrics["relative_error"] = self.relative_error
         if self.torch_accuracy is not None and self.onnx_accuracy is not None:
             metrics["torch_accuracy"] = self.torch_accuracy
             metrics["onnx_accuracy"] = self.onnx_accuracy
         return metrics
 
     def __str__(self) -> str:
+        rel = "undefined" if self.relative_error is None else f"{self.relative_error:.4g}"
+        if self.agreement is None:
+            head = f"onnxruntime vs PyTorch on {self.num_samples} samples ({self.task} outputs): agreement undefined"
+        else:
+            head = f"onnxruntime vs PyTorch on {self.num_samples} samples: {self.agreement_name} {self.agreement:.4%}"
         lines = [
-            f"onnxruntime vs PyTorch on {self.num_samples} samples: top-1 agreement {self.agreement:.4%}, "
-            f"logit |diff| max {self.max_abs_diff:.4g} mean {self.mean_abs_diff:.4g}",
+            f"{head}, output |diff| max {self.max_abs_diff:.4g} mean {self.mean_abs_diff:.4g}, relative error {rel}",
             f"convolutions in int8 after optimisation: {self.int8_convs} (float: {self.float_convs})",
         ]
         if self.torch_accuracy is not None:
@@ -570,18 +697,90 @@ def count_conv_ops(onnx_model: onnx.ModelProto | str | os.PathLike[str]) -> tupl
     return int8, flt, integer_ops
 
 
-def _split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
-    if isinstance(batch, Tensor):
-        return batch, None
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
-        labels = batch[1] if len(batch) > 1 and isinstance(batch[1], Tensor) else None
-        return batch[0], labels
-    if isinstance(batch, dict) and isinstance(batch.get("x", batch.get("input")), Tensor):
-        return batch.get("x", batch.get("input")), batch.get("y", batch.get("label"))
+def _split_batch(batch: Any, num_inputs: int = 1) -> tuple[tuple[Tensor, ...], Tensor | None]:
+    """``(inputs, labels)`` of a batch, for a graph with ``num_inputs`` inputs."""
+    if isinstance(batch, Tensor) and num_inputs == 1:
+        return (batch,), None
+    if isinstance(batch, (tuple, list)) and batch:
+        first = batch[0]
+        if isinstance(first, (tuple, list)) and len(first) == num_inputs and all(isinstance(t, Tensor) for t in first):
+            labels = batch[1] if len(batch) > 1 and isinstance(batch[1], Tensor) else None
+            return tuple(first), labels  # ((inputs...), labels)
+        if len(batch) >= num_inputs and all(isinstance(t, Tensor) for t in batch[:num_inputs]):
+            labels = batch[num_inputs] if len(batch) > num_inputs and isinstance(batch[num_inputs], Tensor) else None
+            return tuple(batch[:num_inputs]), labels  # (input..., labels)
+    if isinstance(batch, dict) and num_inputs == 1 and isinstance(batch.get("x", batch.get("input")), Tensor):
+        return (batch.get("x", batch.get("input")),), batch.get("y", batch.get("label"))
     raise QuantizationConfigError(
-        f"verify_onnx: cannot find the inputs in a batch of type {type(batch).__name__}. HINT: the dataloader "
-        "should yield tensors, (inputs, labels) pairs, or dicts with 'x'/'y'."
+        f"verify_onnx: cannot find the graph's {num_inputs} input(s) in a batch of type {type(batch).__name__}. "
+        "HINT: the dataloader should yield tensors, (inputs, labels) pairs, (input1, input2, ..., labels) tuples, "
+        "or dicts with 'x'/'y'."
     )
+
+
+#: onnxruntime's input type names -> numpy dtypes
+_ORT_DTYPES: dict[str, Any] = {
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int16)": np.int16,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+
+
+def _feed(session: Any, inputs: tuple[Tensor, ...]) -> dict[str, np.ndarray]:
+    """The session's inputs, each in the dtype the graph declares (token ids stay integers)."""
+    return {i.name: _to_numpy(t, _ORT_DTYPES.get(i.type)) for i, t in zip(session.get_inputs(), inputs, strict=False)}
+
+
+def _first_tensor(output: Any) -> Tensor:
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    if isinstance(output, dict):
+        tensor = next((v for v in output.values() if isinstance(v, Tensor)), None)
+        if tensor is not None:
+            return tensor
+    raise QuantizationConfigError(
+        f"verify_onnx: the model returned {type(output).__name__}, not a tensor. HINT: verify a module whose forward "
+        "returns a tensor (or a tuple whose first element is the exported output)."
+    )
+
+
+def _task_of(ref: Tensor, inputs: tuple[Tensor, ...], labels: Tensor | None, task: str) -> str:
+    """The task of ``task="auto"``, from the output's shape (and float labels, which mark values, not classes)."""
+    if task != "auto":
+        return task
+    if labels is not None and labels.is_floating_point():
+        return "regression"  # float targets: a score or a reconstruction, not classes
+    if ref.dim() == 2 and ref.shape[1] >= 2:
+        # an output shaped like the input is a reconstruction (an autoencoder), not class logits
+        return "regression" if ref.shape == inputs[0].shape else "multiclass"
+    if ref.dim() == 1 or (ref.dim() == 2 and ref.shape[1] == 1):
+        return "binary"
+    return "regression"
+
+
+def _predictions(out: Tensor, task: str) -> Tensor | None:
+    if task == "multiclass" and out.dim() == 2:
+        return out.argmax(dim=1)
+    if task == "binary" and out.numel() == out.shape[0]:
+        return (out.reshape(-1) > 0).long()
+    return None
+
+
+def _labels_fit(labels: Tensor, pred: Tensor, out: Tensor, task: str) -> bool:
+    """Whether ``labels`` are targets of ``out``: class ids in range (multi-class), 0/1 (one logit)."""
+    if labels.is_floating_point() or labels.numel() != pred.numel():
+        return False
+    if task == "multiclass":
+        return bool(((labels >= 0) & (labels < out.shape[1])).all())
+    return bool(((labels == 0) | (labels == 1)).all())
 
 
 def _scopes(node: onnx.NodeProto) -> list[str]:
@@ -609,7 +808,7 @@ def _layer_outputs(onnx_model: onnx.ModelProto, names: Iterable[str]) -> dict[st
 
 
 def _per_layer_diffs(
-    model: nn.Module, onnx_model: onnx.ModelProto, x: Tensor, tolerance: float, session_factory: Any
+    model: nn.Module, onnx_model: onnx.ModelProto, x: tuple[Tensor, ...], tolerance: float, session_factory: Any
 ) -> tuple[tuple[LayerDiff, ...], str | None]:
     prepared = prepare_for_export(model)
     layers = quantized_layers(prepared)
@@ -619,7 +818,7 @@ def _per_layer_diffs(
             "verify_onnx(per_layer=True) needs the layer scopes that torch's dynamo exporter writes into the "
             "ONNX nodes; this file has none (exported with dynamo=False?). HINT: export with `dynamo=True`."
         )
-    calls = capture(prepared, x.cpu(), {name: layers[name] for name in outputs}, training=None)
+    calls = capture(prepared, tuple(t.cpu() for t in x), {name: layers[name] for name in outputs}, training=None)
     captured = {name: calls[name][0].output for name in outputs}
     probe = copy.deepcopy(onnx_model)
     existing = {o.name for o in probe.graph.output}
@@ -627,8 +826,7 @@ def _per_layer_diffs(
         if tensor_name not in existing:
             probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(tensor_name))
     session = session_factory(probe)
-    input_name = session.get_inputs()[0].name
-    results = session.run(list(outputs.values()), {input_name: x.cpu().numpy()})
+    results = session.run(list(outputs.values()), _feed(session, x))
     diffs = []
     first = None
     for (name, _), got in zip(outputs.items(), results, strict=True):
@@ -652,23 +850,32 @@ def verify_onnx(
     per_layer: bool = False,
     tolerance: float = 0.05,
     threads: int = 2,
+    task: Task = "auto",
 ) -> VerificationResult:
     """Run the exported file in onnxruntime beside the PyTorch fake-quant model and compare them.
 
     The onnxruntime session is the int8 deployment session of :func:`lightning_quant.export.runtime.create_session`
     (``ORT_ENABLE_ALL``); its optimised graph is saved to a temporary file and counted, so a convolution that
-    silently fell back to float is visible in ``float_convs``.
+    silently fell back to float is visible in ``float_convs``. Inputs are fed in the dtypes the graph declares
+    (token ids as int64). How outputs are compared (``task="auto"``): ``[N, C]`` (``C >= 2``) as multi-class
+    logits (arg-max agreement), ``[N]`` or ``[N, 1]`` as one logit (sign agreement), anything else -- images,
+    sequences, an output shaped like the input (a reconstruction), any output with float labels -- by the
+    relative error alone (agreement ``None``); pass ``task`` where the shape misleads (``"regression"`` for a
+    generator's flat images). Accuracies are computed only where the labels fit the output: class ids in
+    ``[0, C)``, or 0/1 for one logit.
 
     Args:
         model: the quantized PyTorch model (evaluated in eval mode; its mode is restored afterwards).
         onnx_path: the file written by :func:`export_onnx`.
-        dataloader: yields input tensors, ``(inputs, labels)`` pairs or dicts with ``x``/``y``.
+        dataloader: yields input tensors, ``(inputs, labels)`` pairs, ``(input1, ..., inputK, labels)`` tuples
+            for a graph with K inputs, or dicts with ``x``/``y``.
         max_batches: compare at most this many batches (``None``: all).
         per_layer: also compare every quantized layer's output on the first batch and name the first layer
             whose relative difference ``max|diff| / max|ref|`` exceeds ``tolerance`` (needs a file written by
             the dynamo exporter).
         tolerance: the per-layer relative tolerance.
         threads: onnxruntime intra-op threads.
+        task: ``auto``, or force ``multiclass``, ``binary`` (one logit) or ``regression``.
 
     Returns:
         A :class:`VerificationResult`.
@@ -685,6 +892,8 @@ def verify_onnx(
         isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
     ):
         raise QuantizationConfigError(f"`max_batches` must be a positive integer or None, got {max_batches!r}.")
+    if task not in TASKS:
+        raise QuantizationConfigError(f"`task` must be one of {list(TASKS)}, got {task!r}.")
     was_training = model.training
     model.eval()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -692,34 +901,42 @@ def verify_onnx(
         optimized = Path(tmp) / "optimized.onnx"
         session = create_session(onnx_path, threads=threads, optimized_model_path=optimized)
         int8, flt, int8_ops = count_conv_ops(optimized)
-    input_name = session.get_inputs()[0].name
+    num_inputs = len(session.get_inputs())
     n = agree = torch_correct = onnx_correct = 0
-    labelled = True
-    max_diff = 0.0
-    sum_diff = 0.0
+    labelled = comparable = True
+    resolved = None
+    max_diff = sum_diff = sum_sq_diff = sum_sq_ref = 0.0
     numel = 0
     first_x = None
     try:
         for index, batch in enumerate(dataloader):
             if max_batches is not None and index >= max_batches:
                 break
-            x, y = _split_batch(batch)
+            x, y = _split_batch(batch, num_inputs)
             if first_x is None:
                 first_x = x
-            ref = model(x.to(device)).float().cpu()
-            got = torch.from_numpy(session.run(None, {input_name: x.cpu().float().numpy()})[0]).reshape(ref.shape)
-            diff = (got - ref).abs()
-            max_diff = max(max_diff, float(diff.max()) if diff.numel() else 0.0)
-            sum_diff += float(diff.sum())
+            ref = _first_tensor(model(*(t.to(device) for t in x))).float().cpu()
+            got = torch.from_numpy(session.run(None, _feed(session, x))[0]).float().reshape(ref.shape)
+            diff = got - ref
+            max_diff = max(max_diff, float(diff.abs().max()) if diff.numel() else 0.0)
+            sum_diff += float(diff.abs().sum())
+            sum_sq_diff += float(diff.square().sum())
+            sum_sq_ref += float(ref.square().sum())
             numel += diff.numel()
-            pred_ref, pred_got = ref.argmax(dim=1), got.argmax(dim=1)
+            n += x[0].shape[0] if x[0].dim() else 1
+            batch_task = _task_of(ref, x, y, task)
+            resolved = batch_task if resolved is None else resolved
+            pred_ref, pred_got = _predictions(ref, resolved), _predictions(got, resolved)
+            if batch_task != resolved or pred_ref is None or pred_got is None:
+                comparable = False
+                continue
             agree += int((pred_ref == pred_got).sum())
-            n += x.shape[0]
-            if y is None:
+            if y is None or not _labels_fit(y.cpu(), pred_ref, ref, resolved):
                 labelled = False
             else:
-                torch_correct += int((pred_ref == y.cpu()).sum())
-                onnx_correct += int((pred_got == y.cpu()).sum())
+                y = y.cpu().reshape(pred_ref.shape).long()
+                torch_correct += int((pred_ref == y).sum())
+                onnx_correct += int((pred_got == y).sum())
         if n == 0:
             raise QuantizationConfigError("verify_onnx: `dataloader` yielded no batch. Pass a non-empty dataloader.")
         layers: tuple[LayerDiff, ...] = ()
@@ -730,16 +947,24 @@ def verify_onnx(
             )
     finally:
         model.train(was_training)
+    classified = comparable and resolved in ("multiclass", "binary")
+    if sum_sq_ref > 0:
+        relative: float | None = math.sqrt(sum_sq_diff / sum_sq_ref)
+    else:
+        relative = 0.0 if sum_sq_diff == 0 else None  # all-zero reference: no scale to compare against
     return VerificationResult(
         num_samples=n,
-        agreement=agree / n,
+        agreement=agree / n if classified else None,
         max_abs_diff=max_diff,
         mean_abs_diff=sum_diff / max(numel, 1),
-        torch_accuracy=torch_correct / n if labelled else None,
-        onnx_accuracy=onnx_correct / n if labelled else None,
+        torch_accuracy=torch_correct / n if classified and labelled else None,
+        onnx_accuracy=onnx_correct / n if classified and labelled else None,
         int8_convs=int8,
         float_convs=flt,
         int8_ops=int8_ops,
         layers=layers,
         first_divergent_layer=first,
+        task=resolved if comparable else "regression",
+        relative_error=relative,
+        mse=sum_sq_diff / max(numel, 1),
     )

@@ -9,7 +9,7 @@ import pytest
 import torch
 from sklearn.cluster import KMeans
 
-from lightning_quant.core.codebook import CodebookQuantizer, index_bits_for
+from lightning_quant.core.codebook import CodebookQuantizer, index_bits_for, power_of_two_entries
 from lightning_quant.core.errors import QuantizationConfigError
 from lightning_quant.core.kmeans import kmeans, kmeans_plus_plus
 from lightning_quant.core.quantizers import QUANTIZER_KINDS, build_weight_quantizer
@@ -190,3 +190,106 @@ def test_layer_spec_validates_the_quantizer_kind():
     spec = LayerSpec(weight_kind="codebook", weight_bits=5, codebook_size=17, codebook_zero=True)
     assert LayerSpec.from_dict(spec.to_dict()) == spec
     assert index_bits_for(17) == 5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# incremental quantization (SLQ/MLQ): frozen weights, fits into frozen entries, power-of-two entries
+# ---------------------------------------------------------------------------------------------------------------
+def _fitted_zero_codebook(n: int = 200, k: int = 5, seed: int = 6) -> tuple[torch.Tensor, CodebookQuantizer]:
+    w = _conv_weight(seed, (n,))
+    q = CodebookQuantizer(w.shape, num_entries=k, fixed_values=(0.0,))
+    q.fit(w)
+    return w, q
+
+
+def test_freeze_vectors_freezes_exactly_those_weights_and_their_entries():
+    w, q = _fitted_zero_codebook()
+    q.set_partial(True)
+    target = int((q.indices == 1).nonzero()[0])  # one weight of entry 1; entry 1 has others
+    mask = torch.zeros(w.numel(), dtype=torch.bool)
+    mask[[target, 5, 6]] = True
+    assert q.freeze_vectors(mask) == 3 and q.freeze_vectors(mask) == 0
+    assert torch.equal(q.frozen_vector_mask, mask)
+    assert set(torch.nonzero(q.frozen_mask).flatten().tolist()) == set(q.indices[mask].tolist())
+    out = q(w)
+    book = q.effective_codebook().detach().flatten()
+    assert torch.equal(out[mask], book[q.indices[mask]])  # frozen weights take their entry's value
+    assert torch.equal(out[~mask], w[~mask])  # the others (entry 1's other weights included) stay float
+    assert q.payload_bits(w) == 3 * 3 + (w.numel() - 3) * 32 and not q.complete
+    # the frozen weights get no gradient
+    wp = w.clone().requires_grad_(True)
+    q(wp).sum().backward()
+    assert torch.equal(wp.grad, (~mask).float())
+    with pytest.raises(QuantizationConfigError, match=r"`vectors` must be a boolean mask of the 200 vectors"):
+        q.freeze_vectors(torch.ones(10, dtype=torch.bool))
+
+
+def test_fit_into_frozen_entries_keeps_frozen_weights_and_values():
+    w, q = _fitted_zero_codebook()
+    q.set_partial(True)
+    mask = (q.indices <= 1) & (torch.arange(w.numel()) % 2 == 0)  # part of entries 0 and 1
+    q.freeze_vectors(mask)
+    frozen_entries = q.frozen_mask.clone()
+    values, kept = q.frozen_values.clone(), q.indices[mask].clone()
+    moved = w + 0.05 * torch.randn(w.shape, generator=torch.Generator().manual_seed(1))
+    q.fit(moved, iterations=10, assign_to_frozen=True)
+    assert torch.equal(q.indices[mask], kept) and torch.equal(q.frozen_mask, frozen_entries)
+    assert torch.equal(q.effective_codebook()[frozen_entries], values[frozen_entries])
+    assert q.effective_codebook()[0, 0].item() == 0.0
+    # free weights are at their nearest entry among all entries, frozen ones included
+    book = q.effective_codebook().detach().flatten()
+    nearest = (moved[~mask, None] - book[None]).abs().argmin(dim=1)
+    assert torch.equal(book[q.indices[~mask]], book[nearest])
+    assert bool(frozen_entries[q.indices[~mask]].any())
+    # without assign_to_frozen, free weights go to free entries only (the default, as before)
+    q.fit(moved)
+    assert not bool(q.frozen_mask[q.indices[~mask]].any())
+
+
+def test_fit_from_given_init_and_assign_only():
+    w = torch.tensor([-1.0, -0.9, -0.55, -0.45, 0.01, 0.02, 0.4, 0.6, 1.1])
+    q = CodebookQuantizer(w.shape, num_entries=5, fixed_values=(0.0,))
+    init = torch.tensor([0.0, 1.0, -1.0, 0.5, -0.5])
+    q.fit(w, init=init, iterations=0)  # assignment only: the entries are the init
+    assert torch.equal(q.codebook.detach().flatten(), init)
+    assert q.indices.tolist() == [2, 2, 4, 4, 0, 0, 3, 3, 1]
+    q.fit(w, init=init, iterations=10)
+    assert q.codebook.detach().flatten().tolist() == pytest.approx([0.0, 1.1, -0.95, 0.5, -0.5])
+    with pytest.raises(QuantizationConfigError, match=r"`init` must hold one starting value per entry, shape \[5, 1\]"):
+        q.fit(w, init=torch.zeros(4))
+    with pytest.raises(QuantizationConfigError, match=r"`init` row 0 must be the fixed value 0.0"):
+        q.fit(w, init=torch.ones(5))
+    # fewer weights left to cluster than entries: assigned to the nearest entry, nothing moves
+    mask = torch.tensor([True, True, True, True, True, True, False, False, True])
+    q.set_partial(True)
+    q.freeze_vectors(mask)
+    before = q.effective_codebook().clone()
+    q.fit(w + 0.2, assign_to_frozen=True)
+    assert torch.equal(q.effective_codebook(), before)
+
+
+def test_snap_writes_the_values_of_frozen_weights_into_the_float_weight():
+    w, q = _fitted_zero_codebook()
+    q.set_partial(True)
+    mask = torch.arange(w.numel()) % 3 == 0
+    q.freeze_vectors(mask)
+    weight = w.clone()
+    q.snap(weight)
+    assert torch.equal(weight, q(w)) and torch.equal(weight[~mask], w[~mask])
+    q.freeze([0, 1, 2, 3, 4])
+    q.snap(weight)
+    assert q.complete and torch.equal(weight, q(w)) and torch.equal(weight, q.dequantize(q.int_repr(w)))
+
+
+def test_power_of_two_entries():
+    x = torch.tensor([0.26, -0.7, 0.01])
+    # SLQ's initial centroids: n_max = 2**floor(log2 0.7) = 0.5
+    assert power_of_two_entries(x, 7).flatten().tolist() == [0.0, 0.5, -0.5, 0.25, -0.25, 0.125, -0.125]
+    # INQ: n1 = floor(log2(4 * 0.7 / 3)) = -1 as well; 0.74 takes n1 = 0 (4/3 * 0.74 > 0.98... >= 1 only from 0.75)
+    assert power_of_two_entries(torch.tensor([0.75]), 3, top="inq").flatten().tolist() == [0.0, 1.0, -1.0]
+    assert power_of_two_entries(torch.tensor([0.74]), 3, top="inq").flatten().tolist() == [0.0, 0.5, -0.5]
+    assert power_of_two_entries(torch.zeros(3), 3).flatten().tolist() == [0.0, 1.0, -1.0]
+    with pytest.raises(QuantizationConfigError, match=r"`num_entries` must be an odd positive integer"):
+        power_of_two_entries(x, 4)
+    with pytest.raises(QuantizationConfigError, match=r"non-finite"):
+        power_of_two_entries(torch.tensor([float("inf")]), 3)
