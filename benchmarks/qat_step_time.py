@@ -602,6 +602,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md", help="markdown file whose section to update")
     p.add_argument("--no-write", action="store_true", help="do not update --output")
     p.add_argument("--json", type=Path, default=None, help="also write the raw results as JSON here")
+    p.add_argument("--from-json", type=Path, default=None, help="write the section from an earlier run's --json file")
     p.add_argument("--profile", action="store_true", help="print torch.profiler top ops per variant afterwards")
     args = p.parse_args(argv)
     if args.max_rounds is None:
@@ -635,8 +636,31 @@ def measurement_command(argv: list[str]) -> str:
     return shlex.join(["python", "benchmarks/qat_step_time.py", *kept])
 
 
+def write_from_json(path: Path, output: Path) -> None:
+    """Rewrite the BENCHMARKS.md section from a ``--json`` file of an earlier run (no figure is measured again)."""
+    payload = json.loads(path.read_text())
+    config = dict(payload["config"])
+    config["output"] = Path(config["output"])
+    args = argparse.Namespace(**config)
+    text = section(
+        args,
+        payload["results"],
+        payload["machine"],
+        payload["command"],
+        tuple(payload["load_average"]),
+        payload["clean_rounds"],
+        payload["seconds_waited_for_quiet"],
+        payload["fused"],
+    )
+    update_markdown(output, text)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.from_json is not None:
+        write_from_json(args.from_json, args.output)
+        print(f"updated {args.output} from {args.from_json}")
+        return 0
     command = measurement_command(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
