@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+import lightning_quant.core.fused  # noqa: F401  (reads LIGHTNING_QUANT_FUSED now: this process keeps the fused path)
+
+# Child processes (kill-and-resume runs, DDP ranks, notebooks, CLI and search workers) take aten's kernels: each would
+# otherwise compile the fused kernels again (about 10 s per variant on 2 cores), and they test resuming, ranks and
+# entry points, not the kernels. The results are bit-identical either way (tests/core/test_core_fused.py).
+os.environ["LIGHTNING_QUANT_FUSED"] = "0"
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
