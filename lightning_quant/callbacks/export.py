@@ -18,7 +18,15 @@ from typing_extensions import override
 
 from lightning_quant.callbacks.base import QuantizationCallback
 from lightning_quant.core.errors import QuantizationConfigError
-from lightning_quant.export.onnx import DEFAULT_OPSET, VerificationResult, export_onnx, int8_ready, verify_onnx
+from lightning_quant.export.onnx import (
+    PREFER,
+    WEIGHT_STORAGE,
+    VerificationResult,
+    export_onnx,
+    int8_ready,
+    onnx_metadata,
+    verify_onnx,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +53,15 @@ class QuantizedExport(QuantizationCallback):
         min_agreement: the smallest acceptable top-1 agreement, in [0, 1].
         on_failure: ``error`` or ``warn``.
         overwrite: replace an existing file (otherwise an existing file is an error, raised before training).
-        opset: ONNX opset.
+        opset: ONNX opset; ``None``: 18, or 21 when INT4 weights are stored (see ``export_onnx``).
         fold_batchnorm: fold BatchNorm into the convolutions (needed for int8 speed); ``auto`` folds only when
             every quantized activation is 8-bit, where folding keeps the export exact (see ``export_onnx``).
+        weight_storage: ``int8``, ``int4`` (every weight grid must fit 4 bits) or ``auto`` (INT4 where it fits,
+            int8 elsewhere): the weight integers' type in the file (see ``export_onnx``).
+        prefer: what ``weight_storage="auto"`` optimises: ``size`` or ``speed``.
+
+    Besides the verification figures it logs ``quant/export/file_kib`` (the ONNX file) and
+    ``quant/export/packed_kib`` (the file :func:`~lightning_quant.export.save_packed_model` would write).
 
     Example:
         >>> export = QuantizedExport("model.onnx", num_batches=4)
@@ -66,8 +80,10 @@ class QuantizedExport(QuantizationCallback):
         min_agreement: float = 0.999,
         on_failure: Literal["error", "warn"] = "error",
         overwrite: bool = False,
-        opset: int = DEFAULT_OPSET,
+        opset: int | None = None,
         fold_batchnorm: bool | Literal["auto"] = "auto",
+        weight_storage: Literal["int8", "int4", "auto"] = "int8",
+        prefer: Literal["size", "speed"] = "size",
     ) -> None:
         super().__init__()
         if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
@@ -84,6 +100,15 @@ class QuantizedExport(QuantizationCallback):
             raise QuantizationConfigError(f"`min_agreement` must be within [0, 1], got {min_agreement!r}.")
         if on_failure not in self.ON_FAILURE:
             raise QuantizationConfigError(f"`on_failure` must be one of {list(self.ON_FAILURE)}, got {on_failure!r}.")
+        if weight_storage not in WEIGHT_STORAGE:
+            raise QuantizationConfigError(
+                f'`weight_storage` must be one of {list(WEIGHT_STORAGE)}, got {weight_storage!r}. HINT: "auto" '
+                "stores INT4 where a layer's weights fit 4 bits and int8 elsewhere."
+            )
+        if prefer not in PREFER:
+            raise QuantizationConfigError(f"`prefer` must be one of {list(PREFER)}, got {prefer!r}.")
+        if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or opset < 13):
+            raise QuantizationConfigError(f"`opset` must be an integer >= 13 or None, got {opset!r}.")
         self.path = Path(path)
         self.verify = verify
         self.num_batches = num_batches
@@ -92,6 +117,8 @@ class QuantizedExport(QuantizationCallback):
         self.overwrite = overwrite
         self.opset = opset
         self.fold_batchnorm = fold_batchnorm
+        self.weight_storage = weight_storage
+        self.prefer = prefer
         self._result: VerificationResult | None = None
         self._exported = False
 
@@ -158,9 +185,14 @@ class QuantizedExport(QuantizationCallback):
             overwrite=self.overwrite or self._exported,
             opset=self.opset,
             fold_batchnorm=self.fold_batchnorm,
+            weight_storage=self.weight_storage,
+            prefer=self.prefer,
         )
         self._exported = True
         metrics: dict[str, float] = {"file_kib": self.path.stat().st_size / 1024}
+        packed = onnx_metadata(self.path).get("lightning_quant.packed_bytes", "None")
+        if packed != "None":
+            metrics["packed_kib"] = int(packed) / 1024
         if self.verify:
             self._result = verify_onnx(pl_module, self.path, loader, max_batches=self.num_batches)
             metrics.update(self._result.as_metrics())
