@@ -106,7 +106,6 @@ def test_w4_resnet20_int4_file_is_at_most_0_6_of_int8(tmp_path: Path) -> None:
     assert (
         int(onnx_metadata(int4)["lightning_quant.packed_bytes"]) == packed == os.path.getsize(tmp_path / "packed.bin")
     )
-    assert packed < size4
     x = torch.randn(8, 3, 32, 32)
     with torch.no_grad():
         ref = model(x).numpy()
