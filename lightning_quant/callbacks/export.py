@@ -21,12 +21,14 @@ from lightning_quant.callbacks.base import QuantizationCallback
 from lightning_quant.core.errors import QuantizationConfigError
 from lightning_quant.core.quantizers import UniformQuantizer
 from lightning_quant.export.onnx import (
-    DEFAULT_OPSET,
+    PREFER,
     TASKS,
+    WEIGHT_STORAGE,
     Task,
     VerificationResult,
     export_onnx,
     int8_ready,
+    onnx_metadata,
     resolve_example_input,
     verify_onnx,
 )
@@ -72,9 +74,15 @@ class QuantizedExport(QuantizationCallback):
             :func:`~lightning_quant.export.verify_onnx`).
         on_failure: ``error`` or ``warn``.
         overwrite: replace an existing file (otherwise an existing file is an error, raised before training).
-        opset: ONNX opset.
+        opset: ONNX opset; ``None``: 18, or 21 when INT4 weights are stored (see ``export_onnx``).
         fold_batchnorm: fold BatchNorm into the convolutions (needed for int8 speed); ``auto`` folds only when
             every quantized activation is 8-bit, where folding keeps the export exact (see ``export_onnx``).
+        weight_storage: ``int8``, ``int4`` (every weight grid must fit 4 bits) or ``auto`` (INT4 where it fits,
+            int8 elsewhere): the weight integers' type in the file (see ``export_onnx``).
+        prefer: what ``weight_storage="auto"`` optimises: ``size`` or ``speed``.
+
+    Besides the verification figures it logs ``quant/export/file_kib`` (the ONNX file) and
+    ``quant/export/packed_kib`` (the file :func:`~lightning_quant.export.save_packed_model` would write).
 
     Example:
         >>> export = QuantizedExport("model.onnx", num_batches=4)
@@ -97,8 +105,10 @@ class QuantizedExport(QuantizationCallback):
         task: Task = "auto",
         on_failure: Literal["error", "warn"] = "error",
         overwrite: bool = False,
-        opset: int = DEFAULT_OPSET,
+        opset: int | None = None,
         fold_batchnorm: bool | Literal["auto"] = "auto",
+        weight_storage: Literal["int8", "int4", "auto"] = "int8",
+        prefer: Literal["size", "speed"] = "size",
     ) -> None:
         super().__init__()
         if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
@@ -127,6 +137,15 @@ class QuantizedExport(QuantizationCallback):
             resolve_example_input(torch.nn.Module(), example_input)  # a tensor or a tuple of tensors
         if on_failure not in self.ON_FAILURE:
             raise QuantizationConfigError(f"`on_failure` must be one of {list(self.ON_FAILURE)}, got {on_failure!r}.")
+        if weight_storage not in WEIGHT_STORAGE:
+            raise QuantizationConfigError(
+                f'`weight_storage` must be one of {list(WEIGHT_STORAGE)}, got {weight_storage!r}. HINT: "auto" '
+                "stores INT4 where a layer's weights fit 4 bits and int8 elsewhere."
+            )
+        if prefer not in PREFER:
+            raise QuantizationConfigError(f"`prefer` must be one of {list(PREFER)}, got {prefer!r}.")
+        if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or opset < 13):
+            raise QuantizationConfigError(f"`opset` must be an integer >= 13 or None, got {opset!r}.")
         self.path = Path(path)
         self.example_input = example_input
         self.module = module
@@ -139,6 +158,8 @@ class QuantizedExport(QuantizationCallback):
         self.overwrite = overwrite
         self.opset = opset
         self.fold_batchnorm = fold_batchnorm
+        self.weight_storage = weight_storage
+        self.prefer = prefer
         self._result: VerificationResult | None = None
         self._exported = False
         self._tried = False
@@ -279,9 +300,14 @@ class QuantizedExport(QuantizationCallback):
             overwrite=self.overwrite or self._exported,
             opset=self.opset,
             fold_batchnorm=self.fold_batchnorm,
+            weight_storage=self.weight_storage,
+            prefer=self.prefer,
         )
         self._exported = True
         metrics: dict[str, float] = {"file_kib": self.path.stat().st_size / 1024}
+        packed = onnx_metadata(self.path).get("lightning_quant.packed_bytes", "None")
+        if packed != "None":
+            metrics["packed_kib"] = int(packed) / 1024
         if self.verify:
             loader = self._val_loader(trainer, required=False)
             if loader is not None and not _takes_batches_like(loader, args):

@@ -17,7 +17,31 @@ becomes that graph, on a copy (the model passed in is never changed):
    integers with the per-channel scale.
 4. After export the graph is cleaned for runtimes: every ``QuantizeLinear`` of a constant weight is folded into
    an integer initializer (so ``DequantizeLinear(int8 weight)`` feeds the Conv, the pattern onnxruntime fuses
-   into ``QLinearConv``), and ``Identity`` nodes on constants are removed.
+   into ``QLinearConv``), ``Identity`` nodes on constants are removed, and the exporter's per-node debug records
+   (stack traces, FX node text; only the layer scopes are kept) and the shape records of removed tensors are
+   dropped.
+
+Weight storage (``weight_storage``). ``"int8"`` (the default) stores every weight as int8/uint8 integers, whatever
+its width. ``"int4"`` stores every weight whose integer grid fits in 4 bits (signed grids of 1-4 bits, binary and
+per-channel mixed widths included, as ONNX ``INT4``; unsigned asymmetric grids of up to 4 bits as ``UINT4``, with
+the zero point in the same type) in the ``DequantizeLinear`` initializers, packed two per byte, per-channel axis
+and scales unchanged; a wider layer is an error that names it. ``"auto"`` stores the layers that fit as INT4/UINT4
+and the wider ones as int8. INT4 tensors need ONNX opset 21 (and IR version 10): the file is written at opset 21
+unless ``opset`` says otherwise, and an explicit ``opset`` below 21 is an error raised before anything is written.
+
+What onnxruntime 1.32 does with such files (checked on toy graphs of ``QuantizeLinear -> DequantizeLinear`` on
+the activation, ``DequantizeLinear`` of a per-channel INT4/UINT4 initializer on the weight, then ``Conv``,
+``Gemm`` or ``MatMul`` and an output Q/DQ pair): it accepts INT4 and UINT4 weights with a per-channel ``axis``
+feeding all three ops and computes them exactly (same outputs as the numpy reference); with ``ORT_ENABLE_ALL`` its
+optimizer does *not* fuse them into ``QLinearConv``/``QGemm``/``QLinearMatMul`` (it does for int8 weights): the
+weights are dequantized at each run and the layer runs in float. So INT4 storage trades int8 kernels for size
+where a layer could have run in int8, and costs only the dequantization where the layer runs in float anyway
+(activations below 8 bits). ``prefer`` decides ``"auto"`` (our rule): ``"size"`` (default) stores every layer
+that fits as INT4; ``"speed"`` keeps int8 everywhere when the model is int8-ready (every quantized activation
+8-bit, so onnxruntime can fuse the convs into ``QLinearConv``) and stores INT4 otherwise. ``benchmarks/
+export_latency.py`` measures both files. The export logs the file's size beside the size of
+:func:`~lightning_quant.export.packing.save_packed_model`'s file (codes packed at their real widths) and writes
+both, with the count of INT4/UINT4/int8 weights, into the file's metadata.
 
 Torch's default (dynamo) exporter is used; if it fails, the TorchScript exporter (``dynamo=False``) is tried,
 with a logged warning that names the dynamo error.
@@ -67,7 +91,8 @@ from torch import Tensor, nn
 
 from lightning_quant.core.errors import QuantizationConfigError, UnsupportedModuleError
 from lightning_quant.core.functional import fake_quantize
-from lightning_quant.core.quantizers import Quantizer
+from lightning_quant.core.quantizers import Quantizer, UniformGrid
+from lightning_quant.export.packing import save_packed_model
 from lightning_quant.surgery.capture import capture
 from lightning_quant.surgery.fold import fold_batchnorm as _fold_batchnorm
 from lightning_quant.surgery.layers import activation_quantizers, quantized_layers
@@ -78,14 +103,18 @@ log = logging.getLogger(__name__)
 __all__ = [
     "DEFAULT_OPSET",
     "FLOAT_CONV_OPS",
+    "INT4_OPSET",
     "INT8_CONV_OPS",
+    "PREFER",
     "TASKS",
+    "WEIGHT_STORAGE",
     "LayerDiff",
     "Task",
     "VerificationResult",
     "count_conv_ops",
     "export_onnx",
     "int8_ready",
+    "onnx_metadata",
     "prepare_for_export",
     "resolve_example_input",
     "verify_onnx",
@@ -93,6 +122,12 @@ __all__ = [
 
 #: ONNX opset of the exported file (per-channel QuantizeLinear needs >= 13)
 DEFAULT_OPSET = 18
+#: the first ONNX opset with INT4/UINT4 tensors (``weight_storage="int4"``/``"auto"``)
+INT4_OPSET = 21
+#: weight storage choices of :func:`export_onnx`
+WEIGHT_STORAGE: tuple[str, ...] = ("int8", "int4", "auto")
+#: what ``weight_storage="auto"`` optimises for
+PREFER: tuple[str, ...] = ("size", "speed")
 #: op types of an optimised onnxruntime graph that run a convolution in integer arithmetic
 INT8_CONV_OPS: tuple[str, ...] = ("QLinearConv", "ConvInteger")
 #: op types of an optimised onnxruntime graph that run a convolution in float
@@ -288,9 +323,28 @@ def _quantize_np(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis:
     return np.clip(q, info.min, info.max).astype(zero_point.dtype)
 
 
+#: node metadata that the dynamo exporter writes and :func:`verify_onnx` reads (per-layer comparison)
+_KEPT_NODE_METADATA = ("pkg.torch.onnx.name_scopes",)
+
+
+def _strip_debug_metadata(graph: onnx.GraphProto) -> None:
+    """Drop the exporter's per-node debug records (stack traces with the exporting machine's paths, FX node text,
+    class hierarchies): on ResNet-20 they weigh more than half as much as its int8 weights. Only the layer scopes
+    that :func:`verify_onnx` reads are kept."""
+    for node in graph.node:
+        node.doc_string = ""
+        kept = [(p.key, p.value) for p in node.metadata_props if p.key in _KEPT_NODE_METADATA]
+        del node.metadata_props[:]
+        for key, value in kept:
+            entry = node.metadata_props.add()
+            entry.key, entry.value = key, value
+
+
 def _clean_graph(model: onnx.ModelProto) -> dict[str, int]:
-    """Fold QuantizeLinear of constants into integer initializers; drop Identity nodes of constants."""
+    """Fold QuantizeLinear of constants into integer initializers; drop Identity nodes of constants and the
+    exporter's per-node debug records."""
     graph = model.graph
+    _strip_debug_metadata(graph)
     constants = _constants(graph)
     graph_outputs = {o.name for o in graph.output}
     renames: dict[str, str] = {}
@@ -334,7 +388,153 @@ def _clean_graph(model: onnx.ModelProto) -> dict[str, int]:
     unused = [init for init in graph.initializer if init.name not in used]
     for init in unused:
         graph.initializer.remove(init)
+    # shape records of tensors that are gone (the float weights) and the exporter's records on the rest
+    stale = [info for info in graph.value_info if info.name not in used]
+    for info in stale:
+        graph.value_info.remove(info)
+    for info in graph.value_info:
+        del info.metadata_props[:]
     return {"folded_quantize": folded_q, "dropped_identity": dropped_identity, "dropped_initializers": len(unused)}
+
+
+# ------------------------------------------------------------------------------------------------ INT4 weights
+#: ONNX 4-bit tensor types by name, with their integer range
+_FOUR_BIT_TYPES: dict[str, tuple[int, int, int]] = {
+    "int4": (onnx.TensorProto.INT4, -8, 7),
+    "uint4": (onnx.TensorProto.UINT4, 0, 15),
+}
+
+
+def _grid_bounds(value: int | Tensor, reduce: str) -> int:
+    if isinstance(value, Tensor):
+        return int(value.min()) if reduce == "min" else int(value.max())
+    return int(value)
+
+
+def _four_bit_type(grid: UniformGrid) -> str | None:
+    """``"int4"``/``"uint4"`` when every code and zero point of ``grid`` fits that ONNX type, else ``None``."""
+    low, high = _grid_bounds(grid.qmin, "min"), _grid_bounds(grid.qmax, "max")
+    zero_low, zero_high = int(grid.zero_point.min()), int(grid.zero_point.max())
+    for name, (_, type_low, type_high) in _FOUR_BIT_TYPES.items():
+        if type_low <= min(low, zero_low) and max(high, zero_high) <= type_high:
+            return name
+    return None
+
+
+def _weight_storage_plan(
+    model: nn.Module, weight_storage: str, prefer: str
+) -> tuple[dict[str, str], list[tuple[str, Any]]]:
+    """``({"<layer>.<parameter>": "int4" | "uint4" | "int8"}, [(too-wide weight, its bits)])`` for ``model``.
+
+    Weights that lie on no uniform grid are exported as float values and have no entry.
+    """
+    plan: dict[str, str] = {}
+    too_wide: list[tuple[str, Any]] = []
+    for name, layer in quantized_layers(model).items():
+        for param_name, _, quantizer in layer.quantized_parameters():
+            grid = quantizer.uniform_grid()
+            if grid is None:
+                continue
+            key = f"{name}.{param_name}"
+            fit = _four_bit_type(grid)
+            if fit is None:
+                too_wide.append((key, quantizer.bits))
+            plan[key] = "int8" if weight_storage == "int8" or fit is None else fit
+    if weight_storage == "auto" and prefer == "speed" and int8_ready(model):
+        log.info(
+            'export_onnx: weight_storage="auto", prefer="speed": the model is int8-ready and onnxruntime fuses only '
+            "int8 weights into QLinearConv/QGemm, so every weight is stored as int8."
+        )
+        plan = dict.fromkeys(plan, "int8")
+    return plan, too_wide
+
+
+def _pack_four_bit(values: np.ndarray) -> bytes:
+    """ONNX's INT4/UINT4 raw layout: two values per byte, the first in the low nibble."""
+    flat = (values.astype(np.int16).reshape(-1) & 0x0F).astype(np.uint8)
+    if flat.size % 2:
+        flat = np.append(flat, np.uint8(0))
+    return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
+
+
+def _four_bit_tensor(values: np.ndarray, name: str, kind: str) -> onnx.TensorProto:
+    data_type, low, high = _FOUR_BIT_TYPES[kind]
+    if values.size and (int(values.min()) < low or int(values.max()) > high):
+        raise UnsupportedModuleError(
+            f"export_onnx: the integers of {name!r} span [{int(values.min())}, {int(values.max())}], outside the "
+            f'{kind.upper()} range [{low}, {high}] of its grid. HINT: export with `weight_storage="int8"`.'
+        )
+    tensor = onnx.TensorProto()
+    tensor.name = name
+    tensor.data_type = data_type
+    tensor.dims.extend(values.shape)
+    tensor.raw_data = _pack_four_bit(values)
+    return tensor
+
+
+def _store_four_bit_weights(model: onnx.ModelProto, plan: dict[str, str]) -> dict[str, int]:
+    """Rewrite the integer weight initializers of the weights ``plan`` marks ``int4``/``uint4`` (in place).
+
+    Each such ``DequantizeLinear`` gets its weight initializer re-typed to INT4/UINT4 (same name, values and
+    shape) and a zero point of its own in the same type (zero points may be shared between layers).
+
+    Returns:
+        How many weights are stored in each type: ``{"int4": ..., "uint4": ..., "int8": ...}``.
+    """
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    taken = set(initializers) | {name for node in graph.node for name in (*node.input, *node.output)}
+    counts = {"int4": 0, "uint4": 0, "int8": 0}
+    matched: set[str] = set()
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear" or not node.input or node.input[0] not in initializers:
+            continue
+        weight_name = node.input[0]
+        key = weight_name.rstrip("_").removesuffix("_quantized")
+        if key not in plan:
+            continue
+        matched.add(key)
+        kind = plan[key]
+        if kind == "int8":
+            counts["int8"] += 1
+            continue
+        weight = initializers[weight_name]
+        initializers[weight_name].CopyFrom(_four_bit_tensor(numpy_helper.to_array(weight), weight_name, kind))
+        if len(node.input) > 2 and node.input[2]:
+            zero_point = numpy_helper.to_array(initializers[node.input[2]])
+        else:
+            zero_point = np.zeros((), np.int8)
+        zero_name = f"{weight_name}_zero_point"
+        while zero_name in taken:
+            zero_name += "_"
+        taken.add(zero_name)
+        graph.initializer.append(_four_bit_tensor(zero_point, zero_name, kind))
+        while len(node.input) < 3:
+            node.input.append("")
+        node.input[2] = zero_name
+        counts[kind] += 1
+    missing = sorted(key for key, kind in plan.items() if kind != "int8" and key not in matched)
+    if missing:
+        raise UnsupportedModuleError(
+            f"export_onnx: the weights of {missing} have no integer DequantizeLinear initializer in the exported "
+            'graph, so they cannot be stored as INT4. HINT: export with `weight_storage="int8"`.'
+        )
+    # the int8 zero points that only the re-typed nodes read are now unused
+    used = {name for node in graph.node for name in node.input}
+    for init in [init for init in graph.initializer if init.name not in used]:
+        graph.initializer.remove(init)
+    model.ir_version = max(model.ir_version, 10)  # INT4/UINT4 need IR version 10
+    return counts
+
+
+def _packed_model_bytes(model: nn.Module) -> int | None:
+    """The size of :func:`~lightning_quant.export.packing.save_packed_model`'s file for ``model``, or ``None``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            return save_packed_model(model, Path(tmp) / "packed.bin")
+        except (QuantizationConfigError, UnsupportedModuleError) as err:  # a size report must not fail an export
+            log.info("export_onnx: no packed size to report (%s)", err)
+            return None
 
 
 # ------------------------------------------------------------------------------------------------------ export
@@ -491,10 +691,12 @@ def export_onnx(
     example_input: Tensor | Sequence[Tensor] | None = None,
     *,
     overwrite: bool = False,
-    opset: int = DEFAULT_OPSET,
+    opset: int | None = None,
     fold_batchnorm: bool | Literal["auto"] = "auto",
     dynamic_batch: bool = True,
     dynamo: bool = True,
+    weight_storage: Literal["int8", "int4", "auto"] = "int8",
+    prefer: Literal["size", "speed"] = "size",
 ) -> Path:
     """Export a model quantized by this suite to a QDQ ONNX file (see the module docs for what is done).
 
@@ -506,7 +708,8 @@ def export_onnx(
             With ``dynamic_batch`` a batch of 1 is repeated to 2: traced from batch 1, attention models get a
             reshape with a constant batch size.
         overwrite: replace an existing file.
-        opset: the ONNX opset (>= 13 for per-channel Q/DQ).
+        opset: the ONNX opset (>= 13 for per-channel Q/DQ, >= 21 for INT4 weights). ``None``: 18
+            (:data:`DEFAULT_OPSET`), or 21 (:data:`INT4_OPSET`) when INT4/UINT4 weights are stored.
         fold_batchnorm: fold BatchNorm layers into the preceding convolutions first. ``"auto"`` folds when the
             model is int8-ready (every quantized activation has 8 bits): only then can a runtime fuse the convs
             into ``QLinearConv``, which needs the fold. Below 8 bits the convs run in float anyway, and leaving
@@ -515,24 +718,59 @@ def export_onnx(
         dynamic_batch: make the batch dimension of inputs and output dynamic; the file is then run in onnxruntime
             at the export batch size and one more before it is written, and refused if only the first runs.
         dynamo: try torch's dynamo exporter first (the default); ``False`` uses the TorchScript exporter only.
+        weight_storage: ``"int8"`` stores every weight as 8-bit integers; ``"int4"`` stores every weight as
+            INT4 (UINT4 for unsigned grids), which needs every weight grid to fit in 4 bits; ``"auto"`` stores
+            the weights that fit as INT4/UINT4 and the others as int8 (see the module docs).
+        prefer: what ``weight_storage="auto"`` optimises: ``"size"`` (INT4 wherever it fits) or ``"speed"``
+            (int8 everywhere when the model is int8-ready, since onnxruntime runs INT4 weights only in float
+            layers; INT4 wherever it fits otherwise). Ignored for ``"int8"``/``"int4"``.
 
     Returns:
-        The path written.
+        The path written. The info log line gives the file's size beside the size of ``save_packed_model``'s
+        file; the file's metadata holds the latter (``lightning_quant.packed_bytes``) and how many weights are
+        stored in each type (``lightning_quant.weight_storage``).
 
     Raises:
         QuantizationConfigError: a model without quantized layers or with an uncalibrated quantizer, a path in
-            a missing directory, an existing file without ``overwrite=True``, no example input, or a bad argument.
+            a missing directory, an existing file without ``overwrite=True``, no example input, an unknown
+            ``weight_storage`` or ``prefer``, ``weight_storage="int4"`` for a model with a weight wider than 4 bits,
+            an ``opset`` below 21 where INT4 weights would be stored, or a bad argument.
         UnsupportedModuleError: a quantizer the exporter cannot express (an activation quantizer off any uniform
             grid, a binary activation, a module that is not a lightning-quant quantizer), or a graph whose batch
             axis came out fixed although ``dynamic_batch=True``.
     """
+    if weight_storage not in WEIGHT_STORAGE:
+        raise QuantizationConfigError(
+            f"`weight_storage` must be one of {list(WEIGHT_STORAGE)}, got {weight_storage!r}. HINT: "
+            '"int4" (every weight as INT4), "auto" (INT4 where a weight fits 4 bits, int8 elsewhere) or "int8".'
+        )
+    if prefer not in PREFER:
+        raise QuantizationConfigError(
+            f'`prefer` must be one of {list(PREFER)}, got {prefer!r}: what `weight_storage="auto"` optimises.'
+        )
+    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or opset < 13):
+        raise QuantizationConfigError(f"`opset` must be an integer >= 13 (per-channel Q/DQ) or None, got {opset!r}.")
     path = _check_path(path, overwrite)
-    if isinstance(opset, bool) or not isinstance(opset, int) or opset < 13:
-        raise QuantizationConfigError(f"`opset` must be an integer >= 13 (per-channel Q/DQ), got {opset!r}.")
     args, _ = resolve_example_input(model, example_input)
     if dynamic_batch:
         args = _batch_of_at_least_two(args)
     _check_exportable(model)
+    plan, too_wide = _weight_storage_plan(model, weight_storage, prefer)
+    if weight_storage == "int4" and too_wide:
+        listed = ", ".join(f"{name!r} ({bits} bits)" for name, bits in too_wide)
+        raise QuantizationConfigError(
+            f'`weight_storage="int4"` needs every weight grid to fit in 4 bits; {listed} do not. HINT: use '
+            '`weight_storage="auto"` (INT4 where it fits, int8 for those), or quantize them to <= 4 bits.'
+        )
+    four_bit = any(kind != "int8" for kind in plan.values())
+    if opset is None:
+        opset = INT4_OPSET if four_bit else DEFAULT_OPSET
+    elif four_bit and opset < INT4_OPSET:
+        raise QuantizationConfigError(
+            f"`opset={opset}` has no INT4/UINT4 tensors, which `weight_storage={weight_storage!r}` stores for "
+            f"{sum(kind != 'int8' for kind in plan.values())} weights. HINT: pass `opset={INT4_OPSET}` (or leave it "
+            'None), or `weight_storage="int8"`.'
+        )
     ready = int8_ready(model)
     if fold_batchnorm == "auto":
         fold_batchnorm = ready
@@ -560,12 +798,16 @@ def export_onnx(
             _export_torchscript(prepared, args, raw, opset, dynamic_batch)
         onnx_model = onnx.load(os.fspath(raw), load_external_data=True)
     stats = _clean_graph(onnx_model)
+    storage = _store_four_bit_weights(onnx_model, plan) if four_bit else {"int4": 0, "uint4": 0, "int8": len(plan)}
+    packed_bytes = _packed_model_bytes(model)
     onnx_model.producer_name = _METADATA_PRODUCER
     meta = {
         "lightning_quant.exporter": exporter,
         "lightning_quant.int8_ready": str(ready),
         "lightning_quant.batchnorm_folded": str(bool(fold_batchnorm)),
         "lightning_quant.layers": str(list(quantized_layers(model))),
+        "lightning_quant.weight_storage": str(storage),
+        "lightning_quant.packed_bytes": str(packed_bytes),
     }
     for key, value in meta.items():
         entry = onnx_model.metadata_props.add()
@@ -574,13 +816,27 @@ def export_onnx(
     if dynamic_batch:
         _check_batch_axis(onnx_model, args)
     onnx.save(onnx_model, os.fspath(path))
+    packed = f"{packed_bytes / 1024:.1f} KiB" if packed_bytes is not None else "n/a"
     log.info(
-        "export_onnx: wrote %s (%s exporter, %d weight Q folded into integers)",
+        "export_onnx: wrote %s (%.1f KiB; save_packed_model: %s; weights: %d INT4, %d UINT4, %d int8; opset %d; "
+        "%s exporter, %d weight Q folded into integers)",
         path,
+        path.stat().st_size / 1024,
+        packed,
+        storage["int4"],
+        storage["uint4"],
+        storage["int8"],
+        opset,
         exporter,
         stats["folded_quantize"],
     )
     return path
+
+
+def onnx_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The ``metadata_props`` of an ONNX file as a dict (what :func:`export_onnx` records: exporter, int8
+    readiness, weight storage counts, ``save_packed_model``'s size in ``lightning_quant.packed_bytes``)."""
+    return {prop.key: prop.value for prop in onnx.load(os.fspath(path), load_external_data=False).metadata_props}
 
 
 # ----------------------------------------------------------------------------------------------------- verify

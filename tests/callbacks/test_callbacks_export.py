@@ -74,6 +74,30 @@ def test_warns_when_convolutions_fall_back_to_float(tmp_path: Path, trainer_kwar
     assert export.result.agreement >= 0.9
 
 
+def test_int4_weight_storage_is_passed_through(tmp_path: Path, trainer_kwargs) -> None:
+    import onnx
+
+    export = QuantizedExport(tmp_path / "w4.onnx", num_batches=2, weight_storage="auto")
+    logger = _fit(tmp_path, trainer_kwargs, export, weight_bits=4, act_bits=8)
+    model = onnx.load(tmp_path / "w4.onnx")
+    assert model.opset_import[0].version == 21
+    inits = {i.name: i.data_type for i in model.graph.initializer}
+    weights = {
+        n.input[0]: inits[n.input[0]]
+        for n in model.graph.node
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits
+    }
+    # the first and last layers keep 8-bit weights (QAT's default `first_last_bits`), the rest are INT4
+    assert (
+        weights.pop("backbone.conv1.weight_quantized")
+        == weights.pop("backbone.fc3.weight_quantized")
+        == onnx.TensorProto.INT8
+    )
+    assert set(weights.values()) == {onnx.TensorProto.INT4} and len(weights) == 3
+    assert export.result.agreement >= 0.99
+    assert 0 < logger.metrics["quant/export/packed_kib"] < 4 * logger.metrics["quant/export/file_kib"]
+
+
 def test_failure_modes(tmp_path: Path, trainer_kwargs, caplog) -> None:
     with pytest.raises(ExportVerificationError, match=r"agrees with the PyTorch model on .* below `min_agreement=1.01"):
         export = QuantizedExport(tmp_path / "a.onnx", num_batches=1)
@@ -97,6 +121,9 @@ def test_existing_file_fails_before_training(tmp_path: Path, trainer_kwargs) -> 
         ({"num_batches": 0}, r"`num_batches` must be a positive integer or None, got 0"),
         ({"min_agreement": 1.5}, r"`min_agreement` must be within \[0, 1\], got 1.5"),
         ({"on_failure": "ignore"}, r"`on_failure` must be one of \['error', 'warn'\], got 'ignore'"),
+        ({"weight_storage": "int2"}, r"`weight_storage` must be one of \['int8', 'int4', 'auto'\], got 'int2'"),
+        ({"prefer": "small"}, r"`prefer` must be one of \['size', 'speed'\], got 'small'"),
+        ({"opset": 11}, r"`opset` must be an integer >= 13 or None, got 11"),
     ],
 )
 def test_argument_errors(kwargs: dict[str, Any], message: str) -> None:
