@@ -5,14 +5,23 @@ from __future__ import annotations
 import logging
 import re
 import shlex
+import statistics
+import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
+import numpy as np
+import torch
 
 
-def quiet_trainer(epochs: int, callbacks: list, root: Path, max_steps: int = -1) -> L.Trainer:
-    """A CPU Trainer with no logger, checkpoints, progress bar or validation: only the work being measured."""
+def quiet_trainer(
+    epochs: int, callbacks: list, root: Path, max_steps: int = -1, val_batches: int = 0, **kwargs
+) -> L.Trainer:
+    """A CPU Trainer with no logger, checkpoints or progress bar: only the work being measured (validation only on
+    ``val_batches`` batches at the end of each epoch, none by default; ``kwargs``: further Trainer arguments, e.g.
+    ``limit_test_batches``)."""
     return L.Trainer(
         accelerator="cpu",
         max_epochs=epochs,
@@ -24,7 +33,8 @@ def quiet_trainer(epochs: int, callbacks: list, root: Path, max_steps: int = -1)
         enable_model_summary=False,
         default_root_dir=root,
         num_sanity_val_steps=0,
-        limit_val_batches=0,
+        limit_val_batches=val_batches,
+        **kwargs,
     )
 
 
@@ -55,3 +65,69 @@ def rerun_command(script: str, argv: list[str]) -> str:
             continue
         shown.append(a)
     return f"python benchmarks/{script}" + ("" if not shown else " " + shlex.join(shown))
+
+
+def paired_differences(rows: list[dict], name: str, baseline: str) -> tuple[float, float, int, int] | None:
+    """``name`` minus ``baseline`` in test accuracy points, seed by seed (same split and data order): mean, std over
+    seeds, how many seeds ``name`` is ahead on, and the number of pairs; ``None`` without a pair."""
+    base = {r["seed"]: 100 * r["acc"] for r in rows if r["variant"] == baseline}
+    diffs = [100 * r["acc"] - base[r["seed"]] for r in rows if r["variant"] == name and r["seed"] in base]
+    if not diffs:
+        return None
+    std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+    return statistics.mean(diffs), std, sum(d > 0 for d in diffs), len(diffs)
+
+
+class OneShotHawq(L.Callback):
+    """HAWQ-style peer of the allocators: Hessian-diagonal (Hutchinson) sensitivities of the FP weights on the first
+    training batch + the exact MILP under an average-weight-bit budget; the bits are fixed before QAT starts.
+
+    Runs in ``on_fit_start`` (after one forward with quantizers on, which initialises the step sizes the noise model
+    needs); ``seconds`` is its wall time. With ``recalibrate`` the weight step sizes of the layers whose width changed
+    are re-initialised from the weights at the new width (as a first forward at that width would set them);
+    otherwise they keep their range.
+    """
+
+    def __init__(
+        self,
+        datamodule,
+        samples: int,
+        avg: float,
+        bit_choices: Sequence[int] = tuple(range(2, 9)),
+        recalibrate: bool = False,
+    ) -> None:
+        self.datamodule, self.samples, self.avg, self.bit_choices = datamodule, samples, avg, tuple(bit_choices)
+        self.recalibrate = recalibrate
+        self.seconds = 0.0
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        from lightning_quant.allocation import (
+            avg_bits_constraint,
+            hutchinson_sensitivities,
+            layer_costs,
+            noise_objective_table,
+            solve_milp,
+        )
+        from lightning_quant.surgery import quantized_layers
+
+        start = time.perf_counter()
+        x, y = next(iter(self.datamodule.train_dataloader()))
+        with torch.no_grad():
+            pl_module(x)  # initialise the step sizes
+
+        def loss_fn(m):
+            return torch.nn.functional.cross_entropy(m(x), y)
+
+        sens = hutchinson_sensitivities(pl_module, loss_fn, self.samples, torch.Generator().manual_seed(0))
+        costs = layer_costs(pl_module)
+        names = [n for n, f in zip(costs.names, costs.frozen, strict=True) if not f]
+        table = noise_objective_table(np.array([sens[n] for n in names]), self.bit_choices)
+        result = solve_milp(table, [avg_bits_constraint(costs, self.avg)], self.bit_choices)
+        layers = quantized_layers(pl_module)
+        for n, b in zip(names, result.bits, strict=True):
+            quantizer = layers[n].weight_quantizer
+            if quantizer.bits != int(b):
+                quantizer.bits = int(b)
+                if self.recalibrate:
+                    quantizer.recalibrate(layers[n].weight.detach())
+        self.seconds = time.perf_counter() - start

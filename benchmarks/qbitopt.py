@@ -39,6 +39,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import (  # benchmarks/common.py (the script's folder is on sys.path)
+    OneShotHawq,
+    paired_differences,
     quiet_logs,
     quiet_trainer,
     rerun_command,
@@ -113,7 +115,6 @@ def mnist(args: argparse.Namespace) -> list[dict]:
     import lightning as L
 
     from lightning_quant import BitReallocationCallback, QuantizationAwareTraining, quantization_summary
-    from lightning_quant.allocation import avg_bits_constraint, hutchinson_sensitivities, layer_costs
     from lightning_quant.datamodules import MNISTDataModule
     from lightning_quant.models import ImageClassifier, resnet8
     from lightning_quant.surgery import quantized_layers
@@ -153,7 +154,7 @@ def mnist(args: argparse.Namespace) -> list[dict]:
                 )
             )
         if name.startswith("HAWQ"):
-            callbacks.append(_OneShotHawq(seeded, args.hutchinson_samples, 3.0))
+            callbacks.append(OneShotHawq(seeded, args.hutchinson_samples, 3.0))
         t = quiet_trainer(args.qat_epochs, callbacks, out)
         start = time.perf_counter()
         t.fit(model, seeded)
@@ -168,29 +169,6 @@ def mnist(args: argparse.Namespace) -> list[dict]:
             "bits": bits,
             "seconds": seconds,
         }
-
-    class _OneShotHawq(L.Callback):
-        """HAWQ-style peer: Hessian-trace sensitivities of the FP weights + the MILP, bits fixed before QAT."""
-
-        def __init__(self, datamodule, samples: int, avg: float) -> None:
-            self.datamodule, self.samples, self.avg = datamodule, samples, avg
-
-        def on_fit_start(self, trainer, pl_module) -> None:
-            x, y = next(iter(self.datamodule.train_dataloader()))
-            with torch.no_grad():
-                pl_module(x)  # initialise the step sizes
-
-            def loss_fn(m):
-                return torch.nn.functional.cross_entropy(m(x), y)
-
-            sens = hutchinson_sensitivities(pl_module, loss_fn, self.samples, torch.Generator().manual_seed(0))
-            costs = layer_costs(pl_module)
-            names = [n for n, f in zip(costs.names, costs.frozen, strict=True) if not f]
-            table = noise_objective_table(np.array([sens[n] for n in names]), range(2, 9))
-            result = solve_milp(table, [avg_bits_constraint(costs, self.avg)], range(2, 9))
-            layers = quantized_layers(pl_module)
-            for n, b in zip(names, result.bits, strict=True):
-                layers[n].weight_quantizer.bits = int(b)
 
     names = ["uniform 3-bit", "QBitOpt avg 3", "QBitOpt avg 2.5", "HAWQ-style one-shot, avg 3"]
     rows = []
@@ -221,16 +199,14 @@ def mnist_table(rows: list[dict]) -> str:
 
 def _paired_differences(rows: list[dict], baseline: str) -> list[str]:
     """Each variant minus the baseline, seed by seed (same split and data order), mean ± std over seeds."""
-    base = {r["seed"]: 100 * r["acc"] for r in rows if r["variant"] == baseline}
     out = []
     for name in dict.fromkeys(r["variant"] for r in rows if r["variant"] != baseline):
-        diffs = [100 * r["acc"] - base[r["seed"]] for r in rows if r["variant"] == name and r["seed"] in base]
-        if diffs:
-            std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
-            better = sum(d > 0 for d in diffs)
+        paired = paired_differences(rows, name, baseline)
+        if paired is not None:
+            mean, std, better, count = paired
             out.append(
-                f"- {name} − {baseline}, paired by seed: {statistics.mean(diffs):+.2f} ± {std:.2f} points "
-                f"(ahead on {better} of {len(diffs)} seeds)."
+                f"- {name} − {baseline}, paired by seed: {mean:+.2f} ± {std:.2f} points "
+                f"(ahead on {better} of {count} seeds)."
             )
     return out
 

@@ -6,10 +6,15 @@ Add a callback to your ``Trainer`` and get a low-bit model, with no change to yo
     trainer.fit(model, datamodule)
 """
 
+from lightning_quant.allocation.orthogonality import orthogonal_allocation
 from lightning_quant.callbacks import (
+    AutoQBCallback,
     BitReallocationCallback,
     BlockReplacementCallback,
     DistillationCallback,
+    IncrementalQuantizationCallback,
+    KernelQuantizationCallback,
+    OrthogonalMixedPrecision,
     QuantizationAwareTraining,
     QuantizationCallback,
     QuantizationLossMixin,
@@ -44,13 +49,17 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "AutoQBCallback",
     "BitReallocationCallback",
     "BlockReplacementCallback",
     "DistillationCallback",
     "GeneratorDataModule",
+    "IncrementalQuantizationCallback",
+    "KernelQuantizationCallback",
     "LayerSpec",
     "MixedPrecisionSearch",
     "NonFiniteError",
+    "OrthogonalMixedPrecision",
     "QuantSpec",
     "QuantizationAwareTraining",
     "QuantizationCallback",
@@ -65,6 +74,7 @@ __all__ = [
     "dequantize_model",
     "find_blocks",
     "load_quantized",
+    "orthogonal_allocation",
     "quantization_summary",
     "quantize_model",
     "register_quantizer",

@@ -14,6 +14,7 @@ Two kinds of subcommands share one entry point:
 
       lightning-quant quickstart --weight-bits 4 --act-bits 4
       lightning-quant search --config configs/search.yaml --storage journal:///tmp/s.log --study-name digits
+      lightning-quant search --method autoqb --model resnet8 --avg-weight-bits 3 --episodes 100
 """
 
 from __future__ import annotations
@@ -62,10 +63,37 @@ def _quickstart(argv: list[str]) -> int:
     return quickstart_main(argv, prog="lightning-quant quickstart")
 
 
-def _search(argv: list[str]) -> int:
+#: search methods of ``lightning-quant search --method <name>`` (default ``bomp``): each a program taking the other
+#: arguments and its ``prog``
+SEARCH_METHODS: dict[str, Callable[[list[str], str], int]] = {}
+
+
+def _search_bomp(argv: list[str], prog: str) -> int:
     from lightning_quant.search.cli import main as search_main
 
-    return search_main(argv, prog="lightning-quant search")
+    return search_main(argv, prog=prog)
+
+
+def _search_autoqb(argv: list[str], prog: str) -> int:
+    from lightning_quant.search.autoqb import main as autoqb_main
+
+    return autoqb_main(argv, prog=prog)
+
+
+SEARCH_METHODS["bomp"] = _search_bomp
+SEARCH_METHODS["autoqb"] = _search_autoqb
+
+
+def _search(argv: list[str]) -> int:
+    """``lightning-quant search [--method <name>] ...``: dispatch to the method's own program (BOMP-NAS's by
+    default)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="lightning-quant search", add_help=False, allow_abbrev=False)
+    parser.add_argument("--method", choices=sorted(SEARCH_METHODS), default="bomp")
+    known, rest = parser.parse_known_args(argv)
+    prog = "lightning-quant search" if known.method == "bomp" else f"lightning-quant search --method {known.method}"
+    return SEARCH_METHODS[known.method](rest, prog)
 
 
 #: the suite's own subcommands by name
@@ -75,7 +103,8 @@ COMMANDS: dict[str, Command] = {
         _quickstart,
     ),
     "search": Command(
-        "Bayesian search (BOMP-NAS) over per-layer bits and architecture with QAT in the loop; Pareto front",
+        "Bayesian search (BOMP-NAS) over per-layer bits and architecture with QAT in the loop; Pareto front; "
+        "`--method autoqb`: reinforcement-learning search of per-channel widths (AutoQB)",
         _search,
     ),
 }

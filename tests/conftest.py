@@ -18,6 +18,14 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
+import lightning_quant.core.fused  # noqa: F401  (reads LIGHTNING_QUANT_FUSED now: this process keeps the fused path)
+from lightning_quant.core.fused import set_fused_enabled
+
+# Child processes (kill-and-resume runs, DDP ranks, notebooks, CLI and search workers) take aten's kernels: each would
+# otherwise compile the fused kernels again (about 10 s per variant on 2 cores), and they test resuming, ranks and
+# entry points, not the kernels. The results are bit-identical either way (tests/core/test_core_fused.py).
+os.environ["LIGHTNING_QUANT_FUSED"] = "0"
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 # keep Lightning's per-Trainer banners out of test logs
@@ -35,7 +43,7 @@ def mnist_root() -> Path:
 
 @pytest.fixture
 def one_thread():
-    """Run the test on one CPU thread (tiny models: as fast, and no contention on a shared machine)."""
+    """One intra-op thread for the test (tiny models: as fast, and no crawl when the CPU is shared)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -96,6 +104,9 @@ def run_in_fork(target: Callable[[], Any], *, timeout: float, expect_signal: int
     def child() -> None:
         os.setpgid(0, 0)
         torch.set_num_threads(1)
+        # like the spawned children (LIGHTNING_QUANT_FUSED=0 above): aten's kernels, bit-identical to the fused path,
+        # and no inductor compile inside a forked process
+        set_fused_enabled(False)
         target()
 
     pid = _fork(child)
@@ -209,3 +220,18 @@ def crash_and_resume(
     finally:
         torch.set_num_threads(threads)
     return straight, resumed
+
+
+def shipped_config(name: str, capsys) -> dict[str, Any]:
+    """The configuration ``lightning-quant fit --config configs/trainer.yaml --config configs/<name> --print_config``
+    prints (parsed and validated by the CLI), as a dict."""
+    import yaml
+
+    from lightning_quant.cli import main
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    args = ["--config", str(configs / "trainer.yaml"), "--config", str(configs / name)]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *args, "--print_config"])
+    assert exit_info.value.code == 0
+    return yaml.safe_load(capsys.readouterr().out)

@@ -165,11 +165,21 @@ def test_mnist_config_fits(tmp_path):
     assert 4.0 <= _metrics(log_dir)["quant/qat/avg_weight_bits"] < 5
 
 
-@pytest.mark.parametrize("config", ["threshold_tuning.yaml", "block_replacement.yaml"])
-def test_configs_take_trained_float_weights(config, tmp_path):
-    from lightning_quant.models import ImageClassifier, LeNet5
+def test_kernel_quantization_config_parses(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *_config_args(CONFIGS / "kernel_quantization.yaml"), "--print_config"])
+    assert exit_info.value.code == 0
+    (callback,) = yaml.safe_load(capsys.readouterr().out)["trainer"]["callbacks"]
+    assert callback["class_path"] == "lightning_quant.callbacks.KernelQuantizationCallback"
+    assert callback["init_args"]["index_bits"] == 4 and callback["init_args"]["exclude"] == ["backbone.fc"]
 
-    fp = ImageClassifier(LeNet5(in_channels=1, num_classes=10, input_size=28))
+
+@pytest.mark.parametrize("config", ["threshold_tuning.yaml", "block_replacement.yaml", "kernel_quantization.yaml"])
+def test_configs_take_trained_float_weights(config, tmp_path):
+    from lightning_quant.models import ImageClassifier, LeNet5, resnet8
+
+    backbone = resnet8(in_channels=1) if config == "kernel_quantization.yaml" else LeNet5(input_size=28)
+    fp = ImageClassifier(backbone)
     torch.save(fp.state_dict(), tmp_path / "fp.pt")
     args = ["fit", *_config_args(CONFIGS / config), f"--trainer.default_root_dir={tmp_path}"]
     # the path reaches ImageClassifier(weights=...), which loads it when the CLI builds the model (jsonargparse

@@ -56,6 +56,12 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
     if path.name == "03_threshold_tuning_and_data_free.ipynb":
         _check_threshold_tuning_data_free_notebook(notebook)
         return
+    if path.name == "04_orthogonal_mixed_precision.ipynb":
+        _check_ompq_notebook(notebook)
+        return
+    if path.name == "05_kernel_quantization.ipynb":
+        _check_kernel_quantization_notebook(notebook)
+        return
     if path.name == "07_mixed_precision_search.ipynb":
         _check_search_notebook(notebook)
         return
@@ -127,6 +133,43 @@ def _check_threshold_tuning_data_free_notebook(notebook: nbformat.NotebookNode) 
     assert generated and float(generated.group(1)) > 30, text  # the generator learned the labels (chance: 10 %)
     images = [o for c in notebook.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) == 2, "the alpha/beta plot and the grid of generated samples are not both displayed"
+
+
+def _check_ompq_notebook(notebook: nbformat.NotebookNode) -> None:
+    text = _text_outputs(notebook)
+    accuracies = {
+        name: re.search(rf"{pattern} test accuracy:\s+([\d.]+)%", text)
+        for name, pattern in (("fp", "FP32"), ("ompq", "OMPQ W3-average"), ("uniform", "uniform W3"))
+    }
+    assert all(accuracies.values()), text
+    # two float epochs + one of QAT in fast mode; chance is 10 %
+    assert all(float(m.group(1)) > 50 for m in accuracies.values()), text
+    used = re.search(r"average weight bits ([\d.]+) of 3.0 \(budget used ([\d.]+)\)", text)
+    assert used and float(used.group(1)) <= 3.0 and float(used.group(2)) <= 1.0, text
+    assert re.search(r"allocation wall time: [\d.]+ s", text), text
+    assert "monotone in the budget: True" in text, text
+    assert len(re.findall(r"batch \d:  [\d ]+", text)) == 3, text
+    images = [o for c in notebook.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) == 1, "the OMPQ allocation plot is not displayed"
+
+
+def _check_kernel_quantization_notebook(notebook: nbformat.NotebookNode) -> None:
+    text = _text_outputs(notebook)
+    fp = re.search(r"FP32 test accuracy:\s+([\d.]+)%", text)
+    kq = re.search(r"KQ \(4-bit indices, per-layer codebooks\) test accuracy:\s+([\d.]+)%", text)
+    shared = re.search(r"KQ shared codebook test accuracy:\s+([\d.]+)%", text)
+    assert fp and kq and shared, text
+    assert float(fp.group(1)) > 50, text  # two float epochs in fast mode; chance is 10 %
+    # fast mode fine-tunes the codebooks for one short epoch: the accuracies are printed, not judged
+    moved = re.search(r"codebooks that moved during fine-tuning: (\d+)/(\d+); indices unchanged: (\d+)/(\d+)", text)
+    assert moved and moved.group(1) == moved.group(2) == moved.group(3) == moved.group(4), text
+    assert "packed file matches: True" in text, text
+    bits = re.search(r"bits per conv parameter: per-layer ([\d.]+), shared ([\d.]+)", text)
+    assert bits and float(bits.group(2)) < float(bits.group(1)) < 1.0, text
+    agreement = re.search(r"onnxruntime vs PyTorch top-1 agreement: ([\d.]+)%", text)
+    assert agreement and float(agreement.group(1)) >= 99.9, text
+    images = [o for c in notebook.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) == 1, "the codebook plot is not displayed"
 
 
 def _check_search_notebook(notebook: nbformat.NotebookNode) -> None:

@@ -63,6 +63,21 @@ rounding moves along the ladders and the MILP sees only ladder choices.
 * :func:`solve_milp` -- the exact optimum over the discrete set (one-hot choice per unit over the ladders) with
   HiGHS through cvxpy (relative MIP gap ``1e-4`` of the objective above the row minima): for comparison, and for
   small problems.
+* :func:`solve_monotone` -- an allocation that is **monotone in the budgets**: a larger budget never gives a unit
+  fewer bits. Neither the rounding above nor the exact MILP has that property (a knapsack's optimum for a larger
+  budget may drop an item to fit two others; on random OMPQ-style tables both break it in about a fifth of
+  budget increases). Each unit's ladder points, in (cost, objective), are reduced to their lower convex hull
+  (collinear points kept, so a linear table moves one ladder step at a time); all hull steps of all units are put
+  in one *chain*, best objective decrease per unit of cost first (ties by unit, then by step; each unit's steps
+  stay in order because its hull is convex); the allocation is the longest prefix of the chain that meets every
+  budget. The chain does not depend on the budgets (several budgets are combined with weights from their cost
+  *ranges*, not their limits), so a larger budget can only lengthen the prefix. Every chain point minimises
+  ``T + t x cost`` for some ``t >= 0``, so with one budget it is the exact optimum at its own cost, and the
+  objective lies above the LP bound by at most the blocking step's objective decrease (reported as
+  :attr:`Allocation.lower_bound`); the price is the budget left unused, less than the blocking step's cost. No
+  budget-monotone rule does better in the worst case: just below the budget at which a monotone rule first raises
+  a unit past width ``a``, its allocation is at most the one just above minus that step, so nearly the step's cost
+  goes unused there.
 
 Feasibility is decided before any solve (:func:`check_feasible`): the all-minimum allocation is the cheapest, so
 a budget below its cost is impossible, and the error names the smallest and largest achievable values.
@@ -72,6 +87,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import logging
 import os
 import sys
@@ -92,6 +108,9 @@ log = logging.getLogger(__name__)
 
 SolverName = Literal["relaxed", "milp"]
 SOLVERS: tuple[str, ...] = ("relaxed", "milp")
+#: every solver :func:`allocate` takes: :data:`SOLVERS` and the budget-monotone chain (:func:`solve_monotone`)
+AllocationSolver = Literal["relaxed", "milp", "monotone"]
+ALLOCATION_SOLVERS: tuple[str, ...] = ("relaxed", "milp", "monotone")
 #: a relaxed bit width this close above an allowed width floors to it (solver round-off)
 _SNAP = 1e-6
 #: an LP entry above this belongs to the solution's support
@@ -118,11 +137,11 @@ class Allocation:
             ``sum(s * 4**-bits)``, the estimated loss increase from quantization noise).
         costs: each budget's cost of ``bits``, in the user's unit (e.g. the average bit width), by budget name.
         budgets: each budget, in the user's unit.
-        solver: ``"relaxed"`` or ``"milp"``.
+        solver: ``"relaxed"``, ``"milp"`` or ``"monotone"``.
         seconds: wall time of the solve (rounding included).
         relaxed_bits: the LP relaxation's expected widths ``sum_j z[u, j] beta_j`` (``relaxed`` only).
-        lower_bound: the LP relaxation's optimum (from its duals), a lower bound of every integer allocation
-            (``relaxed`` only; ``None`` if the LP did not solve).
+        lower_bound: the LP relaxation's optimum, a lower bound of every integer allocation (``relaxed``: from
+            its duals, ``None`` if the LP did not solve; ``monotone``: from the chain, with one budget only).
     """
 
     bits: np.ndarray
@@ -727,14 +746,110 @@ def solve_milp(
     return _report(inst, _round(inst, index), "milp", start)
 
 
+@dataclass(frozen=True)
+class _Chain:
+    """The budget-independent order of ladder steps of :func:`solve_monotone`."""
+
+    units: np.ndarray  # the unit each step raises
+    targets: np.ndarray  # the column (increasing-width order) it raises the unit to
+    slopes: np.ndarray  # objective change per unit of combined cost (<= 0; -inf for a free step)
+
+
+def _hull_steps(cost: np.ndarray, value: np.ndarray, columns: np.ndarray) -> list[tuple[int, float]]:
+    """The lower convex hull of one unit's ladder points ``(cost, value)`` (cost non-decreasing, value strictly
+    decreasing), from the first point on, collinear points kept: ``[(column, slope)]`` of each step."""
+    hull = [0]
+    for k in range(1, len(columns)):
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            # b lies strictly above the segment a -> k (beyond round-off): it is not on the lower hull
+            left = (cost[b] - cost[a]) * (value[k] - value[a])
+            right = (value[b] - value[a]) * (cost[k] - cost[a])
+            if left - right < -1e-12 * (abs(left) + abs(right)):
+                hull.pop()
+            else:
+                break
+        hull.append(k)
+    steps = []
+    for a, b in itertools.pairwise(hull):
+        dc, dv = cost[b] - cost[a], value[b] - value[a]
+        steps.append((int(columns[b]), float(dv / dc) if dc > 0 else -np.inf))
+    return steps
+
+
+def _chain(inst: _Instance) -> _Chain:
+    # budgets combined by their allocatable ranges (never by their limits: the chain must not depend on them)
+    spans = [inst.cost[k, :, -1].sum() - inst.cost[k, :, 0].sum() for k in inst.active]
+    cost = sum((inst.cost[k] / max(span, 1e-300) for k, span in zip(inst.active, spans, strict=True)), 0.0)
+    cost = np.broadcast_to(np.asarray(cost, dtype=np.float64), inst.table.shape)
+    units: list[int] = []
+    targets: list[int] = []
+    slopes: list[float] = []
+    for u in range(inst.n):
+        columns = np.flatnonzero(inst.useful[u])
+        steps = _hull_steps(cost[u, columns], inst.table[u, columns], columns)
+        unit_slopes = np.maximum.accumulate(np.array([s for _, s in steps])) if steps else np.array([])
+        for (column, _), slope in zip(steps, unit_slopes, strict=True):
+            units.append(u)
+            targets.append(column)
+            slopes.append(float(slope))
+    units_a, targets_a, slopes_a = np.array(units, dtype=np.int64), np.array(targets, dtype=np.int64), np.array(slopes)
+    order = np.lexsort((targets_a, units_a, slopes_a))  # best slope first, then unit, then step
+    return _Chain(units_a[order], targets_a[order], slopes_a[order])
+
+
+def solve_monotone(
+    objective: np.ndarray, constraints: Sequence[BudgetConstraint], bit_choices: Sequence[int]
+) -> Allocation:
+    """The longest prefix of the units' convex-hull steps (best first) that meets every budget (module docs).
+
+    Monotone: for the same table, a larger budget (any of them) never gives a unit fewer bits. With one budget the
+    result is the exact optimum among allocations costing no more than it does, and its objective exceeds the LP
+    bound (:attr:`Allocation.lower_bound`) by at most the objective decrease of the first step that did not fit.
+
+    Args:
+        objective: the table ``[units, len(bit_choices)]`` to minimise, columns in the order of ``bit_choices``.
+        constraints: the budgets, one coefficient per unit each.
+        bit_choices: the allowed widths (1 to 8; no repeats).
+    """
+    start = time.perf_counter()
+    inst = _Instance(objective, constraints, bit_choices)
+    chain = _chain(inst)
+    index = np.zeros(inst.n, dtype=np.int64)
+    rows = inst.rows
+    totals = inst.cost[:, rows, index].sum(axis=1)
+    blocked = -1
+    for step, (u, target) in enumerate(zip(chain.units, chain.targets, strict=True)):
+        extra = inst.cost[:, u, target] - inst.cost[:, u, index[u]]
+        if np.any(totals + extra > inst.room):
+            blocked = step
+            break
+        trial = index.copy()
+        trial[u] = target
+        if not inst.fits(trial):  # the exact check (the totals above are summed in another order)
+            blocked = step
+            break
+        index, totals = trial, totals + extra
+    bound = None
+    if len(inst.active) == 1:
+        bound = inst.value(index)
+        if blocked >= 0:  # the LP takes the blocking step partly: the fraction of its cost that still fits
+            k = inst.active[0]
+            u, target = chain.units[blocked], chain.targets[blocked]
+            extra = inst.cost[k, u, target] - inst.cost[k, u, index[u]]
+            fraction = min(max((inst.room[k] - totals[k]) / extra, 0.0), 1.0) if extra > 0 else 1.0
+            bound += fraction * (inst.table[u, target] - inst.table[u, index[u]])
+    return _report(inst, index, "monotone", start, lower_bound=bound)
+
+
 def allocate(
     objective: np.ndarray,
     constraints: Sequence[BudgetConstraint],
     bit_choices: Sequence[int],
-    solver: SolverName = "relaxed",
+    solver: AllocationSolver = "relaxed",
 ) -> Allocation:
-    """Minimise the table ``objective[unit, choice]`` under the budgets with ``solver`` (``"relaxed"`` or
-    ``"milp"``); the result always meets every budget.
+    """Minimise the table ``objective[unit, choice]`` under the budgets with ``solver`` (``"relaxed"``,
+    ``"milp"`` or ``"monotone"``, see the module docs); the result always meets every budget.
 
     >>> from lightning_quant.allocation import BudgetConstraint
     >>> size = BudgetConstraint("size_bits", np.array([100.0, 100.0]), 1000.0)
@@ -746,12 +861,18 @@ def allocate(
         return solve_relaxed(objective, constraints, bit_choices)
     if solver == "milp":
         return solve_milp(objective, constraints, bit_choices)
-    raise QuantizationConfigError(f"`solver` must be one of {list(SOLVERS)}, got {solver!r}.")
+    if solver == "monotone":
+        return solve_monotone(objective, constraints, bit_choices)
+    raise QuantizationConfigError(
+        f"`solver` must be one of {list(SOLVERS)} or 'monotone' (the budget-monotone chain), got {solver!r}."
+    )
 
 
 __all__ = [
+    "ALLOCATION_SOLVERS",
     "SOLVERS",
     "Allocation",
+    "AllocationSolver",
     "SolverName",
     "achievable_range",
     "allocate",
@@ -764,6 +885,7 @@ __all__ = [
     "relax",
     "round_to_budget",
     "solve_milp",
+    "solve_monotone",
     "solve_relaxed",
     "validate_bit_choices",
 ]

@@ -13,7 +13,9 @@ Facts from Lightning that decide its shape (see DESIGN.md):
   loss Lightning is about to back-propagate (divided by ``accumulate_grad_batches``, as Lightning divides the
   user's loss). The value the user logged in ``training_step`` is unchanged. Manual optimization
   back-propagates the user's own tensor, which may not be changed in place: there, and wherever a user
-  prefers it, :class:`QuantizationLossMixin` is the alternative.
+  prefers it, :class:`QuantizationLossMixin` is the alternative. Callbacks that add no loss term (QAT,
+  QBitOpt, export, ...) do not care how the module optimizes: Lightning calls ``on_before_backward`` for
+  ``manual_backward`` too, and they ignore it.
 * Every callback keeps its state in ``state_dict``/``load_state_dict`` under a ``state_key`` made from its
   identifying arguments, so two instances never clash and a killed run resumes exactly.
 
@@ -53,12 +55,6 @@ from lightning_quant.surgery.spec import QuantSpec
 
 log = logging.getLogger(__name__)
 
-_MANUAL_OPTIMIZATION_MESSAGE = (
-    "{name} adds a loss term to the training loss, which needs automatic optimization or the mixin. HINT: make "
-    "your LightningModule inherit `lightning_quant.callbacks.QuantizationLossMixin` and back-propagate "
-    "`loss + self.quantization_loss(batch)`."
-)
-
 
 class QuantizationCallback(Callback):
     """Base class of the suite's callbacks: surgery in ``setup``, one-backward extra losses, state, metrics.
@@ -76,6 +72,7 @@ class QuantizationCallback(Callback):
 
     def __init__(self, on_nonfinite: Literal["raise", "skip"] = "raise") -> None:
         self._batch: Any = None
+        self._loss_requested = False
         self.on_nonfinite = on_nonfinite
         self._skipping = False
         self._buffers: dict[str, Tensor] | None = None
@@ -128,20 +125,11 @@ class QuantizationCallback(Callback):
     def prepare_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """This technique's own preparation of the (quantized) ``pl_module``; must be idempotent."""
 
-    def check_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Refuse a Trainer/module this callback cannot work with, before anything is changed.
-
-        Runs for every quantization callback on the trainer before the merged quantization (see
-        :func:`quantize_once`). The base check: a callback that adds a loss term is not used with manual
-        optimization unless the module adds the term itself (:class:`QuantizationLossMixin`). (Two callbacks with
-        the same ``state_key`` are refused by Lightning itself when the Trainer is built.) Subclasses extend it
-        (call ``super().check_setup``).
-        """
-        if self.adds_loss and not pl_module.automatic_optimization and not isinstance(pl_module, QuantizationLossMixin):
-            raise QuantizationConfigError(_MANUAL_OPTIMIZATION_MESSAGE.format(name=type(self).__name__))
-
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":  # every suite callback's check, before the first setup changes the model
+            for callback in {id(cb): cb for cb in [self, *_suite_callbacks(trainer)]}.values():
+                callback._check_optimization(pl_module)
         quantize_once(trainer, pl_module)
         self.prepare_model(trainer, pl_module)
 
@@ -164,8 +152,20 @@ class QuantizationCallback(Callback):
     # -- extra loss terms ------------------------------------------------------------------------------------
     @property
     def adds_loss(self) -> bool:
-        """Whether this callback adds a loss term (it overrides :meth:`extra_loss`)."""
+        """Whether this callback adds a loss term to the training loss (it overrides :meth:`extra_loss`)."""
         return type(self).extra_loss is not QuantizationCallback.extra_loss
+
+    def _check_optimization(self, pl_module: pl.LightningModule) -> None:
+        """Refuse, before training, a loss term that manual optimization without the mixin cannot receive."""
+        if self.adds_loss and not pl_module.automatic_optimization and not isinstance(pl_module, QuantizationLossMixin):
+            # manual optimization back-propagates the user's own tensor: changing it in place is not safe
+            raise QuantizationConfigError(
+                f"{type(self).__name__} adds a loss term to the training loss, which needs automatic optimization "
+                f"or the mixin; {type(pl_module).__name__} sets `automatic_optimization = False`. HINT: make your "
+                "LightningModule inherit `lightning_quant.callbacks.QuantizationLossMixin` and back-propagate "
+                "`loss + self.quantization_loss(batch)` (callbacks that add no loss, such as "
+                "QuantizationAwareTraining, need nothing)."
+            )
 
     def extra_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Tensor | None:
         """A loss term to add to the user's training loss for ``batch`` (``None``: nothing to add).
@@ -181,6 +181,7 @@ class QuantizationCallback(Callback):
     ) -> None:
         self._batch = batch
         self._skipping = False
+        self._loss_requested = False
         if _nonfinite_guard(trainer) is not self:
             return
         if _nonfinite_mode(trainer) == "skip":
@@ -238,14 +239,33 @@ class QuantizationCallback(Callback):
             return
         if isinstance(pl_module, QuantizationLossMixin) or not self.adds_loss:
             return  # the module added the term itself, inside training_step; or there is no term to add
-        if not pl_module.automatic_optimization:
-            # manual optimization back-propagates the user's own tensor: changing it in place is not safe
-            raise QuantizationConfigError(_MANUAL_OPTIMIZATION_MESSAGE.format(name=type(self).__name__))
+        self._check_optimization(pl_module)  # a module switched to manual optimization after setup
         extra = self.extra_loss(trainer, pl_module, self._batch)
         if extra is None:
             return
         # Lightning hands over `loss / accumulate_grad_batches`, a fresh tensor that autograd has not saved
         loss.add_(extra / trainer.accumulate_grad_batches)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._check_loss_requested(pl_module, outputs)
+
+    def _check_loss_requested(self, pl_module: pl.LightningModule, outputs: Any) -> None:
+        """Under the mixin, a loss term that ``training_step`` did not request would silently do nothing.
+
+        Subclasses that override ``on_train_batch_end`` call this (or ``super()``) from it. A step that
+        automatic optimization skipped (``training_step`` returned ``None``) is not checked.
+        """
+        skipped = pl_module.automatic_optimization and outputs is None
+        if self.adds_loss and isinstance(pl_module, QuantizationLossMixin) and not self._loss_requested and not skipped:
+            raise QuantizationConfigError(
+                f"{type(self).__name__} adds a loss term, but {type(pl_module).__name__}.training_step did not "
+                "request it in this step: with `QuantizationLossMixin` the module adds the suite's terms itself, so "
+                f"{type(self).__name__} would do nothing. HINT: return (or back-propagate) "
+                "`loss + self.quantization_loss(batch)` in every training_step."
+            )
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -319,19 +339,20 @@ def first_nonfinite_layer(model: nn.Module, batch: Any) -> str | None:
     return f"{parent} ({leaf})" if parent and leaf.endswith("quantizer") else name
 
 
+def _suite_callbacks(trainer: pl.Trainer) -> list[QuantizationCallback]:
+    return [cb for cb in getattr(trainer, "callbacks", []) if isinstance(cb, QuantizationCallback)]
+
+
 def quantize_once(trainer: pl.Trainer, pl_module: pl.LightningModule) -> QuantSpec | None:
     """Quantize ``pl_module`` once with the merged requests of every quantization callback on ``trainer``.
 
-    First every callback's :meth:`~QuantizationCallback.check_setup` refuses what it cannot work with. A model that
-    is already quantized (by an earlier ``setup``, or by the user) is then left alone. The requests are
+    A model that is already quantized (by an earlier ``setup``, or by the user) is left alone. The requests are
     merged (and their conflicts raised) before anything changes; then every callback's ``before_quantization`` runs,
     then the model is quantized. Returns the merged recipe, or ``None`` when nothing was quantized.
     """
-    callbacks = [cb for cb in getattr(trainer, "callbacks", []) if isinstance(cb, QuantizationCallback)]
-    for callback in callbacks:
-        callback.check_setup(trainer, pl_module)
     if is_quantized(pl_module):
         return None
+    callbacks = _suite_callbacks(trainer)
     requests = [r for r in (cb.quantization_request(trainer, pl_module) for cb in callbacks) if r is not None]
     if not requests:
         return None
@@ -366,7 +387,8 @@ class QuantizationLossMixin:
         """The sum of the extra loss terms of every quantization callback on the trainer for ``batch``."""
         total = torch.zeros(())
         for callback in self.trainer.callbacks:  # type: ignore[attr-defined]
-            if isinstance(callback, QuantizationCallback):
+            if isinstance(callback, QuantizationCallback) and callback.adds_loss:
+                callback._loss_requested = True
                 extra = callback.extra_loss(self.trainer, self, batch)  # type: ignore[arg-type]
                 if extra is not None:
                     total = total.to(extra.device) + extra

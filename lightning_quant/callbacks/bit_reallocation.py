@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -20,6 +19,7 @@ from lightning_quant.allocation.cost import (
     MacTracer,
     avg_bits_constraint,
     bops_constraint,
+    check_budget,
     layer_costs,
     size_constraint,
     trace_macs,
@@ -39,7 +39,7 @@ from lightning_quant.core.quantizers import Quantizer
 from lightning_quant.surgery.capture import Call, Capture
 from lightning_quant.surgery.layers import QuantizedLayer, quantized_layers
 from lightning_quant.surgery.quantize import is_quantized
-from lightning_quant.surgery.requests import QuantizationRequest, explicit_fields
+from lightning_quant.surgery.requests import QuantizationRequest, fallback_request
 from lightning_quant.surgery.spec import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ class BitReallocationCallback(QuantizationCallback):
             ("size_budget", size_budget),
             ("bops_budget", bops_budget),
         ):
-            _check_budget(argument, value)
+            check_budget(argument, value)
         if avg_weight_bits is None and size_budget is None and bops_budget is None:
             raise QuantizationConfigError(
                 "No budget given. HINT: pass `avg_weight_bits=3.0` (average weight bits), `size_budget=...` (bits "
@@ -252,8 +252,7 @@ class BitReallocationCallback(QuantizationCallback):
     @override
     def quantization_request(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> QuantizationRequest:
         # a fallback recipe: another callback's (QAT's) wins, except for what the user set in `base_spec`
-        required = explicit_fields(self.base_spec) if self._base_spec_given else frozenset()
-        return QuantizationRequest(type(self).__name__, self.base_spec, required, priority=50)
+        return fallback_request(type(self).__name__, self.base_spec, self._base_spec_given)
 
     def _units(self, pl_module: nn.Module) -> dict[str, QuantizedLayer]:
         """The layers this callback allocates (quantized, not frozen), by name."""
@@ -495,21 +494,6 @@ def _avg_weight_bits(model: nn.Module) -> float:
     layers = {id(m): m for m in quantized_layers(model).values()}.values()
     params = sum(m.weight.numel() for m in layers)
     return sum(m.weight_quantizer.payload_bits(m.weight) for m in layers) / max(params, 1)
-
-
-def _check_budget(argument: str, value: object) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise QuantizationConfigError(
-            f"`{argument}` must be a positive number or None, got {value!r} ({type(value).__name__}). "
-            f"HINT: pass e.g. `{argument}=3.0`."
-        )
-    if not math.isfinite(value) or value <= 0:
-        raise QuantizationConfigError(
-            f"`{argument}` must be a positive finite number, got {value}. HINT: a budget is the most the model may "
-            "use; pass a positive value."
-        )
 
 
 def _check_int(argument: str, value: object, minimum: int) -> None:

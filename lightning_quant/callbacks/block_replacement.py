@@ -21,7 +21,7 @@ from lightning_quant.core.errors import QuantizationConfigError
 from lightning_quant.surgery.blocks import find_blocks
 from lightning_quant.surgery.capture import Call, Capture
 from lightning_quant.surgery.quantize import is_quantized, quantizable_layers
-from lightning_quant.surgery.requests import QuantizationRequest, explicit_fields
+from lightning_quant.surgery.requests import QuantizationRequest, fallback_request
 from lightning_quant.surgery.spec import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,12 @@ _NAMING_HINT = (
     "HINT: name blocks at boundaries that every path of the forward crosses exactly once, in forward order: the "
     'stages of a ResNet (`backbone.layer1`, ..., or `blocks="auto"`), the entries of a `features` Sequential, or '
     "the top-level children of a plain sequence of layers."
+)
+_FORWARD_HINT = (
+    "The LightningModule itself was not called, so training_step probably calls `self.forward(x)`: block replacement "
+    "captures the blocks' inputs and outputs with module hooks, and PyTorch runs a module's hooks only when the "
+    "module is called (`self(x)`, i.e. `nn.Module.__call__`), never on `self.forward(x)`. HINT: write "
+    "`logits = self(x)` in training_step (the same computation, with the hooks)."
 )
 
 
@@ -303,6 +309,8 @@ class BlockReplacementCallback(QuantizationCallback):
     # -- set-up ----------------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._check_optimization(pl_module)  # before any work on the model
         if not quantizable_layers(pl_module) and not is_quantized(pl_module):
             raise QuantizationConfigError(
                 f"`model` ({type(pl_module).__name__}) has no layer that can be quantized (Conv/Linear), so "
@@ -347,8 +355,7 @@ class BlockReplacementCallback(QuantizationCallback):
     @override
     def quantization_request(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> QuantizationRequest:
         # a fallback recipe: another callback's (QAT's) wins, except for what the user set in `quantize_spec`
-        required = explicit_fields(self.quantize_spec) if self._quantize_spec_given else frozenset()
-        return QuantizationRequest(type(self).__name__, self.quantize_spec, required, priority=50)
+        return fallback_request(type(self).__name__, self.quantize_spec, self._quantize_spec_given)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -426,6 +433,7 @@ class BlockReplacementCallback(QuantizationCallback):
         step = time.perf_counter() - self._step_start
         if step > 0 and self._extra_seconds > 0:
             self.log_metric(pl_module, "overhead", self._extra_seconds / step)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     @override
     def extra_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Tensor | None:
@@ -573,6 +581,10 @@ class BlockReplacementCallback(QuantizationCallback):
         self._check_block_calls(counts)
         root = self._root
         if root is None or counts.get(root, (0, 0))[1] != 1 or root not in self._inputs:
+            if root == "" and counts.get(root, (0, 0)) == (0, 0):
+                raise QuantizationConfigError(
+                    f"The blocks ran in this training step but their module did not. {_FORWARD_HINT}"
+                )
             raise QuantizationConfigError(
                 f"The module {root!r} that holds the blocks was not called exactly once in this training step. "
                 "HINT: call the model once per training_step, e.g. `logits = self(x)`; before calling "
@@ -599,6 +611,13 @@ class BlockReplacementCallback(QuantizationCallback):
             if counts.get(name, (0, 0)) == (1, 1) and isinstance(self._outputs.get(name), Tensor)
         ]
         if not roots:
+            if counts.get("", (0, 0)) == (0, 0) and not any(
+                name in self._inputs for name in _ancestors(self._block_names[0])
+            ):
+                raise QuantizationConfigError(
+                    f"No module that contains all blocks {self._block_names} was called in the training step, although "
+                    f"the blocks were. {_FORWARD_HINT}"
+                )
             raise QuantizationConfigError(
                 f"No module that contains all blocks {self._block_names} was called exactly once with a tensor "
                 "output in the training step. HINT: call the model once in training_step, e.g. `logits = self(x)`."

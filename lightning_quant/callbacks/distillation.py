@@ -7,13 +7,13 @@ from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_quant.callbacks.base import FrozenCopy, QuantizationCallback, distillation_loss
 from lightning_quant.core.errors import QuantizationConfigError
-from lightning_quant.surgery.capture import Capture
+from lightning_quant.surgery.capture import Capture, modes_kept
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,17 @@ class DistillationCallback(QuantizationCallback):
     quantization callback's ``setup`` comes first, so the order of the callbacks does not matter) -- how a YAML
     config starts the student from the trained FP model.
 
-    Logged: ``quant/kd/loss`` (the added term, before weighting by ``weight``: the raw KD).
+    Logged: ``quant/kd/loss`` (the added term, before weighting by ``weight``: the raw KD), and every epoch
+    ``quant/kd/teacher_agreement``: the share of a fixed pool of training inputs on which the student's arg-max
+    class is the teacher's (both in eval mode; on generated data the pool is generated samples). The pool is the
+    first training batch's inputs to ``logits_module`` (up to ``pool_size`` samples); the start value is measured
+    on it before the first update. Without real validation data, monitor it as the validation
+    metric: ``ModelCheckpoint(monitor="quant/kd/teacher_agreement", mode="max")``. If it falls more than
+    ``collapse_drop`` below its start, a warning names the likely cause: a learning rate meant for training from
+    scratch. Fine-tuning from the teacher's weights needs a small one -- the data-free benchmarks use Adam at
+    2e-4 (``configs/data_free.yaml``). The monitor, the pool and the threshold (default 0.3) are our choice, not the
+    paper's; the pool is the student's own training distribution, so it sees a drift there, not one on real data
+    that the generated samples do not cover.
 
     Args:
         teacher: ``"copy"``, ``"datamodule"``, ``None`` or a module (see above).
@@ -61,6 +71,9 @@ class DistillationCallback(QuantizationCallback):
         weight: weight of the KD term (``>= 0``).
         student_init: ``"keep"`` the model's weights or load the ``"teacher"``'s.
         logits_module: qualified name of the submodule whose output is the logits (``""``: the LightningModule).
+        pool_size: most samples of the agreement pool (``0``: no agreement monitoring).
+        collapse_drop: warn when the agreement falls this far (absolute, in [0, 1]) below its start; ``None``
+            logs it without warning.
 
     Example:
         >>> trainer = L.Trainer(callbacks=[  # doctest: +SKIP
@@ -81,6 +94,8 @@ class DistillationCallback(QuantizationCallback):
         weight: float = 1.0,
         student_init: Literal["keep", "teacher"] = "keep",
         logits_module: str = "",
+        pool_size: int = 256,
+        collapse_drop: float | None = 0.3,
     ) -> None:
         super().__init__()
         if not (teacher is None or isinstance(teacher, nn.Module) or teacher in self.TEACHERS):
@@ -96,6 +111,14 @@ class DistillationCallback(QuantizationCallback):
             raise QuantizationConfigError(f"`student_init` must be one of {self.STUDENT_INITS}, got {student_init!r}.")
         if not isinstance(logits_module, str):
             raise QuantizationConfigError(f"`logits_module` must be a module name (str), got {logits_module!r}.")
+        if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 0:
+            raise QuantizationConfigError(f"`pool_size` must be an integer >= 0, got {pool_size!r}.")
+        if collapse_drop is not None and (
+            isinstance(collapse_drop, bool)
+            or not isinstance(collapse_drop, (int, float))
+            or not 0 <= collapse_drop <= 1
+        ):
+            raise QuantizationConfigError(f"`collapse_drop` must be within [0, 1] or None, got {collapse_drop!r}.")
         self.teacher = teacher
         self.temperature = float(temperature)
         self.weight = float(weight)
@@ -103,6 +126,12 @@ class DistillationCallback(QuantizationCallback):
         self.logits_module = logits_module
         self._teacher = FrozenCopy()
         self._capture: Capture | None = None
+        self.pool_size = pool_size
+        self.collapse_drop = None if collapse_drop is None else float(collapse_drop)
+        self._pool: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+        self._pool_labels: Tensor | None = None
+        self._start_agreement: float | None = None
+        self._warned_collapse = False
 
     # -- identity and state ----------------------------------------------------------------------------------
     @override
@@ -111,10 +140,11 @@ class DistillationCallback(QuantizationCallback):
 
     @override
     def state(self) -> dict[str, Any]:
-        return {"teacher_state_dict": self._teacher.state_dict()}
+        return {"teacher_state_dict": self._teacher.state_dict(), "start_agreement": self._start_agreement}
 
     @override
     def load_state(self, state: dict[str, Any]) -> None:
+        self._start_agreement = state.get("start_agreement")
         self._teacher.load_state_dict(state.get("teacher_state_dict"))
 
     @property
@@ -225,11 +255,74 @@ class DistillationCallback(QuantizationCallback):
                 f"DistillationCallback needs logits (a Tensor) from {self.logits_module or 'the model'!r}, got "
                 f"{type(student).__name__}. HINT: set `logits_module` to the submodule that returns the logits."
             )
+        if self._pool is None and self.pool_size and student.dim() == 2 and student.shape[1] >= 2:
+            self._keep_pool(args, kwargs, student.shape[0])
         with torch.no_grad():
             teacher = self._teacher_root()(*args, **kwargs)
         kd = distillation_loss(student, teacher, self.temperature)
         self.log_metric(pl_module, "loss", kd.detach(), on_step=True, on_epoch=False)
         return self.weight * kd
+
+    # -- agreement with the teacher on a fixed pool -----------------------------------------------------------
+    def _keep_pool(self, args: tuple[Any, ...], kwargs: dict[str, Any], n: int) -> None:
+        """Keep the first ``pool_size`` samples of this step's inputs (and the teacher's classes on them)."""
+        k = min(n, self.pool_size)
+
+        def take(value: Any) -> Any:
+            batched = isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == n
+            return value[:k].detach().clone() if batched else value
+
+        self._pool = (tuple(take(a) for a in args), {key: take(v) for key, v in kwargs.items()})
+        with torch.no_grad():
+            self._pool_labels = self._teacher_root()(*self._pool[0], **self._pool[1]).argmax(dim=1)
+
+    def teacher_agreement(self, pl_module: pl.LightningModule) -> float | None:
+        """The share of the pool on which the student (in eval mode) predicts the teacher's class (``None``: no
+        pool yet)."""
+        if self._pool is None or self._pool_labels is None:
+            return None
+        student = pl_module.get_submodule(self.logits_module) if self.logits_module else pl_module
+        capture = self._capture
+        armed = capture is not None and capture.armed
+        if capture is not None:
+            capture.disarm()  # the capture must not take this call for the step's
+        try:
+            with modes_kept(student, training=False), torch.no_grad():
+                logits = student(*self._pool[0], **self._pool[1])
+        finally:
+            if capture is not None and armed:
+                capture.arm()
+        return float((logits.argmax(dim=1) == self._pool_labels).float().mean())
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        # the start: after the first backward, before the first update (a resumed run keeps the first run's)
+        if self._start_agreement is None and self._pool is not None:
+            self._start_agreement = self.teacher_agreement(pl_module)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        agreement = self.teacher_agreement(pl_module)
+        if agreement is None:
+            return
+        self.log_metric(pl_module, "teacher_agreement", agreement)
+        start = self._start_agreement
+        if (
+            self.collapse_drop is not None
+            and start is not None
+            and agreement < start - self.collapse_drop
+            and not self._warned_collapse
+        ):
+            self._warned_collapse = True
+            rank_zero_warn(
+                f"DistillationCallback: the student agrees with its teacher on {agreement:.1%} of a fixed pool of "
+                f"training inputs, down from {start:.1%} at the start: it is drifting away from the teacher. The "
+                "likely cause is a learning rate meant for training from scratch; fine-tuning from the teacher's "
+                "weights (data-free QAT above all) needs a small one. HINT: lower the optimizer's learning rate, "
+                "e.g. 10x (the data-free benchmarks use Adam at 2e-4, see configs/data_free.yaml)."
+            )
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -239,4 +332,5 @@ class DistillationCallback(QuantizationCallback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hook()
+        self._pool = self._pool_labels = None
         super().teardown(trainer, pl_module, stage)

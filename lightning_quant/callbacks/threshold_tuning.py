@@ -19,7 +19,7 @@ from lightning_quant.core.errors import QuantizationConfigError
 from lightning_quant.core.functional import validate_bits
 from lightning_quant.core.quantizers import UniformQuantizer
 from lightning_quant.core.thresholds import ThresholdFactors
-from lightning_quant.surgery.capture import Capture
+from lightning_quant.surgery.capture import Capture, batch_inputs
 from lightning_quant.surgery.fold import fold_batchnorm
 from lightning_quant.surgery.layers import QuantizedLayer, quantized_layers
 from lightning_quant.surgery.quantize import is_quantized, quantizable_layers
@@ -62,18 +62,10 @@ def _first_tensor(value: Any) -> Tensor | None:
 
 def _images(batch: Any) -> Tensor:
     """The inputs of a batch: the batch itself, the first element of a tuple/list, or ``x``/``image(s)`` of a dict."""
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], Tensor):
-        return batch[0]
-    if isinstance(batch, Mapping):
-        for key in ("x", "image", "images", "input", "inputs"):
-            if isinstance(batch.get(key), Tensor):
-                return batch[key]
-    raise QuantizationConfigError(
-        f"ThresholdTuningCallback cannot find the model inputs in a batch of type {type(batch).__name__}. HINT: "
-        "yield images, `(images, ...)` tuples or dicts with an `x`/`image` key, or call the model as `self(x)` "
-        "in `training_step` (its inputs are then taken from that call)."
+    return batch_inputs(
+        batch,
+        "ThresholdTuningCallback",
+        ", or call the model as `self(x)` in `training_step` (its inputs are then taken from that call)",
     )
 
 
@@ -316,6 +308,8 @@ class ThresholdTuningCallback(QuantizationCallback):
     # -- set-up ----------------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._check_optimization(pl_module)  # before any work on the model
         if not quantizable_layers(pl_module) and not is_quantized(pl_module):
             raise QuantizationConfigError(
                 f"`model` ({type(pl_module).__name__}) has no layer that can be quantized (Conv/Linear), so "
@@ -517,6 +511,7 @@ class ThresholdTuningCallback(QuantizationCallback):
         if factors and not calibrated_this_batch:
             alpha = sum(float(f.factors()[0].detach()) for f in factors) / len(factors)
             self.log_metric(pl_module, "alpha_mean", alpha)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def _finish_calibration(self) -> None:
         for quantizer in self._quantizers.values():

@@ -1,7 +1,13 @@
 """Quantization numerics: fake-quant functions with straight-through gradients, the quantizer protocol and its
 kinds (uniform, codebook), k-means, observers, errors."""
 
-from lightning_quant.core.codebook import CodebookQuantizer, index_bits_for
+from lightning_quant.core.codebook import (
+    CodebookQuantizer,
+    fit_shared_codebook,
+    index_bits_for,
+    power_of_two_entries,
+    share_codebook,
+)
 from lightning_quant.core.errors import NonFiniteError, QuantizationConfigError, UnsupportedModuleError
 from lightning_quant.core.functional import (
     binarize,
@@ -51,13 +57,16 @@ __all__ = [
     "binarize",
     "build_weight_quantizer",
     "fake_quantize",
+    "fit_shared_codebook",
     "index_bits_for",
     "kmeans",
     "kmeans_plus_plus",
     "lsq_fake_quantize",
     "make_observer",
+    "power_of_two_entries",
     "quant_range",
     "quantize_to_int",
     "register_quantizer",
     "scale_zero_point_from_bounds",
+    "share_codebook",
 ]

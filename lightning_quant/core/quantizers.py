@@ -45,6 +45,7 @@ from lightning_quant.core.functional import (
     scale_zero_point_from_bounds,
     validate_bits,
 )
+from lightning_quant.core.fused import lsq_fake_quantize_fast
 from lightning_quant.core.observers import make_observer
 from lightning_quant.core.thresholds import ThresholdFactors
 
@@ -562,7 +563,7 @@ class UniformQuantizer(Quantizer):
         if bits == 1:
             return binarize(x, scale, self.ch_axis, self.grad_factor(x, qmax) if self.learnable else 0.0)
         if self.learnable and not observed and torch.is_grad_enabled():
-            return lsq_fake_quantize(x, scale, zero_point, qmin, qmax, self.ch_axis, self.grad_factor(x, qmax))
+            return lsq_fake_quantize_fast(x, scale, zero_point, qmin, qmax, self.ch_axis, self.grad_factor(x, qmax))
         return fake_quantize(x, scale.detach(), zero_point, qmin, qmax, self.ch_axis)
 
     def forward(self, x: Tensor) -> Tensor:

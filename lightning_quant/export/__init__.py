@@ -1,7 +1,14 @@
 """Export: QDQ ONNX with onnxruntime verification (:mod:`.onnx`), the int8 runtime path (:mod:`.runtime`),
 integer packing and real on-disk size (:mod:`.packing`)."""
 
-from lightning_quant.export.onnx import LayerDiff, VerificationResult, export_onnx, prepare_for_export, verify_onnx
+from lightning_quant.export.onnx import (
+    LayerDiff,
+    VerificationResult,
+    export_onnx,
+    onnx_metadata,
+    prepare_for_export,
+    verify_onnx,
+)
 from lightning_quant.export.packing import (
     PACKED_FILE_PREFIX_BYTES,
     ModelSizeReport,
@@ -39,6 +46,7 @@ __all__ = [
     "load_packed",
     "load_packed_model",
     "model_size_report",
+    "onnx_metadata",
     "openvino_available",
     "pack_bits",
     "pack_codes",

@@ -17,7 +17,31 @@ becomes that graph, on a copy (the model passed in is never changed):
    integers with the per-channel scale.
 4. After export the graph is cleaned for runtimes: every ``QuantizeLinear`` of a constant weight is folded into
    an integer initializer (so ``DequantizeLinear(int8 weight)`` feeds the Conv, the pattern onnxruntime fuses
-   into ``QLinearConv``), and ``Identity`` nodes on constants are removed.
+   into ``QLinearConv``), ``Identity`` nodes on constants are removed, and the exporter's per-node debug records
+   (stack traces, FX node text; only the layer scopes are kept) and the shape records of removed tensors are
+   dropped.
+
+Weight storage (``weight_storage``). ``"int8"`` (the default) stores every weight as int8/uint8 integers, whatever
+its width. ``"int4"`` stores every weight whose integer grid fits in 4 bits (signed grids of 1-4 bits, binary and
+per-channel mixed widths included, as ONNX ``INT4``; unsigned asymmetric grids of up to 4 bits as ``UINT4``, with
+the zero point in the same type) in the ``DequantizeLinear`` initializers, packed two per byte, per-channel axis
+and scales unchanged; a wider layer is an error that names it. ``"auto"`` stores the layers that fit as INT4/UINT4
+and the wider ones as int8. INT4 tensors need ONNX opset 21 (and IR version 10): the file is written at opset 21
+unless ``opset`` says otherwise, and an explicit ``opset`` below 21 is an error raised before anything is written.
+
+What onnxruntime 1.32 does with such files (checked on toy graphs of ``QuantizeLinear -> DequantizeLinear`` on
+the activation, ``DequantizeLinear`` of a per-channel INT4/UINT4 initializer on the weight, then ``Conv``,
+``Gemm`` or ``MatMul`` and an output Q/DQ pair): it accepts INT4 and UINT4 weights with a per-channel ``axis``
+feeding all three ops and computes them exactly (same outputs as the numpy reference); with ``ORT_ENABLE_ALL`` its
+optimizer does *not* fuse them into ``QLinearConv``/``QGemm``/``QLinearMatMul`` (it does for int8 weights): the
+weights are dequantized at each run and the layer runs in float. So INT4 storage trades int8 kernels for size
+where a layer could have run in int8, and costs only the dequantization where the layer runs in float anyway
+(activations below 8 bits). ``prefer`` decides ``"auto"`` (our rule): ``"size"`` (default) stores every layer
+that fits as INT4; ``"speed"`` keeps int8 everywhere when the model is int8-ready (every quantized activation
+8-bit, so onnxruntime can fuse the convs into ``QLinearConv``) and stores INT4 otherwise. ``benchmarks/
+export_latency.py`` measures both files. The export logs the file's size beside the size of
+:func:`~lightning_quant.export.packing.save_packed_model`'s file (codes packed at their real widths) and writes
+both, with the count of INT4/UINT4/int8 weights, into the file's metadata.
 
 Torch's default (dynamo) exporter is used; if it fails, the TorchScript exporter (``dynamo=False``) is tried,
 with a logged warning that names the dynamo error.
@@ -51,6 +75,7 @@ from __future__ import annotations
 import ast
 import copy
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -66,7 +91,8 @@ from torch import Tensor, nn
 
 from lightning_quant.core.errors import QuantizationConfigError, UnsupportedModuleError
 from lightning_quant.core.functional import fake_quantize
-from lightning_quant.core.quantizers import Quantizer
+from lightning_quant.core.quantizers import Quantizer, UniformGrid
+from lightning_quant.export.packing import save_packed_model
 from lightning_quant.surgery.capture import capture
 from lightning_quant.surgery.fold import fold_batchnorm as _fold_batchnorm
 from lightning_quant.surgery.layers import activation_quantizers, quantized_layers
@@ -77,18 +103,31 @@ log = logging.getLogger(__name__)
 __all__ = [
     "DEFAULT_OPSET",
     "FLOAT_CONV_OPS",
+    "INT4_OPSET",
     "INT8_CONV_OPS",
+    "PREFER",
+    "TASKS",
+    "WEIGHT_STORAGE",
     "LayerDiff",
+    "Task",
     "VerificationResult",
     "count_conv_ops",
     "export_onnx",
     "int8_ready",
+    "onnx_metadata",
     "prepare_for_export",
+    "resolve_example_input",
     "verify_onnx",
 ]
 
 #: ONNX opset of the exported file (per-channel QuantizeLinear needs >= 13)
 DEFAULT_OPSET = 18
+#: the first ONNX opset with INT4/UINT4 tensors (``weight_storage="int4"``/``"auto"``)
+INT4_OPSET = 21
+#: weight storage choices of :func:`export_onnx`
+WEIGHT_STORAGE: tuple[str, ...] = ("int8", "int4", "auto")
+#: what ``weight_storage="auto"`` optimises for
+PREFER: tuple[str, ...] = ("size", "speed")
 #: op types of an optimised onnxruntime graph that run a convolution in integer arithmetic
 INT8_CONV_OPS: tuple[str, ...] = ("QLinearConv", "ConvInteger")
 #: op types of an optimised onnxruntime graph that run a convolution in float
@@ -284,9 +323,28 @@ def _quantize_np(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis:
     return np.clip(q, info.min, info.max).astype(zero_point.dtype)
 
 
+#: node metadata that the dynamo exporter writes and :func:`verify_onnx` reads (per-layer comparison)
+_KEPT_NODE_METADATA = ("pkg.torch.onnx.name_scopes",)
+
+
+def _strip_debug_metadata(graph: onnx.GraphProto) -> None:
+    """Drop the exporter's per-node debug records (stack traces with the exporting machine's paths, FX node text,
+    class hierarchies): on ResNet-20 they weigh more than half as much as its int8 weights. Only the layer scopes
+    that :func:`verify_onnx` reads are kept."""
+    for node in graph.node:
+        node.doc_string = ""
+        kept = [(p.key, p.value) for p in node.metadata_props if p.key in _KEPT_NODE_METADATA]
+        del node.metadata_props[:]
+        for key, value in kept:
+            entry = node.metadata_props.add()
+            entry.key, entry.value = key, value
+
+
 def _clean_graph(model: onnx.ModelProto) -> dict[str, int]:
-    """Fold QuantizeLinear of constants into integer initializers; drop Identity nodes of constants."""
+    """Fold QuantizeLinear of constants into integer initializers; drop Identity nodes of constants and the
+    exporter's per-node debug records."""
     graph = model.graph
+    _strip_debug_metadata(graph)
     constants = _constants(graph)
     graph_outputs = {o.name for o in graph.output}
     renames: dict[str, str] = {}
@@ -330,7 +388,153 @@ def _clean_graph(model: onnx.ModelProto) -> dict[str, int]:
     unused = [init for init in graph.initializer if init.name not in used]
     for init in unused:
         graph.initializer.remove(init)
+    # shape records of tensors that are gone (the float weights) and the exporter's records on the rest
+    stale = [info for info in graph.value_info if info.name not in used]
+    for info in stale:
+        graph.value_info.remove(info)
+    for info in graph.value_info:
+        del info.metadata_props[:]
     return {"folded_quantize": folded_q, "dropped_identity": dropped_identity, "dropped_initializers": len(unused)}
+
+
+# ------------------------------------------------------------------------------------------------ INT4 weights
+#: ONNX 4-bit tensor types by name, with their integer range
+_FOUR_BIT_TYPES: dict[str, tuple[int, int, int]] = {
+    "int4": (onnx.TensorProto.INT4, -8, 7),
+    "uint4": (onnx.TensorProto.UINT4, 0, 15),
+}
+
+
+def _grid_bounds(value: int | Tensor, reduce: str) -> int:
+    if isinstance(value, Tensor):
+        return int(value.min()) if reduce == "min" else int(value.max())
+    return int(value)
+
+
+def _four_bit_type(grid: UniformGrid) -> str | None:
+    """``"int4"``/``"uint4"`` when every code and zero point of ``grid`` fits that ONNX type, else ``None``."""
+    low, high = _grid_bounds(grid.qmin, "min"), _grid_bounds(grid.qmax, "max")
+    zero_low, zero_high = int(grid.zero_point.min()), int(grid.zero_point.max())
+    for name, (_, type_low, type_high) in _FOUR_BIT_TYPES.items():
+        if type_low <= min(low, zero_low) and max(high, zero_high) <= type_high:
+            return name
+    return None
+
+
+def _weight_storage_plan(
+    model: nn.Module, weight_storage: str, prefer: str
+) -> tuple[dict[str, str], list[tuple[str, Any]]]:
+    """``({"<layer>.<parameter>": "int4" | "uint4" | "int8"}, [(too-wide weight, its bits)])`` for ``model``.
+
+    Weights that lie on no uniform grid are exported as float values and have no entry.
+    """
+    plan: dict[str, str] = {}
+    too_wide: list[tuple[str, Any]] = []
+    for name, layer in quantized_layers(model).items():
+        for param_name, _, quantizer in layer.quantized_parameters():
+            grid = quantizer.uniform_grid()
+            if grid is None:
+                continue
+            key = f"{name}.{param_name}"
+            fit = _four_bit_type(grid)
+            if fit is None:
+                too_wide.append((key, quantizer.bits))
+            plan[key] = "int8" if weight_storage == "int8" or fit is None else fit
+    if weight_storage == "auto" and prefer == "speed" and int8_ready(model):
+        log.info(
+            'export_onnx: weight_storage="auto", prefer="speed": the model is int8-ready and onnxruntime fuses only '
+            "int8 weights into QLinearConv/QGemm, so every weight is stored as int8."
+        )
+        plan = dict.fromkeys(plan, "int8")
+    return plan, too_wide
+
+
+def _pack_four_bit(values: np.ndarray) -> bytes:
+    """ONNX's INT4/UINT4 raw layout: two values per byte, the first in the low nibble."""
+    flat = (values.astype(np.int16).reshape(-1) & 0x0F).astype(np.uint8)
+    if flat.size % 2:
+        flat = np.append(flat, np.uint8(0))
+    return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
+
+
+def _four_bit_tensor(values: np.ndarray, name: str, kind: str) -> onnx.TensorProto:
+    data_type, low, high = _FOUR_BIT_TYPES[kind]
+    if values.size and (int(values.min()) < low or int(values.max()) > high):
+        raise UnsupportedModuleError(
+            f"export_onnx: the integers of {name!r} span [{int(values.min())}, {int(values.max())}], outside the "
+            f'{kind.upper()} range [{low}, {high}] of its grid. HINT: export with `weight_storage="int8"`.'
+        )
+    tensor = onnx.TensorProto()
+    tensor.name = name
+    tensor.data_type = data_type
+    tensor.dims.extend(values.shape)
+    tensor.raw_data = _pack_four_bit(values)
+    return tensor
+
+
+def _store_four_bit_weights(model: onnx.ModelProto, plan: dict[str, str]) -> dict[str, int]:
+    """Rewrite the integer weight initializers of the weights ``plan`` marks ``int4``/``uint4`` (in place).
+
+    Each such ``DequantizeLinear`` gets its weight initializer re-typed to INT4/UINT4 (same name, values and
+    shape) and a zero point of its own in the same type (zero points may be shared between layers).
+
+    Returns:
+        How many weights are stored in each type: ``{"int4": ..., "uint4": ..., "int8": ...}``.
+    """
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    taken = set(initializers) | {name for node in graph.node for name in (*node.input, *node.output)}
+    counts = {"int4": 0, "uint4": 0, "int8": 0}
+    matched: set[str] = set()
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear" or not node.input or node.input[0] not in initializers:
+            continue
+        weight_name = node.input[0]
+        key = weight_name.rstrip("_").removesuffix("_quantized")
+        if key not in plan:
+            continue
+        matched.add(key)
+        kind = plan[key]
+        if kind == "int8":
+            counts["int8"] += 1
+            continue
+        weight = initializers[weight_name]
+        initializers[weight_name].CopyFrom(_four_bit_tensor(numpy_helper.to_array(weight), weight_name, kind))
+        if len(node.input) > 2 and node.input[2]:
+            zero_point = numpy_helper.to_array(initializers[node.input[2]])
+        else:
+            zero_point = np.zeros((), np.int8)
+        zero_name = f"{weight_name}_zero_point"
+        while zero_name in taken:
+            zero_name += "_"
+        taken.add(zero_name)
+        graph.initializer.append(_four_bit_tensor(zero_point, zero_name, kind))
+        while len(node.input) < 3:
+            node.input.append("")
+        node.input[2] = zero_name
+        counts[kind] += 1
+    missing = sorted(key for key, kind in plan.items() if kind != "int8" and key not in matched)
+    if missing:
+        raise UnsupportedModuleError(
+            f"export_onnx: the weights of {missing} have no integer DequantizeLinear initializer in the exported "
+            'graph, so they cannot be stored as INT4. HINT: export with `weight_storage="int8"`.'
+        )
+    # the int8 zero points that only the re-typed nodes read are now unused
+    used = {name for node in graph.node for name in node.input}
+    for init in [init for init in graph.initializer if init.name not in used]:
+        graph.initializer.remove(init)
+    model.ir_version = max(model.ir_version, 10)  # INT4/UINT4 need IR version 10
+    return counts
+
+
+def _packed_model_bytes(model: nn.Module) -> int | None:
+    """The size of :func:`~lightning_quant.export.packing.save_packed_model`'s file for ``model``, or ``None``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            return save_packed_model(model, Path(tmp) / "packed.bin")
+        except (QuantizationConfigError, UnsupportedModuleError) as err:  # a size report must not fail an export
+            log.info("export_onnx: no packed size to report (%s)", err)
+            return None
 
 
 # ------------------------------------------------------------------------------------------------------ export
@@ -352,12 +556,97 @@ def _check_path(path: str | os.PathLike[str], overwrite: bool) -> Path:
 def _as_tuple(example_input: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
     if isinstance(example_input, Tensor):
         return (example_input,)
-    if isinstance(example_input, Sequence) and all(isinstance(t, Tensor) for t in example_input):
+    if isinstance(example_input, Sequence) and example_input and all(isinstance(t, Tensor) for t in example_input):
         return tuple(example_input)
     raise QuantizationConfigError(
         f"`example_input` must be a tensor or a tuple of tensors, got {type(example_input).__name__}. "
-        "HINT: pass one batch of inputs, e.g. `torch.randn(1, 3, 32, 32)`."
+        "HINT: pass one batch of inputs, e.g. `torch.randn(2, 3, 32, 32)`."
     )
+
+
+def resolve_example_input(
+    model: nn.Module, example_input: Tensor | Sequence[Tensor] | None = None
+) -> tuple[tuple[Tensor, ...], str]:
+    """The inputs to export ``model`` with, and where they came from (for messages).
+
+    ``example_input`` when given, else the model's ``example_input_array`` (Lightning's convention for the input
+    of an export, set in a ``LightningModule``'s ``__init__``).
+
+    Raises:
+        QuantizationConfigError: neither is set, or ``example_input_array`` holds keyword inputs (a dict).
+    """
+    if example_input is not None:
+        return _as_tuple(example_input), "the given `example_input`"
+    array = getattr(model, "example_input_array", None)
+    source = f"`{type(model).__name__}.example_input_array`"
+    if array is None:
+        raise QuantizationConfigError(
+            f"`example_input` is None and {type(model).__name__} sets no `example_input_array`, so there is no input "
+            "to export with. HINT: pass `example_input=` (one batch of what `forward` takes), or set "
+            "`self.example_input_array = torch.randn(2, ...)` in the module's `__init__`."
+        )
+    if isinstance(array, dict):
+        raise QuantizationConfigError(
+            f"{source} is a dict (keyword inputs), which the ONNX export does not take. HINT: pass the inputs in "
+            "`forward`'s positional order as a tuple, e.g. `example_input=(input_ids, attention_mask)`."
+        )
+    try:
+        return _as_tuple(array), source
+    except QuantizationConfigError as err:
+        raise QuantizationConfigError(f"{source}: {err}") from err
+
+
+def _batch_of_at_least_two(args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """``args`` with a batch of >= 2: tracing from batch 1 can fix the batch axis (attention models' reshapes)."""
+    batch = {a.shape[0] if a.dim() else None for a in args}
+    if None in batch or len(batch) != 1:
+        raise QuantizationConfigError(
+            f"`dynamic_batch=True` needs every input batched along dim 0 with one batch size, got shapes "
+            f"{[tuple(a.shape) for a in args]}. HINT: pass inputs with a common batch size, or `dynamic_batch=False`."
+        )
+    return tuple(torch.cat([a, a]) for a in args) if batch == {1} else args
+
+
+def _check_batch_axis(onnx_model: onnx.ModelProto, args: tuple[Tensor, ...]) -> None:
+    """Run the file at the export batch size and one more; raise when only the export batch runs."""
+    from lightning_quant.export.runtime import create_session  # runtime imports nothing from here at import time
+
+    session = create_session(onnx_model, threads=1, optimization="basic")
+    names = [i.name for i in session.get_inputs()]
+    batch = args[0].shape[0]
+
+    def run(inputs: tuple[Tensor, ...]) -> int | None:
+        feed = {name: _to_numpy(t) for name, t in zip(names, inputs, strict=False)}
+        out = session.run(None, feed)[0]
+        return out.shape[0] if out.ndim else None
+
+    larger = tuple(torch.cat([a, a[:1]]) for a in args)
+    try:
+        got = run(larger)
+        error = None if got == batch + 1 else f"the output has batch {got}"
+    except Exception as err:  # onnxruntime raises its own exception types; the check below decides
+        error = str(err).splitlines()[0]
+    if error is None:
+        return
+    try:
+        run(args)
+    except Exception as err:  # the file does not run at all: not a batch-axis problem, verification will say more
+        log.warning("export_onnx: onnxruntime cannot run the exported graph (%s); batch axis not checked.", err)
+        return
+    raise UnsupportedModuleError(
+        f"export_onnx: the exported graph fixed its batch axis although `dynamic_batch=True`: it runs at the export "
+        f"batch size {batch} but not at {batch + 1} ({error}). A reshape with a constant batch size in the model's "
+        "forward (e.g. `x.view(64, -1)`) does this. HINT: write it as `x.flatten(1)` or `x.view(x.shape[0], -1)`; "
+        "or export a fixed-batch file with `dynamic_batch=False`."
+    )
+
+
+def _to_numpy(t: Tensor, dtype: Any = None) -> np.ndarray:
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        t = t.float()
+    array = t.numpy()
+    return array if dtype is None else array.astype(dtype, copy=False)
 
 
 def _export_dynamo(module: nn.Module, args: tuple[Tensor, ...], path: Path, opset: int, dynamic_batch: bool) -> None:
@@ -399,44 +688,89 @@ def _export_torchscript(
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike[str],
-    example_input: Tensor | Sequence[Tensor],
+    example_input: Tensor | Sequence[Tensor] | None = None,
     *,
     overwrite: bool = False,
-    opset: int = DEFAULT_OPSET,
+    opset: int | None = None,
     fold_batchnorm: bool | Literal["auto"] = "auto",
     dynamic_batch: bool = True,
     dynamo: bool = True,
+    weight_storage: Literal["int8", "int4", "auto"] = "int8",
+    prefer: Literal["size", "speed"] = "size",
 ) -> Path:
     """Export a model quantized by this suite to a QDQ ONNX file (see the module docs for what is done).
 
     Args:
         model: the quantized model (a ``LightningModule`` included); it is not modified.
         path: the ``.onnx`` file to write; its directory must exist.
-        example_input: one batch of inputs (a tensor or a tuple of tensors) to trace with.
+        example_input: one batch of inputs (a tensor or a tuple of tensors, in their own dtypes: token ids stay
+            int64) to trace with; ``None`` takes the model's ``example_input_array`` (Lightning's convention).
+            With ``dynamic_batch`` a batch of 1 is repeated to 2: traced from batch 1, attention models get a
+            reshape with a constant batch size.
         overwrite: replace an existing file.
-        opset: the ONNX opset (>= 13 for per-channel Q/DQ).
+        opset: the ONNX opset (>= 13 for per-channel Q/DQ, >= 21 for INT4 weights). ``None``: 18
+            (:data:`DEFAULT_OPSET`), or 21 (:data:`INT4_OPSET`) when INT4/UINT4 weights are stored.
         fold_batchnorm: fold BatchNorm layers into the preceding convolutions first. ``"auto"`` folds when the
             model is int8-ready (every quantized activation has 8 bits): only then can a runtime fuse the convs
             into ``QLinearConv``, which needs the fold. Below 8 bits the convs run in float anyway, and leaving
             BatchNorm unfolded keeps the graph numerically identical to the fake-quant model (a fold reorders
             float arithmetic, and one activation moved by a 4-bit step changes later layers noticeably).
-        dynamic_batch: make the batch dimension of inputs and output dynamic.
+        dynamic_batch: make the batch dimension of inputs and output dynamic; the file is then run in onnxruntime
+            at the export batch size and one more before it is written, and refused if only the first runs.
         dynamo: try torch's dynamo exporter first (the default); ``False`` uses the TorchScript exporter only.
+        weight_storage: ``"int8"`` stores every weight as 8-bit integers; ``"int4"`` stores every weight as
+            INT4 (UINT4 for unsigned grids), which needs every weight grid to fit in 4 bits; ``"auto"`` stores
+            the weights that fit as INT4/UINT4 and the others as int8 (see the module docs).
+        prefer: what ``weight_storage="auto"`` optimises: ``"size"`` (INT4 wherever it fits) or ``"speed"``
+            (int8 everywhere when the model is int8-ready, since onnxruntime runs INT4 weights only in float
+            layers; INT4 wherever it fits otherwise). Ignored for ``"int8"``/``"int4"``.
 
     Returns:
-        The path written.
+        The path written. The info log line gives the file's size beside the size of ``save_packed_model``'s
+        file; the file's metadata holds the latter (``lightning_quant.packed_bytes``) and how many weights are
+        stored in each type (``lightning_quant.weight_storage``).
 
     Raises:
         QuantizationConfigError: a model without quantized layers or with an uncalibrated quantizer, a path in
-            a missing directory, an existing file without ``overwrite=True``, or a bad argument.
+            a missing directory, an existing file without ``overwrite=True``, no example input, an unknown
+            ``weight_storage`` or ``prefer``, ``weight_storage="int4"`` for a model with a weight wider than 4 bits,
+            an ``opset`` below 21 where INT4 weights would be stored, or a bad argument.
         UnsupportedModuleError: a quantizer the exporter cannot express (an activation quantizer off any uniform
-            grid, a binary activation, a module that is not a lightning-quant quantizer).
+            grid, a binary activation, a module that is not a lightning-quant quantizer), or a graph whose batch
+            axis came out fixed although ``dynamic_batch=True``.
     """
+    if weight_storage not in WEIGHT_STORAGE:
+        raise QuantizationConfigError(
+            f"`weight_storage` must be one of {list(WEIGHT_STORAGE)}, got {weight_storage!r}. HINT: "
+            '"int4" (every weight as INT4), "auto" (INT4 where a weight fits 4 bits, int8 elsewhere) or "int8".'
+        )
+    if prefer not in PREFER:
+        raise QuantizationConfigError(
+            f'`prefer` must be one of {list(PREFER)}, got {prefer!r}: what `weight_storage="auto"` optimises.'
+        )
+    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or opset < 13):
+        raise QuantizationConfigError(f"`opset` must be an integer >= 13 (per-channel Q/DQ) or None, got {opset!r}.")
     path = _check_path(path, overwrite)
-    if isinstance(opset, bool) or not isinstance(opset, int) or opset < 13:
-        raise QuantizationConfigError(f"`opset` must be an integer >= 13 (per-channel Q/DQ), got {opset!r}.")
-    args = _as_tuple(example_input)
+    args, _ = resolve_example_input(model, example_input)
+    if dynamic_batch:
+        args = _batch_of_at_least_two(args)
     _check_exportable(model)
+    plan, too_wide = _weight_storage_plan(model, weight_storage, prefer)
+    if weight_storage == "int4" and too_wide:
+        listed = ", ".join(f"{name!r} ({bits} bits)" for name, bits in too_wide)
+        raise QuantizationConfigError(
+            f'`weight_storage="int4"` needs every weight grid to fit in 4 bits; {listed} do not. HINT: use '
+            '`weight_storage="auto"` (INT4 where it fits, int8 for those), or quantize them to <= 4 bits.'
+        )
+    four_bit = any(kind != "int8" for kind in plan.values())
+    if opset is None:
+        opset = INT4_OPSET if four_bit else DEFAULT_OPSET
+    elif four_bit and opset < INT4_OPSET:
+        raise QuantizationConfigError(
+            f"`opset={opset}` has no INT4/UINT4 tensors, which `weight_storage={weight_storage!r}` stores for "
+            f"{sum(kind != 'int8' for kind in plan.values())} weights. HINT: pass `opset={INT4_OPSET}` (or leave it "
+            'None), or `weight_storage="int8"`.'
+        )
     ready = int8_ready(model)
     if fold_batchnorm == "auto":
         fold_batchnorm = ready
@@ -464,25 +798,45 @@ def export_onnx(
             _export_torchscript(prepared, args, raw, opset, dynamic_batch)
         onnx_model = onnx.load(os.fspath(raw), load_external_data=True)
     stats = _clean_graph(onnx_model)
+    storage = _store_four_bit_weights(onnx_model, plan) if four_bit else {"int4": 0, "uint4": 0, "int8": len(plan)}
+    packed_bytes = _packed_model_bytes(model)
     onnx_model.producer_name = _METADATA_PRODUCER
     meta = {
         "lightning_quant.exporter": exporter,
         "lightning_quant.int8_ready": str(ready),
         "lightning_quant.batchnorm_folded": str(bool(fold_batchnorm)),
         "lightning_quant.layers": str(list(quantized_layers(model))),
+        "lightning_quant.weight_storage": str(storage),
+        "lightning_quant.packed_bytes": str(packed_bytes),
     }
     for key, value in meta.items():
         entry = onnx_model.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.checker.check_model(onnx_model)
+    if dynamic_batch:
+        _check_batch_axis(onnx_model, args)
     onnx.save(onnx_model, os.fspath(path))
+    packed = f"{packed_bytes / 1024:.1f} KiB" if packed_bytes is not None else "n/a"
     log.info(
-        "export_onnx: wrote %s (%s exporter, %d weight Q folded into integers)",
+        "export_onnx: wrote %s (%.1f KiB; save_packed_model: %s; weights: %d INT4, %d UINT4, %d int8; opset %d; "
+        "%s exporter, %d weight Q folded into integers)",
         path,
+        path.stat().st_size / 1024,
+        packed,
+        storage["int4"],
+        storage["uint4"],
+        storage["int8"],
+        opset,
         exporter,
         stats["folded_quantize"],
     )
     return path
+
+
+def onnx_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The ``metadata_props`` of an ONNX file as a dict (what :func:`export_onnx` records: exporter, int8
+    readiness, weight storage counts, ``save_packed_model``'s size in ``lightning_quant.packed_bytes``)."""
+    return {prop.key: prop.value for prop in onnx.load(os.fspath(path), load_external_data=False).metadata_props}
 
 
 # ----------------------------------------------------------------------------------------------------- verify
@@ -496,26 +850,39 @@ class LayerDiff:
     diverged: bool
 
 
+#: how :func:`verify_onnx` compares outputs: ``auto`` decides from the output's shape (and the labels)
+Task = Literal["auto", "multiclass", "binary", "regression"]
+TASKS: tuple[str, ...] = ("auto", "multiclass", "binary", "regression")
+
+
 @dataclass(frozen=True)
 class VerificationResult:
     """What :func:`verify_onnx` measured.
 
     Attributes:
         num_samples: samples compared.
-        agreement: fraction of samples where the top-1 predictions agree.
-        max_abs_diff: largest absolute logit difference.
-        mean_abs_diff: mean absolute logit difference.
-        torch_accuracy: top-1 accuracy of the PyTorch model (``None`` without labels).
-        onnx_accuracy: top-1 accuracy of onnxruntime (``None`` without labels).
+        agreement: fraction of samples whose predictions agree: the arg-max class for multi-class outputs
+            (``[N, C]``, ``C >= 2``), the sign for one logit per sample (``[N]`` or ``[N, 1]``); ``None`` for any
+            other output (images, sequences, reconstructions, regression), which ``relative_error`` judges
+            instead (see :func:`verify_onnx`).
+        max_abs_diff: largest absolute output difference.
+        mean_abs_diff: mean absolute output difference.
+        torch_accuracy: accuracy of the PyTorch model (``None`` without labels, or labels that do not fit the
+            output: integer class ids for multi-class, 0/1 for one logit).
+        onnx_accuracy: accuracy of onnxruntime (``None`` likewise).
         int8_convs: convolutions that run in integer arithmetic after onnxruntime's optimisation.
         float_convs: convolutions that still run in float.
         int8_ops: integer op types of the optimised graph and their counts (QLinearConv, QGemm, ...).
         layers: per-layer differences (``per_layer=True`` only), in graph order.
         first_divergent_layer: the first layer whose output diverged beyond the tolerance, or ``None``.
+        task: how the outputs were compared: ``multiclass``, ``binary`` or ``regression``.
+        relative_error: ``||onnx - torch|| / ||torch||`` over all outputs (``None`` when the PyTorch outputs are
+            all zero and the file's are not).
+        mse: mean squared output difference.
     """
 
     num_samples: int
-    agreement: float
+    agreement: float | None
     max_abs_diff: float
     mean_abs_diff: float
     torch_accuracy: float | None
@@ -525,26 +892,42 @@ class VerificationResult:
     int8_ops: dict[str, int] = field(default_factory=dict)
     layers: tuple[LayerDiff, ...] = ()
     first_divergent_layer: str | None = None
+    task: str = "multiclass"
+    relative_error: float | None = None
+    mse: float = 0.0
+
+    @property
+    def agreement_name(self) -> str:
+        """What :attr:`agreement` counts, in words."""
+        return {"multiclass": "top-1 agreement", "binary": "sign agreement (one logit)"}.get(self.task, "agreement")
 
     def as_metrics(self) -> dict[str, float]:
-        """Flat numeric figures, for loggers (``None`` accuracies left out)."""
+        """Flat numeric figures, for loggers (undefined figures left out)."""
         metrics = {
-            "agreement": self.agreement,
             "max_abs_diff": self.max_abs_diff,
             "mean_abs_diff": self.mean_abs_diff,
+            "mse": self.mse,
             "int8_convs": float(self.int8_convs),
             "float_convs": float(self.float_convs),
             "num_samples": float(self.num_samples),
         }
+        if self.agreement is not None:
+            metrics["agreement"] = self.agreement
+        if self.relative_error is not None:
+            metrics["relative_error"] = self.relative_error
         if self.torch_accuracy is not None and self.onnx_accuracy is not None:
             metrics["torch_accuracy"] = self.torch_accuracy
             metrics["onnx_accuracy"] = self.onnx_accuracy
         return metrics
 
     def __str__(self) -> str:
+        rel = "undefined" if self.relative_error is None else f"{self.relative_error:.4g}"
+        if self.agreement is None:
+            head = f"onnxruntime vs PyTorch on {self.num_samples} samples ({self.task} outputs): agreement undefined"
+        else:
+            head = f"onnxruntime vs PyTorch on {self.num_samples} samples: {self.agreement_name} {self.agreement:.4%}"
         lines = [
-            f"onnxruntime vs PyTorch on {self.num_samples} samples: top-1 agreement {self.agreement:.4%}, "
-            f"logit |diff| max {self.max_abs_diff:.4g} mean {self.mean_abs_diff:.4g}",
+            f"{head}, output |diff| max {self.max_abs_diff:.4g} mean {self.mean_abs_diff:.4g}, relative error {rel}",
             f"convolutions in int8 after optimisation: {self.int8_convs} (float: {self.float_convs})",
         ]
         if self.torch_accuracy is not None:
@@ -570,18 +953,90 @@ def count_conv_ops(onnx_model: onnx.ModelProto | str | os.PathLike[str]) -> tupl
     return int8, flt, integer_ops
 
 
-def _split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
-    if isinstance(batch, Tensor):
-        return batch, None
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
-        labels = batch[1] if len(batch) > 1 and isinstance(batch[1], Tensor) else None
-        return batch[0], labels
-    if isinstance(batch, dict) and isinstance(batch.get("x", batch.get("input")), Tensor):
-        return batch.get("x", batch.get("input")), batch.get("y", batch.get("label"))
+def _split_batch(batch: Any, num_inputs: int = 1) -> tuple[tuple[Tensor, ...], Tensor | None]:
+    """``(inputs, labels)`` of a batch, for a graph with ``num_inputs`` inputs."""
+    if isinstance(batch, Tensor) and num_inputs == 1:
+        return (batch,), None
+    if isinstance(batch, (tuple, list)) and batch:
+        first = batch[0]
+        if isinstance(first, (tuple, list)) and len(first) == num_inputs and all(isinstance(t, Tensor) for t in first):
+            labels = batch[1] if len(batch) > 1 and isinstance(batch[1], Tensor) else None
+            return tuple(first), labels  # ((inputs...), labels)
+        if len(batch) >= num_inputs and all(isinstance(t, Tensor) for t in batch[:num_inputs]):
+            labels = batch[num_inputs] if len(batch) > num_inputs and isinstance(batch[num_inputs], Tensor) else None
+            return tuple(batch[:num_inputs]), labels  # (input..., labels)
+    if isinstance(batch, dict) and num_inputs == 1 and isinstance(batch.get("x", batch.get("input")), Tensor):
+        return (batch.get("x", batch.get("input")),), batch.get("y", batch.get("label"))
     raise QuantizationConfigError(
-        f"verify_onnx: cannot find the inputs in a batch of type {type(batch).__name__}. HINT: the dataloader "
-        "should yield tensors, (inputs, labels) pairs, or dicts with 'x'/'y'."
+        f"verify_onnx: cannot find the graph's {num_inputs} input(s) in a batch of type {type(batch).__name__}. "
+        "HINT: the dataloader should yield tensors, (inputs, labels) pairs, (input1, input2, ..., labels) tuples, "
+        "or dicts with 'x'/'y'."
     )
+
+
+#: onnxruntime's input type names -> numpy dtypes
+_ORT_DTYPES: dict[str, Any] = {
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int16)": np.int16,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+
+
+def _feed(session: Any, inputs: tuple[Tensor, ...]) -> dict[str, np.ndarray]:
+    """The session's inputs, each in the dtype the graph declares (token ids stay integers)."""
+    return {i.name: _to_numpy(t, _ORT_DTYPES.get(i.type)) for i, t in zip(session.get_inputs(), inputs, strict=False)}
+
+
+def _first_tensor(output: Any) -> Tensor:
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    if isinstance(output, dict):
+        tensor = next((v for v in output.values() if isinstance(v, Tensor)), None)
+        if tensor is not None:
+            return tensor
+    raise QuantizationConfigError(
+        f"verify_onnx: the model returned {type(output).__name__}, not a tensor. HINT: verify a module whose forward "
+        "returns a tensor (or a tuple whose first element is the exported output)."
+    )
+
+
+def _task_of(ref: Tensor, inputs: tuple[Tensor, ...], labels: Tensor | None, task: str) -> str:
+    """The task of ``task="auto"``, from the output's shape (and float labels, which mark values, not classes)."""
+    if task != "auto":
+        return task
+    if labels is not None and labels.is_floating_point():
+        return "regression"  # float targets: a score or a reconstruction, not classes
+    if ref.dim() == 2 and ref.shape[1] >= 2:
+        # an output shaped like the input is a reconstruction (an autoencoder), not class logits
+        return "regression" if ref.shape == inputs[0].shape else "multiclass"
+    if ref.dim() == 1 or (ref.dim() == 2 and ref.shape[1] == 1):
+        return "binary"
+    return "regression"
+
+
+def _predictions(out: Tensor, task: str) -> Tensor | None:
+    if task == "multiclass" and out.dim() == 2:
+        return out.argmax(dim=1)
+    if task == "binary" and out.numel() == out.shape[0]:
+        return (out.reshape(-1) > 0).long()
+    return None
+
+
+def _labels_fit(labels: Tensor, pred: Tensor, out: Tensor, task: str) -> bool:
+    """Whether ``labels`` are targets of ``out``: class ids in range (multi-class), 0/1 (one logit)."""
+    if labels.is_floating_point() or labels.numel() != pred.numel():
+        return False
+    if task == "multiclass":
+        return bool(((labels >= 0) & (labels < out.shape[1])).all())
+    return bool(((labels == 0) | (labels == 1)).all())
 
 
 def _scopes(node: onnx.NodeProto) -> list[str]:
@@ -609,7 +1064,7 @@ def _layer_outputs(onnx_model: onnx.ModelProto, names: Iterable[str]) -> dict[st
 
 
 def _per_layer_diffs(
-    model: nn.Module, onnx_model: onnx.ModelProto, x: Tensor, tolerance: float, session_factory: Any
+    model: nn.Module, onnx_model: onnx.ModelProto, x: tuple[Tensor, ...], tolerance: float, session_factory: Any
 ) -> tuple[tuple[LayerDiff, ...], str | None]:
     prepared = prepare_for_export(model)
     layers = quantized_layers(prepared)
@@ -619,7 +1074,7 @@ def _per_layer_diffs(
             "verify_onnx(per_layer=True) needs the layer scopes that torch's dynamo exporter writes into the "
             "ONNX nodes; this file has none (exported with dynamo=False?). HINT: export with `dynamo=True`."
         )
-    calls = capture(prepared, x.cpu(), {name: layers[name] for name in outputs}, training=None)
+    calls = capture(prepared, tuple(t.cpu() for t in x), {name: layers[name] for name in outputs}, training=None)
     captured = {name: calls[name][0].output for name in outputs}
     probe = copy.deepcopy(onnx_model)
     existing = {o.name for o in probe.graph.output}
@@ -627,8 +1082,7 @@ def _per_layer_diffs(
         if tensor_name not in existing:
             probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(tensor_name))
     session = session_factory(probe)
-    input_name = session.get_inputs()[0].name
-    results = session.run(list(outputs.values()), {input_name: x.cpu().numpy()})
+    results = session.run(list(outputs.values()), _feed(session, x))
     diffs = []
     first = None
     for (name, _), got in zip(outputs.items(), results, strict=True):
@@ -652,23 +1106,32 @@ def verify_onnx(
     per_layer: bool = False,
     tolerance: float = 0.05,
     threads: int = 2,
+    task: Task = "auto",
 ) -> VerificationResult:
     """Run the exported file in onnxruntime beside the PyTorch fake-quant model and compare them.
 
     The onnxruntime session is the int8 deployment session of :func:`lightning_quant.export.runtime.create_session`
     (``ORT_ENABLE_ALL``); its optimised graph is saved to a temporary file and counted, so a convolution that
-    silently fell back to float is visible in ``float_convs``.
+    silently fell back to float is visible in ``float_convs``. Inputs are fed in the dtypes the graph declares
+    (token ids as int64). How outputs are compared (``task="auto"``): ``[N, C]`` (``C >= 2``) as multi-class
+    logits (arg-max agreement), ``[N]`` or ``[N, 1]`` as one logit (sign agreement), anything else -- images,
+    sequences, an output shaped like the input (a reconstruction), any output with float labels -- by the
+    relative error alone (agreement ``None``); pass ``task`` where the shape misleads (``"regression"`` for a
+    generator's flat images). Accuracies are computed only where the labels fit the output: class ids in
+    ``[0, C)``, or 0/1 for one logit.
 
     Args:
         model: the quantized PyTorch model (evaluated in eval mode; its mode is restored afterwards).
         onnx_path: the file written by :func:`export_onnx`.
-        dataloader: yields input tensors, ``(inputs, labels)`` pairs or dicts with ``x``/``y``.
+        dataloader: yields input tensors, ``(inputs, labels)`` pairs, ``(input1, ..., inputK, labels)`` tuples
+            for a graph with K inputs, or dicts with ``x``/``y``.
         max_batches: compare at most this many batches (``None``: all).
         per_layer: also compare every quantized layer's output on the first batch and name the first layer
             whose relative difference ``max|diff| / max|ref|`` exceeds ``tolerance`` (needs a file written by
             the dynamo exporter).
         tolerance: the per-layer relative tolerance.
         threads: onnxruntime intra-op threads.
+        task: ``auto``, or force ``multiclass``, ``binary`` (one logit) or ``regression``.
 
     Returns:
         A :class:`VerificationResult`.
@@ -685,6 +1148,8 @@ def verify_onnx(
         isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
     ):
         raise QuantizationConfigError(f"`max_batches` must be a positive integer or None, got {max_batches!r}.")
+    if task not in TASKS:
+        raise QuantizationConfigError(f"`task` must be one of {list(TASKS)}, got {task!r}.")
     was_training = model.training
     model.eval()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -692,34 +1157,42 @@ def verify_onnx(
         optimized = Path(tmp) / "optimized.onnx"
         session = create_session(onnx_path, threads=threads, optimized_model_path=optimized)
         int8, flt, int8_ops = count_conv_ops(optimized)
-    input_name = session.get_inputs()[0].name
+    num_inputs = len(session.get_inputs())
     n = agree = torch_correct = onnx_correct = 0
-    labelled = True
-    max_diff = 0.0
-    sum_diff = 0.0
+    labelled = comparable = True
+    resolved = None
+    max_diff = sum_diff = sum_sq_diff = sum_sq_ref = 0.0
     numel = 0
     first_x = None
     try:
         for index, batch in enumerate(dataloader):
             if max_batches is not None and index >= max_batches:
                 break
-            x, y = _split_batch(batch)
+            x, y = _split_batch(batch, num_inputs)
             if first_x is None:
                 first_x = x
-            ref = model(x.to(device)).float().cpu()
-            got = torch.from_numpy(session.run(None, {input_name: x.cpu().float().numpy()})[0]).reshape(ref.shape)
-            diff = (got - ref).abs()
-            max_diff = max(max_diff, float(diff.max()) if diff.numel() else 0.0)
-            sum_diff += float(diff.sum())
+            ref = _first_tensor(model(*(t.to(device) for t in x))).float().cpu()
+            got = torch.from_numpy(session.run(None, _feed(session, x))[0]).float().reshape(ref.shape)
+            diff = got - ref
+            max_diff = max(max_diff, float(diff.abs().max()) if diff.numel() else 0.0)
+            sum_diff += float(diff.abs().sum())
+            sum_sq_diff += float(diff.square().sum())
+            sum_sq_ref += float(ref.square().sum())
             numel += diff.numel()
-            pred_ref, pred_got = ref.argmax(dim=1), got.argmax(dim=1)
+            n += x[0].shape[0] if x[0].dim() else 1
+            batch_task = _task_of(ref, x, y, task)
+            resolved = batch_task if resolved is None else resolved
+            pred_ref, pred_got = _predictions(ref, resolved), _predictions(got, resolved)
+            if batch_task != resolved or pred_ref is None or pred_got is None:
+                comparable = False
+                continue
             agree += int((pred_ref == pred_got).sum())
-            n += x.shape[0]
-            if y is None:
+            if y is None or not _labels_fit(y.cpu(), pred_ref, ref, resolved):
                 labelled = False
             else:
-                torch_correct += int((pred_ref == y.cpu()).sum())
-                onnx_correct += int((pred_got == y.cpu()).sum())
+                y = y.cpu().reshape(pred_ref.shape).long()
+                torch_correct += int((pred_ref == y).sum())
+                onnx_correct += int((pred_got == y).sum())
         if n == 0:
             raise QuantizationConfigError("verify_onnx: `dataloader` yielded no batch. Pass a non-empty dataloader.")
         layers: tuple[LayerDiff, ...] = ()
@@ -730,16 +1203,24 @@ def verify_onnx(
             )
     finally:
         model.train(was_training)
+    classified = comparable and resolved in ("multiclass", "binary")
+    if sum_sq_ref > 0:
+        relative: float | None = math.sqrt(sum_sq_diff / sum_sq_ref)
+    else:
+        relative = 0.0 if sum_sq_diff == 0 else None  # all-zero reference: no scale to compare against
     return VerificationResult(
         num_samples=n,
-        agreement=agree / n,
+        agreement=agree / n if classified else None,
         max_abs_diff=max_diff,
         mean_abs_diff=sum_diff / max(numel, 1),
-        torch_accuracy=torch_correct / n if labelled else None,
-        onnx_accuracy=onnx_correct / n if labelled else None,
+        torch_accuracy=torch_correct / n if classified and labelled else None,
+        onnx_accuracy=onnx_correct / n if classified and labelled else None,
         int8_convs=int8,
         float_convs=flt,
         int8_ops=int8_ops,
         layers=layers,
         first_divergent_layer=first,
+        task=resolved if comparable else "regression",
+        relative_error=relative,
+        mse=sum_sq_diff / max(numel, 1),
     )

@@ -32,7 +32,8 @@ def build_parser(prog: str | None = None) -> ArgumentParser:
         description=(
             "Bayesian optimisation (BOMP-NAS) of per-layer bit widths and architecture choices with a short "
             "quantization-aware fine-tune per trial, on an Optuna study (SQLite by default; --storage for several "
-            "workers). Writes the Pareto front (table, plot, QuantSpec YAMLs) to --workdir."
+            "workers). Writes the Pareto front (table, plot, QuantSpec YAMLs) to --workdir. `--method autoqb` runs the "
+            "AutoQB driver instead (`lightning-quant search --method autoqb --help`)."
         ),
         exit_on_error=True,
     )

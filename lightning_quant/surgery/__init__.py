@@ -2,6 +2,7 @@
 
 from lightning_quant.surgery.blocks import find_blocks
 from lightning_quant.surgery.capture import Call, Capture, capture, modes_kept, quantizers_disabled
+from lightning_quant.surgery.coverage import unquantized_layers
 from lightning_quant.surgery.fold import find_conv_bn_pairs, fold_batchnorm
 from lightning_quant.surgery.layers import (
     QuantConv1d,
@@ -57,4 +58,5 @@ __all__ = [
     "quantizers_disabled",
     "save_quantized",
     "set_observing",
+    "unquantized_layers",
 ]

@@ -199,6 +199,27 @@ def modes_kept(model: nn.Module, training: bool | None = None) -> Iterator[None]
             module.training = mode
 
 
+def batch_inputs(batch: Any, owner: str, hint: str = "") -> Tensor:
+    """The model inputs of a batch: the batch itself, the first element of a tuple/list, or the ``x``/``image(s)``/
+    ``input(s)`` entry of a dict; otherwise a clear error from ``owner`` (``hint`` is added to its HINT).
+
+    >>> batch_inputs((torch.zeros(2, 3), torch.ones(2)), "me").shape
+    torch.Size([2, 3])
+    """
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], Tensor):
+        return batch[0]
+    if isinstance(batch, Mapping):
+        for key in ("x", "image", "images", "input", "inputs"):
+            if isinstance(batch.get(key), Tensor):
+                return batch[key]
+    raise QuantizationConfigError(
+        f"{owner} cannot find the model inputs in a batch of type {type(batch).__name__}. HINT: "
+        f"yield images, `(images, ...)` tuples or dicts with an `x`/`image` key{hint}."
+    )
+
+
 def capture(
     model: nn.Module,
     inputs: Any,
@@ -233,4 +254,4 @@ def capture(
     return hooks.calls
 
 
-__all__ = ["Call", "Capture", "capture", "modes_kept", "quantizers_disabled"]
+__all__ = ["Call", "Capture", "batch_inputs", "capture", "modes_kept", "quantizers_disabled"]

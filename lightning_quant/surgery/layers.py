@@ -236,6 +236,8 @@ class QuantMultiheadAttention(QuantizedLayer, nn.MultiheadAttention):
         is_causal: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         batched = query.dim() == 3
+        # which inputs are one tensor (self-attention), decided before the transposes below make new views
+        key_is_query, value_is_key, value_is_query = key is query, value is key, value is query
         if self.batch_first and batched:
             query, key, value = (x.transpose(0, 1) for x in (query, key, value))
         if not batched:
@@ -247,8 +249,8 @@ class QuantMultiheadAttention(QuantizedLayer, nn.MultiheadAttention):
         heads, head_dim = self.num_heads, self.head_dim
         # one quantization per distinct input tensor
         q_in = self.input_quantizer(query)
-        k_in = q_in if key is query else self.input_quantizer(key)
-        v_in = k_in if value is key else (q_in if value is query else self.input_quantizer(value))
+        k_in = q_in if key_is_query else self.input_quantizer(key)
+        v_in = k_in if value_is_key else (q_in if value_is_query else self.input_quantizer(value))
         w_q, w_k, w_v = self.quantized_weight().chunk(3)
         b_q = b_k = b_v = None
         if self.in_proj_bias is not None:

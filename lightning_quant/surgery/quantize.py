@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
+from lightning_quant.core.codebook import check_shareable, share_codebook
 from lightning_quant.core.errors import QuantizationConfigError
 from lightning_quant.core.quantizers import Quantizer, UniformQuantizer, build_weight_quantizer
+from lightning_quant.surgery.coverage import directly_read_layers, unquantized_layers
+from lightning_quant.surgery.fastpath import disable_fast_paths, restore_fast_paths
 from lightning_quant.surgery.fold import fold_batchnorm
 from lightning_quant.surgery.graph import (
     residual_activations,
@@ -34,9 +38,16 @@ log = logging.getLogger(__name__)
 
 
 def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Float layers of ``model`` that :func:`quantize_model` can swap, by name, in registration order."""
+    """Float layers of ``model`` that :func:`quantize_model` can swap, by name, in registration order.
+
+    Layers whose parent reads their weight directly instead of calling them are not among them: swapped, they
+    would never run quantized (:func:`~lightning_quant.surgery.coverage.directly_read_layers`).
+    """
+    bypassed = directly_read_layers(model)
     return {
-        name: m for name, m in model.named_modules() if type(m) in QUANTIZED_TYPES and unsupported_reason(m) is None
+        name: m
+        for name, m in model.named_modules()
+        if type(m) in QUANTIZED_TYPES and unsupported_reason(m) is None and name not in bypassed
     }
 
 
@@ -75,6 +86,10 @@ def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> nn.Module
     * With ``spec.fold_batchnorm``, BatchNorms are folded into their convolutions first (after every check).
     * With ``spec.quantize_residuals``, the tensors that enter residual additions from a quantized conv (or
       the BatchNorm right after it) get an output quantizer too (see :class:`QuantSpec`).
+    * New quantizer parameters follow the ``requires_grad`` of the layer they quantize (frozen layers get frozen
+      step sizes; see ``BaseFinetuning`` in the README).
+    * ``nn.TransformerEncoderLayer`` blocks that hold a quantized layer no longer take PyTorch's fused inference
+      path, which would bypass it (see :mod:`~lightning_quant.surgery.fastpath`).
 
     Args:
         model: any ``nn.Module`` (a ``LightningModule`` included).
@@ -131,8 +146,10 @@ def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> nn.Module
             log.info("quantize_model: %d modules re-traced so that each ReLU use is its own module", len(owners))
     if spec.fold_batchnorm:
         fold_batchnorm(model)
+    requested = dict(resolved)
     residual_bns = _add_residual_outputs(model, resolved) if spec.quantize_residuals else {}
     activations = residual_activations(model) if spec.quantize_residuals else {}
+    found_residuals = bool(residual_bns or activations or resolved != requested)
     # build everything first: nothing below this point raises on user input
     swaps: dict[nn.Module, nn.Module] = {
         float_layers[name]: QUANTIZED_TYPES[type(float_layers[name])].from_float(float_layers[name], layer_spec, name)
@@ -141,13 +158,73 @@ def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> nn.Module
     }
     for bn, (layer_spec, bits) in residual_bns.items():
         swaps[bn] = OUTPUT_QUANTIZED_TYPES[type(bn)].from_float(bn, activation_quantizer(layer_spec, bits))
+    groups = _codebook_groups(model, resolved, float_layers, swaps)
+    for members in groups.values():
+        check_shareable([q for _, q in members], [f"Layer {n!r}" for n, _ in members])
+    for members in groups.values():
+        share_codebook([q for _, q in members])
     _share_activation_quantizers(model, spec, activations, swaps)
+    _follow_requires_grad(swaps)
     for old, new in swaps.items():
         for parent, attr in list(_references(model, old)):
             parent._modules[attr] = new
+    disable_fast_paths(model)  # fused transformer kernels would bypass the quantized layers in eval mode
     if swaps:
         log.debug("Quantized %d layers of %s", len(swaps), type(model).__name__)
+        _warn_what_does_not_apply(model, spec, requested, found_residuals)
     return model
+
+
+def _codebook_groups(
+    model: nn.Module,
+    resolved: dict[str, LayerSpec],
+    float_layers: dict[str, nn.Module],
+    swaps: dict[nn.Module, nn.Module],
+) -> dict[str, list[tuple[str, Quantizer]]]:
+    """The weight quantizers of each shared codebook (``LayerSpec.codebook_share``), in registration order."""
+    done = quantized_layers(model)
+    groups: dict[str, list[tuple[str, Quantizer]]] = {}
+    for name, layer_spec in resolved.items():
+        if layer_spec.codebook_share is None:
+            continue
+        layer = swaps[float_layers[name]] if name in float_layers else done[name]
+        assert isinstance(layer, QuantizedLayer)
+        groups.setdefault(layer_spec.codebook_share, []).append((name, layer.weight_quantizer))
+    return groups
+
+
+def _warn_what_does_not_apply(
+    model: nn.Module, spec: QuantSpec, resolved: dict[str, LayerSpec], found_residuals: bool
+) -> None:
+    """Say (once, when the model is first quantized) what the spec asked for that this model does not get."""
+    name = type(model).__name__
+    default, first_last = spec.default, spec.first_last_bits
+    asked = {default.weight_bits, *(() if default.act_bits is None else (default.act_bits,))}
+    if first_last is not None and len(resolved) <= 2 and asked != {first_last}:
+        if all(layer.weight_bits == first_last for layer in resolved.values()):
+            bits = f"W{default.weight_bits}A{default.act_bits or 'fp'}"
+            warnings.warn(
+                f"quantize_model: {bits} applies to no layer of {name}: its quantized layers {list(resolved)} are all "
+                f"its first or last layer, which stay at `first_last_bits={first_last}`, so it trains at "
+                f"{first_last} bits. HINT: pass `first_last_bits=None` (to QuantizationAwareTraining or QuantSpec) "
+                "to quantize them at the requested bits too.",
+                stacklevel=3,
+            )
+    if spec.quantize_residuals and not found_residuals:
+        warnings.warn(
+            f"quantize_model: `quantize_residuals=True` found no residual addition fed by a quantized layer in {name}, "
+            "so it adds no quantizer. HINT: drop `quantize_residuals` for a model without skip connections (or "
+            "set `LayerSpec.output_bits` where tracing cannot see the addition).",
+            stacklevel=3,
+        )
+    floating = unquantized_layers(model)
+    if floating:
+        listed = "; ".join(f"{layer} ({reason})" for layer, reason in floating.items())
+        warnings.warn(
+            f"quantize_model: {len(floating)} weight layer(s) of {name} stay in float: {listed}. "
+            "`quantization_summary(model)` lists them too.",
+            stacklevel=3,
+        )
 
 
 def _add_residual_outputs(model: nn.Module, resolved: dict[str, LayerSpec]) -> dict[nn.Module, tuple[LayerSpec, int]]:
@@ -190,6 +267,31 @@ def _share_activation_quantizers(
         swaps[relu] = OUTPUT_QUANTIZED_TYPES[type(relu)].from_float(relu, shared)
 
 
+def _follow_requires_grad(swaps: dict[nn.Module, nn.Module]) -> None:
+    """New quantizer parameters train only where a layer they quantize trains (``requires_grad``).
+
+    A frozen backbone (frozen by the user, or by Lightning's ``BaseFinetuning``, which freezes and unfreezes by
+    ``requires_grad`` and later adds the unfrozen parameters to the optimizer) then gets frozen step sizes too, and
+    unfreezing the backbone's modules unfreezes them with it. Every parameter the swap adds counts (weight and
+    activation quantizers of any kind, the extra weight quantizers of recurrent layers, those of attention's output
+    projection); a quantizer shared by several layers trains if any of them does; modules without parameters of
+    their own (ReLUs) have no say. Parameters are only ever frozen here, never unfrozen.
+    """
+    trains: dict[nn.Parameter, bool] = {}
+    for old, new in swaps.items():
+        own = list(old.parameters())
+        if not own:
+            continue
+        layer_trains = any(p.requires_grad for p in own)
+        old_ids = {id(p) for p in own}
+        for p in new.parameters():
+            if id(p) not in old_ids:
+                trains[p] = trains.get(p, False) or layer_trains
+    for p, flag in trains.items():
+        if not flag:
+            p.requires_grad_(False)
+
+
 def _device(module: nn.Module, model: nn.Module):
     tensors = [*module.parameters(), *module.buffers()] or [*model.parameters(), *model.buffers()]
     return tensors[0].device if tensors else None
@@ -202,6 +304,7 @@ def dequantize_model(model: nn.Module) -> nn.Module:
         float_layer = layer.to_float()
         for parent, attr in list(_references(model, layer)):
             parent._modules[attr] = float_layer
+    restore_fast_paths(model)
     return model
 
 

@@ -76,6 +76,17 @@ class QuantizationRequest:
                 raise QuantizationConfigError(f"{self.owner}: unknown LayerSpec fields {bad} for layer {pattern!r}.")
 
 
+#: priority of a technique's own fallback recipe: the recipe of `QuantizationAwareTraining` (priority 0) wins
+FALLBACK_PRIORITY = 50
+
+
+def fallback_request(owner: str, spec: QuantSpec, spec_given: bool) -> QuantizationRequest:
+    """The request of a technique that quantizes with ``spec`` only when nothing else does: another callback's
+    recipe (QAT's) wins, except for the fields the user set explicitly in ``spec`` (``spec_given``)."""
+    required = explicit_fields(spec) if spec_given else frozenset()
+    return QuantizationRequest(owner, spec, required, priority=FALLBACK_PRIORITY)
+
+
 def _known(key: str) -> bool:
     if key.startswith("default."):
         return key.removeprefix("default.") in LAYER_FIELDS
@@ -177,4 +188,12 @@ def _matching(owner: str, pattern: str, candidates: Mapping[str, str]) -> list[s
     return names
 
 
-__all__ = ["LAYER_FIELDS", "SPEC_FIELDS", "QuantizationRequest", "explicit_fields", "merge_requests"]
+__all__ = [
+    "FALLBACK_PRIORITY",
+    "LAYER_FIELDS",
+    "SPEC_FIELDS",
+    "QuantizationRequest",
+    "explicit_fields",
+    "fallback_request",
+    "merge_requests",
+]

@@ -78,6 +78,10 @@ class LayerSpec:
         codebook_bits: bits of the codebook entries' own uniform grid, or ``None`` for float entries.
         codebook_vector: ``"scalar"`` (an index per weight) or ``"kernel"`` (an index per k x k kernel).
         codebook_zero: keep one entry at exactly 0 (SLQ/MLQ).
+        codebook_share: a group name, or ``None``: layers with the same name share one codebook (its entries, their
+            grid and step size; each layer keeps its own indices). The first of them in registration order stores
+            it (see :func:`~lightning_quant.core.codebook.share_codebook`); they need equal ``codebook_size``,
+            ``codebook_bits`` and entry sizes (kernels of one size).
     """
 
     weight_bits: int | tuple[int, ...] = 8
@@ -96,11 +100,18 @@ class LayerSpec:
     codebook_bits: int | None = None
     codebook_vector: CodebookVector = "scalar"
     codebook_zero: bool = False
+    codebook_share: str | None = None
 
     GRANULARITIES: ClassVar[tuple[str, ...]] = ("per_channel", "per_tensor")
     SCALE_MODES: ClassVar[tuple[str, ...]] = ("lsq", "observer")
     CODEBOOK_VECTORS: ClassVar[tuple[str, ...]] = ("scalar", "kernel")
-    _CODEBOOK_FIELDS: ClassVar[tuple[str, ...]] = ("codebook_size", "codebook_bits", "codebook_vector", "codebook_zero")
+    _CODEBOOK_FIELDS: ClassVar[tuple[str, ...]] = (
+        "codebook_size",
+        "codebook_bits",
+        "codebook_vector",
+        "codebook_zero",
+        "codebook_share",
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.weight_bits, list):  # from YAML/JSON
@@ -164,6 +175,10 @@ class LayerSpec:
             validate_bits("codebook_bits", self.codebook_bits)
         if self.codebook_zero and self.codebook_vector != "scalar":
             raise QuantizationConfigError("`codebook_zero=True` needs `codebook_vector='scalar'`.")
+        if self.codebook_share is not None and (not isinstance(self.codebook_share, str) or not self.codebook_share):
+            raise QuantizationConfigError(
+                f"`codebook_share` must be a non-empty group name or None, got {self.codebook_share!r}."
+            )
 
     @property
     def per_channel_bits(self) -> bool:

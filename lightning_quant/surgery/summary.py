@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
 from lightning_quant.core.quantizers import FLOAT_BITS, Quantizer
+from lightning_quant.surgery.coverage import unquantized_layers
 from lightning_quant.surgery.layers import quantized_layers, quantizers
 
 
@@ -46,12 +47,14 @@ class QuantizationSummary:
     per-channel widths and codebook indices included), plus the side tensors of every quantizer (step sizes and
     zero points, codebooks), every bias and all parameters and buffers of float layers (BatchNorm statistics
     included) at 32 bits: the size of the packed model that :mod:`lightning_quant.export.packing` writes, less its
-    file header and byte rounding.
+    file header and byte rounding. ``float_layers`` are the weight layers left in float for a reason of the
+    suite's, with that reason (:func:`~lightning_quant.surgery.coverage.unquantized_layers`).
     """
 
     rows: tuple[LayerRow, ...]
     fp32_bits: int
     quantized_bits: int
+    float_layers: dict[str, str] = field(default_factory=dict)
 
     @property
     def compression(self) -> float:
@@ -81,6 +84,7 @@ class QuantizationSummary:
         fmt = "  ".join(f"{{:<{w}}}" if i < 2 else f"{{:>{w}}}" for i, w in enumerate(widths))
         out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
         out += [fmt.format(*line) for line in lines]
+        out += [f"in float: {name}: {reason}" for name, reason in self.float_layers.items()]
         out.append(
             f"model size: fp32 {self.fp32_bits / 8192:.1f} KiB -> quantized {self.quantized_bits / 8192:.1f} KiB "
             f"({self.compression:.2f}x smaller), average weight bits {self.avg_weight_bits:.2f}"
@@ -130,4 +134,4 @@ def quantization_summary(model: nn.Module) -> QuantizationSummary:
         )
     # side tensors of every quantizer (residual ones on BatchNorms included), each counted once
     quantized_bits += sum(q.side_bits() for q in {id(q): q for q in all_quantizers.values()}.values())
-    return QuantizationSummary(tuple(rows), fp32_bits, quantized_bits)
+    return QuantizationSummary(tuple(rows), fp32_bits, quantized_bits, unquantized_layers(model))

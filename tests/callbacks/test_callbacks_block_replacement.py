@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -21,6 +20,7 @@ from lightning_quant import (
 )
 from lightning_quant.models import ImageClassifier, resnet8
 from lightning_quant.surgery import is_quantized, quantized_layers
+from tests.conftest import shipped_config
 
 
 def _loader(n: int = 32, channels: int = 3, size: int = 16, batch: int = 8, seed: int = 0, labels: bool = True):
@@ -290,6 +290,39 @@ def test_model_errors_before_the_first_update(make, kwargs, match, trainer_kwarg
         torch.testing.assert_close(params[key].detach(), value, atol=0, rtol=0, msg=key)
 
 
+class CallsForward(L.LightningModule):
+    """Its layers are its own children (the blocks), and training_step calls `self.forward(x)`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.forward(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_training_step_calling_self_forward_is_told_why_and_what_to_do(trainer_kwargs) -> None:
+    torch.manual_seed(0)
+    trainer = L.Trainer(**trainer_kwargs(max_steps=2, callbacks=[BlockReplacementCallback()]))
+    with pytest.raises(
+        QuantizationConfigError,
+        match=r"although the blocks were\. The LightningModule itself was not called, so training_step probably calls "
+        r"`self\.forward\(x\)`: .* PyTorch runs a module's hooks only when the module is called .*never on "
+        r"`self\.forward\(x\)`\. HINT: write `logits = self\(x\)`",
+    ):
+        trainer.fit(CallsForward(), _loader())
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -330,16 +363,7 @@ def test_two_instances_have_distinct_state_keys() -> None:
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning:lightning.pytorch.cli")
 def test_shipped_config_parses(capsys) -> None:
-    import yaml
-
-    from lightning_quant.cli import main
-
-    configs = Path(__file__).resolve().parents[2] / "configs"
-    args = ["--config", str(configs / "trainer.yaml"), "--config", str(configs / "block_replacement.yaml")]
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", *args, "--print_config"])
-    assert exit_info.value.code == 0
-    callbacks = yaml.safe_load(capsys.readouterr().out)["trainer"]["callbacks"]
+    callbacks = shipped_config("block_replacement.yaml", capsys)["trainer"]["callbacks"]
     assert [c["class_path"].rsplit(".", 1)[1] for c in callbacks] == [
         "QuantizationAwareTraining",
         "BlockReplacementCallback",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -195,3 +196,72 @@ def test_datamodule_teacher_requires_a_datamodule_with_one(trainer_kwargs):
         L.Trainer(**trainer_kwargs(max_steps=1), callbacks=[DistillationCallback("datamodule")]).fit(
             _KDOnly(_net(2)), _loader()
         )
+
+
+# -- data-free training watches itself --------------------------------------------------------------------------
+def _digits_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1, stride=2), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def digits_teacher():
+    """A small BatchNorm CNN trained on the 8x8 digits for a few seconds, and the digits."""
+    from lightning_quant.datamodules import DigitsDataModule
+
+    torch.manual_seed(0)
+    digits = DigitsDataModule(batch_size=64, seed=0)
+    digits.setup("fit")
+    teacher = ImageClassifier(_digits_cnn())
+    optimizer = torch.optim.Adam(teacher.parameters(), lr=1e-2)
+    for _ in range(5):
+        for x, y in digits.train_dataloader():
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(teacher(x), y).backward()
+            optimizer.step()
+    return teacher.eval(), digits
+
+
+def _real_accuracy(model: nn.Module, digits) -> float:
+    model.eval()
+    with torch.no_grad():
+        correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in digits.val_dataloader())
+    return correct / len(digits.val_dataset)
+
+
+@pytest.mark.parametrize(("lr", "collapses"), [(3e-2, True), (2e-4, False)])
+def test_data_free_run_logs_agreement_and_warns_when_the_student_drifts(lr, collapses, digits_teacher, trainer_kwargs):
+    teacher, digits = digits_teacher
+    L.seed_everything(0)
+    dm = GeneratorDataModule(
+        teacher, 10, (1, 8, 8), samples_per_epoch=256, batch_size=64, generator_steps=100, generator_batch_size=64,
+        latent_dim=8, generator_width=8, val_samples=0,
+        generator_trainer_kwargs={"enable_progress_bar": False, "logger": False},
+    )  # fmt: skip
+    student = ImageClassifier(_digits_cnn(), lr=lr)  # the README recipe, with the module's own learning rate
+    kd = DistillationCallback(student_init="teacher", temperature=4.0)
+    seen: list[float] = []
+
+    class _Agreement(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            seen.append(float(trainer.callback_metrics["quant/kd/teacher_agreement"]))
+
+    callbacks = [kd, QuantizationAwareTraining(8, 8, freeze_bn_after_epochs=0), _Agreement()]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        L.Trainer(**trainer_kwargs(max_epochs=2), callbacks=callbacks).fit(student, datamodule=dm)
+    drift = [str(w.message) for w in caught if "drifting away from the teacher" in str(w.message)]
+    assert len(seen) == 2 and all(0 <= a <= 1 for a in seen)  # logged every epoch
+    assert kd.state()["start_agreement"] > 0.9  # the student starts as the teacher
+    # the effect the warning reports is real: the high learning rate destroys the student on real data
+    real, teacher_real = _real_accuracy(student, digits), _real_accuracy(teacher, digits)
+    if collapses:
+        assert real < teacher_real - 0.3
+        assert len(drift) == 1 and "HINT: lower the optimizer's learning rate" in drift[0]
+        assert "data-free benchmarks use Adam at 2e-4" in drift[0]
+    else:
+        assert real > teacher_real - 0.05
+        assert not drift

@@ -6,7 +6,7 @@ import lightning as L
 import pytest
 import torch
 import torchvision
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import BaseFinetuning, Callback
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -279,3 +279,150 @@ def test_ddp_two_processes_share_ranges_from_all_ranks(scale_mode, tmp_path, tra
     for key in state0:
         torch.testing.assert_close(state1[key], state0[key], atol=0, rtol=0, msg=key)
     assert state0["backbone.conv1.input_quantizer.observer.max_val"].item() == 100.0
+
+
+# -- frozen layers and Lightning's BaseFinetuning -------------------------------------------------------------------
+class TransferModel(L.LightningModule):
+    """The shape of Lightning's transfer-learning example: a frozen backbone, a head, an optimizer on trainables."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()
+        )
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(filter(lambda p: p.requires_grad, self.parameters()), lr=1e-2)
+
+
+class UnfreezeAt(BaseFinetuning):
+    def __init__(self, epoch: int) -> None:
+        super().__init__()
+        self.epoch = epoch
+
+    def freeze_before_training(self, pl_module):
+        self.freeze(pl_module.backbone, train_bn=False)  # all frozen, so none is in the optimizer twice
+
+    def finetune_function(self, pl_module, epoch, optimizer):
+        if epoch == self.epoch:
+            self.unfreeze_and_add_param_group(pl_module.backbone, optimizer)
+
+
+class StepSizes(Callback):
+    """Per epoch: for every quantizer parameter of the backbone, (requires_grad, has a gradient, in the optimizer)."""
+
+    def __init__(self) -> None:
+        self.epochs: list[dict[str, tuple[bool, bool, bool]]] = []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        in_optimizer = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+        self.epochs.append(
+            {
+                name: (p.requires_grad, p.grad is not None and bool(p.grad.abs().sum() > 0), id(p) in in_optimizer)
+                for name, p in pl_module.backbone.named_parameters()
+                if "quantizer" in name
+            }
+        )
+
+
+@pytest.mark.parametrize("finetuning_first", [True, False])
+def test_step_sizes_of_a_frozen_backbone_follow_base_finetuning(finetuning_first, trainer_kwargs, recwarn) -> None:
+    torch.manual_seed(0)
+    model = TransferModel()
+    qat, finetuning, probe = QuantizationAwareTraining(num_calibration_batches=1), UnfreezeAt(1), StepSizes()
+    callbacks = [finetuning, qat, probe] if finetuning_first else [qat, finetuning, probe]
+    L.Trainer(**trainer_kwargs(max_epochs=2, callbacks=callbacks)).fit(model, _loader(n=16, size=8))
+    frozen, unfrozen = probe.epochs
+    assert len(frozen) == 4  # weight and input step sizes of the two convolutions
+    assert all(state == (False, False, False) for state in frozen.values()), frozen
+    assert all(state == (True, True, True) for state in unfrozen.values()), unfrozen
+    # the head's step sizes trained all along
+    assert all(p.requires_grad for n, p in model.head.named_parameters())
+    assert not [w for w in recwarn if "already exist within another group" in str(w.message)]
+
+
+def test_quantizers_of_layers_frozen_by_the_user_are_frozen() -> None:
+    from lightning_quant import quantize_model
+
+    model = TransferModel()
+    model.backbone.requires_grad_(False)
+    quantize_model(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad and "quantizer" in n}
+    assert trainable == {"head.2.weight_quantizer.scale", "head.2.input_quantizer.scale"}
+
+
+def test_every_quantizer_of_frozen_sequence_layers_is_frozen() -> None:
+    """Recurrent layers carry one quantizer per weight matrix and attention a quantized output projection: all of
+    them follow the frozen layer."""
+    backbone = nn.ModuleDict(
+        {
+            "embed": nn.Embedding(10, 8),
+            "attn": nn.MultiheadAttention(8, 2, batch_first=True),
+            "lstm": nn.LSTM(8, 8, num_layers=2, batch_first=True),
+        }
+    )
+    model = nn.ModuleDict({"backbone": backbone, "head": nn.Linear(8, 2)})
+    backbone.requires_grad_(False)
+    quantize_model(model, QuantSpec(first_last_bits=None))
+    added = {n: p for n, p in model.named_parameters() if "quantizer" in n}
+    assert any(".weight_quantizers." in n for n in added) and any("attn.out_proj." in n for n in added)
+    trainable = {n for n, p in added.items() if p.requires_grad}
+    assert trainable == {"head.weight_quantizer.scale", "head.input_quantizer.scale"}
+
+
+# -- reloading a quantized checkpoint the Lightning way -------------------------------------------------------------
+class LitClassifier(L.LightningModule):
+    """Saves its hyper-parameters, as Lightning's examples do, so `load_from_checkpoint(path)` can rebuild it."""
+
+    def __init__(self, hidden: int = 16, lr: float = 1e-2) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+
+def test_load_quantized_mirrors_load_from_checkpoint(tmp_path, trainer_kwargs, recwarn) -> None:
+    torch.manual_seed(0)
+    model = LitClassifier(hidden=12)
+    trainer = L.Trainer(**trainer_kwargs(max_steps=2, callbacks=[QuantizationAwareTraining(4, 4)]))
+    trainer.fit(model, _loader(size=8))
+    path = tmp_path / "q.ckpt"
+    trainer.save_checkpoint(path)
+    # what users see from Lightning alone (quoted in the README)
+    with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "net\.1\.weight_quantizer\.scale"'):
+        LitClassifier.load_from_checkpoint(path)
+    x = torch.randn(4, 3, 8, 8)
+    reference = model.eval()(x)
+    restored = load_quantized(LitClassifier, path)
+    assert restored.hparams.hidden == 12  # built from the saved hyper-parameters
+    torch.testing.assert_close(restored.eval()(x), reference, atol=0, rtol=0)
+    assert not [w for w in recwarn if "Found keys" in str(w.message)]
+    # keywords override saved hyper-parameters, as in load_from_checkpoint; other classes are built from them
+    assert load_quantized(LitClassifier, path, lr=0.5).hparams.lr == 0.5
+    classifier_path = tmp_path / "c.ckpt"
+    torch.manual_seed(0)
+    classifier = ImageClassifier(LeNet5(in_channels=3, input_size=8))
+    trainer = L.Trainer(**trainer_kwargs(max_steps=1, callbacks=[QuantizationAwareTraining(4, 4)]))
+    trainer.fit(classifier, _loader(size=8))
+    trainer.save_checkpoint(classifier_path)
+    again = load_quantized(ImageClassifier, classifier_path, backbone=LeNet5(in_channels=3, input_size=8))
+    torch.testing.assert_close(again.eval()(x), classifier.eval()(x), atol=0, rtol=0)
+    with pytest.raises(QuantizationConfigError, match=r"keyword arguments \['hidden'\] with an already built"):
+        load_quantized(LitClassifier(), path, hidden=3)

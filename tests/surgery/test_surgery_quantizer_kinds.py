@@ -129,3 +129,58 @@ def test_spec_level_errors_for_widths():
     with pytest.raises(QuantizationConfigError, match=r"`act_bits` must be within \[2, 8\], got 1"):
         LayerSpec(act_bits=1)
     assert LayerSpec(weight_bits=[3, 3]).weight_bits == 3  # one width after all
+
+
+def _shared_spec(**extra) -> QuantSpec:
+    cb = LayerSpec(weight_kind="codebook", weight_bits=3, codebook_vector="kernel", codebook_bits=6, act_bits=8,
+                   codebook_share="k3", **extra)  # fmt: skip
+    return QuantSpec(default=LayerSpec(weight_bits=4, act_bits=8), first_last_bits=None, layers={"0": cb, "2": cb})
+
+
+def test_shared_codebook_through_surgery_checkpoints_summary_and_packing(tmp_path):
+    from lightning_quant.core.codebook import fit_shared_codebook
+    from lightning_quant.export import load_packed_model, model_size_report, save_packed_model
+    from lightning_quant.export.packing import load_packed
+
+    model = quantize_model(_net(), _shared_spec())
+    layers = quantized_layers(model)
+    a, b = layers["0"].weight_quantizer, layers["2"].weight_quantizer
+    assert b.codebook_owner is a and "2.weight_quantizer.codebook" not in model.state_dict()
+    fit_shared_codebook([a, b], [layers["0"].weight, layers["2"].weight])
+    x = torch.randn(4, 3, 8, 8)
+    model(x)
+    model.eval()
+    # the recipe records the sharing: a strict checkpoint round trip rebuilds it
+    spec = QuantSpec.from_model(model)
+    assert spec.layers["2"].codebook_share == "k3" and QuantSpec.from_yaml(spec.to_yaml()) == spec
+    save_quantized(model, tmp_path / "m.pt")
+    restored = load_quantized(_net(), tmp_path / "m.pt").eval()
+    assert (
+        quantized_layers(restored)["2"].weight_quantizer.codebook_owner
+        is quantized_layers(restored)["0"].weight_quantizer
+    )
+    assert torch.equal(restored(x), model(x))
+    # sizes count the codebook once: the summary, the size report and the packed file agree
+    rows = {r.name: r for r in quantization_summary(model).rows}
+    assert rows["0"].size_bits - rows["0"].payload_bits - 2 * 32 == 8 * 9 * 6 + 32  # less its input scale, zero point
+    assert rows["2"].size_bits - rows["2"].payload_bits == 2 * 32  # its input quantizer only
+    save_packed_model(model, tmp_path / "m.lqp")
+    entries = load_packed(tmp_path / "m.lqp")
+    assert "codebook" in entries["0.weight"] and "codebook" not in entries["2.weight"]
+    assert model_size_report(model).total_bytes * 8 >= quantization_summary(model).quantized_bits
+    fresh = load_packed_model(_net(), tmp_path / "m.lqp").eval()
+    assert torch.equal(fresh(x), model(x))
+
+
+def test_shared_codebook_mismatch_fails_before_anything_changes():
+    model = _net()
+    before = _state(model)
+    types = [type(m) for m in model.modules()]
+    cb = dict(weight_kind="codebook", codebook_vector="kernel", codebook_bits=6, codebook_share="k3")
+    spec = QuantSpec(
+        first_last_bits=None, layers={"0": LayerSpec(weight_bits=3, **cb), "2": LayerSpec(weight_bits=4, **cb)}
+    )
+    with pytest.raises(QuantizationConfigError, match=r"Layer '2' cannot share the codebook of Layer '0'"):
+        quantize_model(model, spec)
+    assert [type(m) for m in model.modules()] == types
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
