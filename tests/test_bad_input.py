@@ -20,9 +20,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_quant import NonFiniteError, QuantizationConfigError, QuantSpec, quantize_model
 from lightning_quant.callbacks import (
+    AutoQBCallback,
     BitReallocationCallback,
     BlockReplacementCallback,
     DistillationCallback,
+    IncrementalQuantizationCallback,
+    KernelQuantizationCallback,
+    OrthogonalMixedPrecision,
     QuantizationAwareTraining,
     QuantizedExport,
     ThresholdTuningCallback,
@@ -88,6 +92,34 @@ BAD_ARGUMENTS: dict[str, tuple[type, dict[str, Any], list[tuple[dict[str, Any], 
         ({"min_agreement": 1.5}, "1.5"),
         ({"on_failure": "ignore"}, "'ignore'"),
         ({"dynamo": "yes"}, "'yes'"),
+    ]),
+    "IncrementalQuantizationCallback": (IncrementalQuantizationCallback, {}, [
+        ({"bits": 9}, "9"),
+        ({"bits": "4"}, "'4'"),
+        ({"schedule": (0.5, 0.3, 1.0)}, "0.3"),  # contradictory: a fraction of frozen weights that shrinks
+        ({"mode": "inq"}, "'inq'"),
+        ({"epochs_per_stage": 0}, "0"),
+    ]),
+    "OrthogonalMixedPrecision": (OrthogonalMixedPrecision, {"avg_weight_bits": 5.0}, [
+        ({"size_budget_mb": 0.05}, "0.05"),  # contradictory: two budgets
+        ({"avg_weight_bits": 3.0}, "3.0"),
+        ({"mode": "ptq"}, "5.0"),  # contradictory: PTQ's widths are 2..4 bits
+        ({"beta": "high"}, "'high'"),
+        ({"solver": "slsqp"}, "'slsqp'"),
+    ]),
+    "KernelQuantizationCallback": (KernelQuantizationCallback, {"index_bits": 3}, [
+        ({"index_bits": 9}, "9"),
+        ({"codebook_bits": 6.0}, "6.0"),
+        ({"codebook": "global"}, "'global'"),
+        ({"refit_every": 0}, "0"),
+        ({"pointwise_bits": 4}, "4"),  # contradictory: no pointwise codebooks with pointwise="exclude"
+    ]),
+    "AutoQBCallback": (AutoQBCallback, {"size_budget": 1e4}, [
+        ({"size_budget": -1.0}, "-1.0"),
+        ({"bops_budget": "lots"}, "'lots'"),
+        ({"episodes": 0}, "0"),
+        ({"level": "kernel"}, "'kernel'"),
+        ({"bit_choices": [0, 4]}, "0"),
     ]),
 }  # fmt: skip
 
@@ -201,7 +233,9 @@ def test_empty_training_data_is_refused(name: str, tmp_path: Path) -> None:
     contract = contract_for(name)
     empty = _loader(torch.randn(0, 1, 6, 6))
     with pytest.raises(QuantizationConfigError, match=r"dataloader is empty.*HINT"):
-        trainer(tmp_path, contract.callbacks(tmp_path), max_steps=2).fit(tiny_model(), empty, tiny_data(n=8))
+        trainer(tmp_path, contract.callbacks(tmp_path), max_steps=2, **contract.trainer_kwargs).fit(
+            tiny_model(), empty, tiny_data(n=8)
+        )
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -211,7 +245,7 @@ def test_a_non_finite_batch_stops_the_run_naming_the_first_layer(name: str, bad:
     x = torch.randn(16, 1, 6, 6, generator=torch.Generator().manual_seed(0))
     x[9, 0, 2, 2] = bad  # in the second batch
     model = tiny_model()
-    t = trainer(tmp_path, contract.callbacks(tmp_path), max_steps=2)
+    t = trainer(tmp_path, contract.callbacks(tmp_path), max_steps=2, **contract.trainer_kwargs)
     with pytest.raises(NonFiniteError, match=r"Step 1: .*whose input or output is not finite is 'backbone\.0"):
         t.fit(model, _loader(x), tiny_data(n=8))
     weights = {k: v for k, v in model.state_dict().items() if k.endswith("weight")}

@@ -35,6 +35,7 @@ from lightning_quant.allocation.units import (
 )
 from lightning_quant.callbacks.base import QuantizationCallback
 from lightning_quant.core.errors import QuantizationConfigError
+from lightning_quant.core.observers import rank_local_statistics
 from lightning_quant.core.quantizers import UniformQuantizer
 from lightning_quant.surgery.layers import quantized_layers
 from lightning_quant.surgery.quantize import is_quantized
@@ -329,11 +330,13 @@ class AutoQBCallback(QuantizationCallback):
             self._run_search(trainer, pl_module)
             return
         # DDP: rank 0 searches; the other ranks take its state and its model (the policy applied and recalibrated)
+        _train_loader(trainer), _val_loader(trainer)  # every rank: Lightning's loader set-up holds a barrier
         payload: dict[str, Any] | None = None
         error: Exception | None = None
         if trainer.is_global_zero:
             try:
-                self._run_search(trainer, pl_module)
+                with rank_local_statistics():  # the other ranks wait in the broadcast: no collective may run here
+                    self._run_search(trainer, pl_module)
             except Exception as err:  # re-raised below, after the other ranks were told
                 error = err
             payload = {"failed": error is not None, "state": self.state()}
