@@ -35,6 +35,7 @@ from lightning_quant.allocation.units import (
 )
 from lightning_quant.callbacks.base import QuantizationCallback
 from lightning_quant.core.errors import QuantizationConfigError
+from lightning_quant.core.io import load_weights_only
 from lightning_quant.core.observers import rank_local_statistics
 from lightning_quant.core.quantizers import UniformQuantizer
 from lightning_quant.surgery.layers import quantized_layers
@@ -496,7 +497,7 @@ class AutoQBCallback(QuantizationCallback):
             ("checkpoint", self._search_state, self._checkpoint_fingerprint)
         ]
         if path is not None and path.is_file():
-            saved = torch.load(path, map_location="cpu", weights_only=False)
+            saved = load_weights_only(path, "search_file")  # tensors and plain containers only
             candidates.append((os.fspath(path), saved.get("search"), saved.get("fingerprint")))
         best = None
         for source, state, fingerprint in candidates:
