@@ -302,7 +302,6 @@ class QuantizedExport(QuantizationCallback):
 
     def export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> VerificationResult | None:
         """Export (and verify) now; what ``on_fit_end`` runs on rank zero."""
-        loader = self._val_loader(trainer)
         target = self._target(pl_module)
         args, _ = self._example(trainer, target)
         self.path.parent.mkdir(parents=True, exist_ok=True)
