@@ -45,11 +45,17 @@ def _weight_bits(model: nn.Module) -> dict[str, int]:
     [
         ({"avg_weight_bits": 1.5}, r"`avg_weight_bits` must be within \[min_bits, max_bits\] = \[2, 8\], got 1.5"),
         ({"avg_weight_bits": 3.0, "bit_choices": [4, 8]}, r"= \[4, 8\], got 3.0"),
-        ({"avg_weight_bits": -3.0}, r"`avg_weight_bits` must be a positive finite number, got -3.0"),
-        ({"size_budget": -1}, r"`size_budget` must be a positive finite number, got -1"),
-        ({"bops_budget": float("nan")}, r"`bops_budget` must be a positive finite number, got nan"),
-        ({"avg_weight_bits": "three"}, r"`avg_weight_bits` must be a positive number or None, got 'three' \(str\)"),
-        ({"size_budget": True}, r"`size_budget` must be a positive number or None, got True \(bool\)"),
+        (
+            {"avg_weight_bits": -3.0},
+            r"`avg_weight_bits` must be a finite number > 0 or None, got -3\.0\. HINT: a budget",
+        ),
+        ({"size_budget": -1}, r"`size_budget` must be a finite number > 0 or None, got -1\. HINT: a budget"),
+        ({"bops_budget": float("nan")}, r"`bops_budget` must be a finite number > 0 or None, got nan\. HINT: a budget"),
+        (
+            {"avg_weight_bits": "three"},
+            r"`avg_weight_bits` must be a finite number > 0 or None, got 'three'\. HINT: a budget",
+        ),
+        ({"size_budget": True}, r"`size_budget` must be a finite number > 0 or None, got True\. HINT: a budget"),
         ({"avg_weight_bits": 3.0, "size_budget": 10_000}, r"two budgets on the same quantity.*pass only one"),
         ({}, r"No budget given\. HINT: pass `avg_weight_bits=3.0`"),
         ({"avg_weight_bits": 3.0, "bit_choices": []}, r"`bit_choices` is empty"),
