@@ -147,10 +147,18 @@ def check_choice(argument: str, value: object, choices: Iterable[object], fix: s
     return value
 
 
-def check_names(argument: str, value: object, *, allow_none: bool = True) -> tuple[str, ...] | None:
-    """A list of names or ``fnmatch`` patterns as a tuple (a bare string is refused: it is a common slip)."""
+def check_names(
+    argument: str, value: object, *, allow_none: bool = True, allow_string: bool = False
+) -> tuple[str, ...] | None:
+    """A list of names or ``fnmatch`` patterns as a tuple.
+
+    A bare string is refused (``layers="conv"`` for ``layers=["conv"]`` is a common slip) unless ``allow_string``,
+    where it is taken as one pattern.
+    """
     if value is None and allow_none:
         return None
+    if isinstance(value, str) and allow_string:
+        return (value,)
     if isinstance(value, str) or not isinstance(value, Sequence) or not all(isinstance(v, str) for v in value):
         example = f"[{value!r}]" if isinstance(value, str) else "['conv*']"
         raise config_error(argument, "a list of layer-name patterns", value, f"pass e.g. `{argument}={example}`.")

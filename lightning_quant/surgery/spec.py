@@ -23,7 +23,7 @@ from lightning_quant.core.errors import QuantizationConfigError
 from lightning_quant.core.functional import validate_bits
 from lightning_quant.core.observers import OBSERVERS
 from lightning_quant.core.quantizers import QUANTIZER_KINDS
-from lightning_quant.core.validation import check_bool, config_error
+from lightning_quant.core.validation import check_bool, check_choice, config_error
 
 Granularity = Literal["per_channel", "per_tensor"]
 CodebookVector = Literal["scalar", "kernel"]
@@ -42,12 +42,6 @@ QUANTIZABLE_TYPES: tuple[str, ...] = (
     "GRU",
     "RNN",
 )
-
-
-def _check_choice(argument: str, value: object, choices: Iterable[object]) -> None:
-    choices = tuple(choices)
-    if value not in choices:
-        raise QuantizationConfigError(f"`{argument}` must be one of {list(choices)}, got {value!r}.")
 
 
 @dataclass(frozen=True)
@@ -137,17 +131,17 @@ class LayerSpec:
         for f in dataclasses.fields(self):
             if f.type in ("bool", bool):
                 check_bool(f.name, getattr(self, f.name))
-        _check_choice("weight_granularity", self.weight_granularity, self.GRANULARITIES)
-        _check_choice("scale_mode", self.scale_mode, self.SCALE_MODES)
-        _check_choice("weight_observer", self.weight_observer, sorted(OBSERVERS))
-        _check_choice("act_observer", self.act_observer, sorted(OBSERVERS))
+        check_choice("weight_granularity", self.weight_granularity, self.GRANULARITIES)
+        check_choice("scale_mode", self.scale_mode, self.SCALE_MODES)
+        check_choice("weight_observer", self.weight_observer, sorted(OBSERVERS))
+        check_choice("act_observer", self.act_observer, sorted(OBSERVERS))
         binary = 1 in self.weight_bits if isinstance(self.weight_bits, tuple) else self.weight_bits == 1
         if binary and not self.weight_symmetric and self.weight_kind == "uniform":
             raise QuantizationConfigError(
                 "Binary weights (`weight_bits=1`) are symmetric: set `weight_symmetric=True`."
             )
-        _check_choice("weight_kind", self.weight_kind, sorted(QUANTIZER_KINDS))
-        _check_choice("codebook_vector", self.codebook_vector, self.CODEBOOK_VECTORS)
+        check_choice("weight_kind", self.weight_kind, sorted(QUANTIZER_KINDS))
+        check_choice("codebook_vector", self.codebook_vector, self.CODEBOOK_VECTORS)
         if self.weight_kind == "codebook":
             self._check_codebook()
         else:
@@ -260,7 +254,7 @@ class QuantSpec:
         if not isinstance(self.default, LayerSpec):
             raise QuantizationConfigError(f"`default` must be a LayerSpec, got {type(self.default).__name__}.")
         for type_name in self.exclude_types:
-            _check_choice("exclude_types", type_name, QUANTIZABLE_TYPES)
+            check_choice("exclude_types", type_name, QUANTIZABLE_TYPES)
         if self.first_last_bits is not None:
             validate_bits("first_last_bits", self.first_last_bits)
         for flag in ("quantize_residuals", "fold_batchnorm"):
