@@ -13,6 +13,7 @@ from typing_extensions import override
 from lightning_quant.callbacks.base import QuantizationCallback
 from lightning_quant.core.errors import QuantizationConfigError
 from lightning_quant.core.functional import validate_bits
+from lightning_quant.core.validation import check_int
 from lightning_quant.surgery.layers import activation_quantizers, quantized_layers
 from lightning_quant.surgery.requests import QuantizationRequest, explicit_fields
 from lightning_quant.surgery.spec import Granularity, LayerSpec, ObserverName, QuantSpec, ScaleMode
@@ -88,8 +89,16 @@ class QuantizationAwareTraining(QuantizationCallback):
                 f"`binary_weights=True` quantizes weights to 1 bit, but `weight_bits={weight_bits}`. "
                 "HINT: pass `weight_bits=1` with `binary_weights=True`."
             )
-        _check_count("num_calibration_batches", num_calibration_batches, allow_none=False)
-        _check_count("freeze_bn_after_epochs", freeze_bn_after_epochs, allow_none=True)
+        check_int(
+            "num_calibration_batches", num_calibration_batches, minimum=0, fix="pass e.g. `num_calibration_batches=16`."
+        )
+        check_int(
+            "freeze_bn_after_epochs",
+            freeze_bn_after_epochs,
+            minimum=0,
+            allow_none=True,
+            fix="pass an epoch, e.g. `freeze_bn_after_epochs=3`, or None to never freeze BatchNorm.",
+        )
         if spec is None:
             spec = QuantSpec(
                 default=LayerSpec(
@@ -190,12 +199,3 @@ class QuantizationAwareTraining(QuantizationCallback):
     def load_state(self, state: dict[str, Any]) -> None:
         self._calibration_batches_seen = int(state["calibration_batches_seen"])
         self._observing = None
-
-
-def _check_count(argument: str, value: object, allow_none: bool) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise QuantizationConfigError(
-            f"`{argument}` must be a non-negative integer{' or None' if allow_none else ''}, got {value!r}."
-        )

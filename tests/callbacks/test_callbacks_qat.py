@@ -191,14 +191,17 @@ def test_validate_test_predict_after_fit_do_not_change_the_model(trainer_kwargs)
     ("kwargs", "match"),
     [
         ({"weight_bits": 0}, r"`weight_bits` must be within \[2, 8\], got 0"),
-        ({"weight_bits": 1}, r"`weight_bits` must be within \[2, 8\], got 1\. For binary weights pass"),
+        ({"weight_bits": 1}, r"`weight_bits` must be within \[2, 8\], got 1\. HINT: for binary weights pass"),
         ({"weight_bits": 9}, r"`weight_bits` must be within \[2, 8\], got 9"),
         ({"weight_bits": 3.5}, r"`weight_bits` must be an integer number of bits in \[2, 8\], got 3.5"),
         ({"weight_bits": "four"}, r"`weight_bits` must be an integer number of bits in \[2, 8\], got 'four'"),
         ({"act_bits": 16}, r"`act_bits` must be within \[2, 8\], got 16"),
         ({"weight_granularity": "per_block"}, r"`weight_granularity` must be one of \['per_channel', 'per_tensor'\]"),
         ({"binary_weights": True, "weight_bits": 4}, r"`binary_weights=True` quantizes weights to 1 bit"),
-        ({"num_calibration_batches": -1}, r"`num_calibration_batches` must be a non-negative integer"),
+        (
+            {"num_calibration_batches": -1},
+            r"`num_calibration_batches` must be an integer >= 0, got -1\. HINT: pass e\.g\. `num_calibration",
+        ),
         ({"exclude_types": ["LayerNorm"]}, r"`exclude_types` must be one of"),
     ],
 )

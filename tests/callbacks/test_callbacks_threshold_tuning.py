@@ -220,7 +220,7 @@ def test_fat_loss_and_factor_gradients() -> None:
         ({"act_bits": 0}, r"`act_bits` must be within \[2, 8\], got 0"),
         ({"num_calibration_batches": 0}, "`num_calibration_batches` must be at least 1, got 0"),
         ({"calibration": "mse"}, r"`calibration` must be one of \['minmax', 'percentile'\], got 'mse'"),
-        ({"lr": 0.0}, "`lr` must be > 0, got 0.0"),
+        ({"lr": 0.0}, r"`lr` must be a finite number > 0, got 0\.0\. HINT: pass e\.g\. `lr=1e-3`"),
         ({"restart_every": 0}, "`restart_every` must be a positive integer or None, got 0"),
         ({"tune_layers": "fc"}, r"`tune_layers` must be a list of layer-name patterns, got 'fc'"),
     ],
