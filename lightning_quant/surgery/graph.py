@@ -290,9 +290,7 @@ def residual_producers(model: nn.Module) -> dict[str, str]:
     return producers
 
 
-def conv_output_placements(
-    model: nn.Module, quantized_inputs: Collection[str]
-) -> dict[str, tuple[str, list[str]]]:
+def conv_output_placements(model: nn.Module, quantized_inputs: Collection[str]) -> dict[str, tuple[str, list[str]]]:
     """Where each convolution needs an output quantizer for an int8 runtime to run it in integers.
 
     An int8 runtime fuses a convolution into an integer kernel (``QLinearConv``) only when its input is quantized
