@@ -21,7 +21,7 @@ from lightning_quant.callbacks import (
     QuantizedExport,
     ThresholdTuningCallback,
 )
-from lightning_quant.core.errors import QuantizationConfigError, UnsupportedModuleError
+from lightning_quant.core.errors import NonFiniteError, QuantizationConfigError, UnsupportedModuleError
 from lightning_quant.core.quantizers import Quantizer, register_quantizer
 from lightning_quant.datamodules.generator import GeneratorDataModule
 from lightning_quant.surgery import (
@@ -58,6 +58,7 @@ __all__ = [
     "KernelQuantizationCallback",
     "LayerSpec",
     "MixedPrecisionSearch",
+    "NonFiniteError",
     "OrthogonalMixedPrecision",
     "QuantSpec",
     "QuantizationAwareTraining",

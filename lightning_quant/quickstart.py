@@ -44,6 +44,7 @@ from torch import nn
 from lightning_quant.callbacks import QuantizationAwareTraining
 from lightning_quant.core.errors import QuantizationConfigError
 from lightning_quant.core.functional import validate_bits
+from lightning_quant.core.validation import check_choice, check_int, check_real
 from lightning_quant.datamodules import DigitsDataModule
 from lightning_quant.export.packing import load_packed_model, model_size_report, save_packed_model
 from lightning_quant.models import CifarResNet, ImageClassifier, LeNet5
@@ -61,16 +62,6 @@ _SILENCED_WARNINGS = (
     r".*The number of training batches .* is smaller than the logging interval",
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
 )
-
-
-def _check_positive_int(argument: str, value: object, fix: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise QuantizationConfigError(f"`{argument}` must be a positive integer, got {value!r}. {fix}")
-
-
-def _check_positive_float(argument: str, value: object, fix: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise QuantizationConfigError(f"`{argument}` must be a positive number, got {value!r}. {fix}")
 
 
 def _backbone(model: str, image_size: int) -> nn.Module:
@@ -169,21 +160,18 @@ def run(
         >>> result["quantized_accuracy"] > 0.8  # doctest: +SKIP
         True
     """
-    _check_positive_int("epochs_fp", epochs_fp, "Use e.g. epochs_fp=15.")
-    _check_positive_int("epochs_qat", epochs_qat, "Use e.g. epochs_qat=8.")
+    check_int("epochs_fp", epochs_fp, minimum=1, fix="pass e.g. `epochs_fp=15`.")
+    check_int("epochs_qat", epochs_qat, minimum=1, fix="pass e.g. `epochs_qat=8`.")
     validate_bits("weight_bits", weight_bits)
     if act_bits is not None:
         validate_bits("act_bits", act_bits)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise QuantizationConfigError(f"`seed` must be an integer, got {seed!r}. Use e.g. seed=0.")
-    if model not in MODELS:
-        raise QuantizationConfigError(f"`model` must be one of {list(MODELS)}, got {model!r}.")
-    _check_positive_int("image_size", image_size, "Use e.g. image_size=16.")
-    _check_positive_int("batch_size", batch_size, "Use e.g. batch_size=64.")
-    _check_positive_float("lr", lr, "Use e.g. lr=3e-3.")
-    _check_positive_float("qat_lr", qat_lr, "Use e.g. qat_lr=1e-3.")
-    if num_threads is not None:
-        _check_positive_int("num_threads", num_threads, "Use 1, or None to keep torch's setting.")
+    check_int("seed", seed, fix="pass e.g. `seed=0`.")
+    check_choice("model", model, MODELS)
+    check_int("image_size", image_size, minimum=1, fix="pass e.g. `image_size=16`.")
+    check_int("batch_size", batch_size, minimum=1, fix="pass e.g. `batch_size=64`.")
+    check_real("lr", lr, minimum=0, minimum_inclusive=False, fix="pass e.g. `lr=3e-3`.")
+    check_real("qat_lr", qat_lr, minimum=0, minimum_inclusive=False, fix="pass e.g. `qat_lr=1e-3`.")
+    check_int("num_threads", num_threads, minimum=1, allow_none=True, fix="pass 1, or None to keep torch's setting.")
 
     start = time.perf_counter()
     out = Path(tempfile.mkdtemp(prefix="lightning-quant-quickstart-") if output_dir is None else output_dir)

@@ -125,11 +125,11 @@ def test_run_restores_threads_logging_and_torch_flags(tmp_path):
     [
         ({"weight_bits": 9}, r"`weight_bits` must be within \[2, 8\], got 9"),
         ({"act_bits": 1}, r"`act_bits` must be within \[2, 8\], got 1"),
-        ({"epochs_fp": 0}, r"`epochs_fp` must be a positive integer, got 0"),
-        ({"epochs_qat": 1.5}, r"`epochs_qat` must be a positive integer, got 1.5"),
+        ({"epochs_fp": 0}, r"`epochs_fp` must be an integer >= 1, got 0\. HINT: pass e\.g\. `epochs_fp=15`"),
+        ({"epochs_qat": 1.5}, r"`epochs_qat` must be an integer >= 1, got 1\.5\. HINT: pass e\.g\. `epochs_qat=8`"),
         ({"model": "vgg16"}, r"`model` must be one of \['resnet8', 'lenet5'\], got 'vgg16'"),
-        ({"lr": 0}, r"`lr` must be a positive number, got 0"),
-        ({"num_threads": 0}, r"`num_threads` must be a positive integer, got 0"),
+        ({"lr": 0}, r"`lr` must be a finite number > 0, got 0\. HINT: pass e\.g\. `lr=3e-3`"),
+        ({"num_threads": 0}, r"`num_threads` must be an integer >= 1 or None, got 0\. HINT: pass 1, or None"),
     ],
 )
 def test_run_rejects_bad_arguments_before_training(kwargs, message, tmp_path):

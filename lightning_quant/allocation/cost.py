@@ -14,7 +14,6 @@ the user's unit (an average bit width, for instance) for messages and logs.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,8 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_quant.core.errors import QuantizationConfigError
 from lightning_quant.core.quantizers import Quantizer
+from lightning_quant.core.validation import check_real
 from lightning_quant.surgery.capture import Call, Capture, modes_kept, quantizers_disabled
 from lightning_quant.surgery.layers import quantized_layers
 
@@ -229,21 +228,17 @@ def trace_macs(model: nn.Module, example_input: Any) -> dict[str, int]:
 
 
 # -- the three budgets --------------------------------------------------------------------------------------------
-def check_budget(argument: str, value: object) -> None:
-    """Raise a :class:`QuantizationConfigError` unless ``value`` is ``None`` or a positive finite number (a budget
-    argument of an allocating callback, named ``argument``)."""
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise QuantizationConfigError(
-            f"`{argument}` must be a positive number or None, got {value!r} ({type(value).__name__}). "
-            f"HINT: pass e.g. `{argument}=3.0`."
-        )
-    if not math.isfinite(value) or value <= 0:
-        raise QuantizationConfigError(
-            f"`{argument}` must be a positive finite number, got {value}. HINT: a budget is the most the model may "
-            "use; pass a positive value."
-        )
+def check_budget(argument: str, value: object) -> float | None:
+    """``value`` as a float if it is a positive finite number (a budget argument of an allocating callback, named
+    ``argument``), ``None`` if it is ``None``; otherwise a :class:`QuantizationConfigError`."""
+    return check_real(
+        argument,
+        value,
+        minimum=0,
+        minimum_inclusive=False,
+        allow_none=True,
+        fix=f"a budget is the most the model may use: pass a positive value, e.g. `{argument}=3.0`.",
+    )
 
 
 def avg_bits_constraint(costs: LayerCosts, avg_bits: float) -> BudgetConstraint:

@@ -63,7 +63,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -77,6 +76,7 @@ from lightning_quant.allocation.cost import (
     BudgetConstraint,
     LayerCosts,
     avg_bits_constraint,
+    check_budget,
     layer_costs,
     size_constraint,
 )
@@ -90,6 +90,7 @@ from lightning_quant.allocation.solvers import (
     validate_bit_choices,
 )
 from lightning_quant.core.errors import QuantizationConfigError
+from lightning_quant.core.validation import check_choice, check_real
 from lightning_quant.surgery.capture import Call, Capture, batch_inputs, modes_kept, quantizers_disabled
 from lightning_quant.surgery.layers import quantized_layers
 from lightning_quant.surgery.quantize import is_quantized, quantize_model
@@ -166,7 +167,7 @@ def orthogonality_importance(orm: np.ndarray, beta: float) -> tuple[np.ndarray, 
     ([0.5, 0.5], [1.0, 1.0])
     """
     orm = np.asarray(orm, dtype=np.float64)
-    _check_beta(beta)
+    check_real("beta", beta, minimum=0, fix=_BETA_FIX)
     gamma = orm.sum(axis=1) - np.diag(orm)
     theta = np.exp(-float(beta) * (gamma - gamma.min())) if gamma.size else gamma.copy()
     return gamma, theta
@@ -256,12 +257,7 @@ def layer_grams(model: nn.Module, inputs: Tensor, layers: Mapping[str, nn.Module
 
 
 # -- arguments and budgets ----------------------------------------------------------------------------------------
-def _check_beta(beta: object) -> None:
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
-        raise QuantizationConfigError(
-            f"`beta` must be a finite number >= 0, got {beta!r}. HINT: `beta=0` weighs every layer equally; the "
-            "paper uses 10 (ResNet-18 QAT) to 100 (PTQ)."
-        )
+_BETA_FIX = "`beta=0` weighs every layer equally; the paper uses 10 (ResNet-18 QAT) to 100 (PTQ)."
 
 
 def validate_orthogonality_arguments(
@@ -275,12 +271,10 @@ def validate_orthogonality_arguments(
     solver: str,
 ) -> tuple[int, ...]:
     """Check OMPQ's arguments (before any work); returns the allowed widths (``mode``'s range by default)."""
-    if mode not in MODES:
-        raise QuantizationConfigError(f"`mode` must be one of {list(MODES)}, got {mode!r}.")
+    check_choice("mode", mode, MODES)
     choices = MODE_BIT_CHOICES[mode] if bit_choices is None else validate_bit_choices(bit_choices)
-    if solver not in ALLOCATION_SOLVERS:
-        raise QuantizationConfigError(f"`solver` must be one of {list(ALLOCATION_SOLVERS)}, got {solver!r}.")
-    _check_beta(beta)
+    check_choice("solver", solver, ALLOCATION_SOLVERS)
+    check_real("beta", beta, minimum=0, fix=_BETA_FIX)
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
         raise QuantizationConfigError(
             f"`num_samples` must be an integer >= 2 (CKA compares samples with each other), got {num_samples!r}. "
@@ -292,13 +286,8 @@ def validate_orthogonality_arguments(
             f"(parameter-weighted average weight bits); got size_budget_mb={size_budget_mb!r}, "
             f"avg_weight_bits={avg_weight_bits!r}."
         )
-    for argument, value in (("size_budget_mb", size_budget_mb), ("avg_weight_bits", avg_weight_bits)):
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise QuantizationConfigError(
-                f"`{argument}` must be a positive finite number, got {value!r}. HINT: e.g. `{argument}=3.0`."
-            )
+    check_budget("size_budget_mb", size_budget_mb)
+    check_budget("avg_weight_bits", avg_weight_bits)
     if avg_weight_bits is not None and not choices[0] <= avg_weight_bits <= choices[-1]:
         raise QuantizationConfigError(
             f"`avg_weight_bits` must be within [min_bits, max_bits] = [{choices[0]}, {choices[-1]}], got "

@@ -7,7 +7,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,7 +34,10 @@ from lightning_quant.allocation.units import (
 )
 from lightning_quant.callbacks.base import QuantizationCallback
 from lightning_quant.core.errors import QuantizationConfigError
+from lightning_quant.core.io import load_weights_only
+from lightning_quant.core.observers import rank_local_statistics
 from lightning_quant.core.quantizers import UniformQuantizer
+from lightning_quant.core.validation import check_choice, check_int, check_real
 from lightning_quant.surgery.layers import quantized_layers
 from lightning_quant.surgery.quantize import is_quantized
 from lightning_quant.surgery.requests import QuantizationRequest, explicit_fields
@@ -171,24 +173,19 @@ class AutoQBCallback(QuantizationCallback):
                 "No budget given. HINT: pass `size_budget=...` (bits of the quantized weights) or `bops_budget=...` "
                 "(bit operations per sample)."
             )
-        if level not in self.LEVELS:
-            raise QuantizationConfigError(f"`level` must be one of {list(self.LEVELS)}, got {level!r}.")
-        _check_int("episodes", episodes, 1, "HINT: the search needs at least one episode, e.g. `episodes=100`.")
-        _check_int("channels_per_unit", channels_per_unit, 1, "HINT: 1 gives every output channel its own width.")
-        _check_int("calibration_batches", calibration_batches, 0, "")
-        _check_int("eval_batches", eval_batches, 1, "HINT: the reward needs an accuracy, e.g. `eval_batches=4`.")
-        _check_int("finetune_steps", finetune_steps, 0, "")
-        _check_int("finetune_batches", finetune_batches, 1, "")
-        _check_int("seed", seed, 0, "")
-        for argument, value, positive in (
-            ("finetune_lr", finetune_lr, True),
-            ("reward_scale", reward_scale, True),
-            ("cost_weight", cost_weight, False),
-            ("intrinsic_weight", intrinsic_weight, False),
-        ):
-            _check_real(argument, value, positive)
-        if metric not in METRICS:
-            raise QuantizationConfigError(f"`metric` must be one of {list(METRICS)}, got {metric!r}.")
+        check_choice("level", level, self.LEVELS)
+        check_int("episodes", episodes, minimum=1, fix="the search needs at least one episode, e.g. `episodes=100`.")
+        check_int("channels_per_unit", channels_per_unit, minimum=1, fix="1 gives every output channel its own width.")
+        check_int("calibration_batches", calibration_batches, minimum=0, fix="pass e.g. `calibration_batches=2`.")
+        check_int("eval_batches", eval_batches, minimum=1, fix="the reward needs an accuracy, e.g. `eval_batches=4`.")
+        check_int("finetune_steps", finetune_steps, minimum=0, fix="0 evaluates without fine-tuning.")
+        check_int("finetune_batches", finetune_batches, minimum=1, fix="pass e.g. `finetune_batches=4`.")
+        check_int("seed", seed, minimum=0, fix="pass e.g. `seed=0`.")
+        check_real("finetune_lr", finetune_lr, minimum=0, minimum_inclusive=False, fix="pass e.g. `finetune_lr=1e-3`.")
+        check_real("reward_scale", reward_scale, minimum=0, minimum_inclusive=False, fix="HAQ's is `reward_scale=10`.")
+        check_real("cost_weight", cost_weight, minimum=0, fix="0 rewards accuracy only; the budget holds regardless.")
+        check_real("intrinsic_weight", intrinsic_weight, minimum=0, fix="pass e.g. `intrinsic_weight=0.5`.")
+        check_choice("metric", metric, METRICS)
         default = self.CHANNEL_BIT_CHOICES if level == "channel" else self.LAYER_BIT_CHOICES
         self.bit_choices = validate_bit_choices(default if bit_choices is None else bit_choices, allow_binary=True)
         self.act_bit_choices = (
@@ -329,11 +326,13 @@ class AutoQBCallback(QuantizationCallback):
             self._run_search(trainer, pl_module)
             return
         # DDP: rank 0 searches; the other ranks take its state and its model (the policy applied and recalibrated)
+        _train_loader(trainer), _val_loader(trainer)  # every rank: Lightning's loader set-up holds a barrier
         payload: dict[str, Any] | None = None
         error: Exception | None = None
         if trainer.is_global_zero:
             try:
-                self._run_search(trainer, pl_module)
+                with rank_local_statistics():  # the other ranks wait in the broadcast: no collective may run here
+                    self._run_search(trainer, pl_module)
             except Exception as err:  # re-raised below, after the other ranks were told
                 error = err
             payload = {"failed": error is not None, "state": self.state()}
@@ -493,7 +492,7 @@ class AutoQBCallback(QuantizationCallback):
             ("checkpoint", self._search_state, self._checkpoint_fingerprint)
         ]
         if path is not None and path.is_file():
-            saved = torch.load(path, map_location="cpu", weights_only=False)
+            saved = load_weights_only(path, "search_file")  # tensors and plain containers only
             candidates.append((os.fspath(path), saved.get("search"), saved.get("fingerprint")))
         best = None
         for source, state, fingerprint in candidates:
@@ -698,18 +697,6 @@ def _inputs(batch: Any) -> torch.Tensor:
     if isinstance(batch, torch.Tensor):
         return batch
     return split_batch(batch, "training batch")[0]
-
-
-def _check_int(argument: str, value: object, minimum: int, hint: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise QuantizationConfigError(f"`{argument}` must be an integer >= {minimum}, got {value!r}. {hint}".rstrip())
-
-
-def _check_real(argument: str, value: object, positive: bool) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise QuantizationConfigError(f"`{argument}` must be a finite number, got {value!r}.")
-    if (positive and value <= 0) or value < 0:
-        raise QuantizationConfigError(f"`{argument}` must be {'> 0' if positive else '>= 0'}, got {value}.")
 
 
 __all__ = ["PLOT_NAME", "AutoQBCallback", "save_width_heatmap"]

@@ -36,16 +36,18 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_quant.core.errors import QuantizationConfigError
+from lightning_quant.core.errors import NonFiniteError, QuantizationConfigError
+from lightning_quant.core.validation import check_choice
 from lightning_quant.surgery.quantize import dequantize_model, is_quantized, layer_candidates, quantize_model
 from lightning_quant.surgery.requests import QuantizationRequest, merge_requests
 from lightning_quant.surgery.serialization import SPEC_KEY
@@ -64,9 +66,27 @@ class QuantizationCallback(Callback):
     #: metric keys are ``quant/<TECHNIQUE>/<quantity>``
     TECHNIQUE: ClassVar[str] = "base"
 
-    def __init__(self) -> None:
+    #: what a training step whose loss is NaN/Inf does: ``raise`` (stop with :class:`NonFiniteError` naming the first
+    #: layer whose output is not finite) or ``skip`` (drop the step's gradients and restore the buffers)
+    ON_NONFINITE: ClassVar[tuple[str, ...]] = ("raise", "skip")
+
+    def __init__(self, on_nonfinite: Literal["raise", "skip"] = "raise") -> None:
         self._batch: Any = None
         self._loss_requested = False
+        self.on_nonfinite = on_nonfinite
+        self._skipping = False
+        self._buffers: dict[str, Tensor] | None = None
+
+    @property
+    def on_nonfinite(self) -> str:
+        """``"raise"`` or ``"skip"``: see :attr:`ON_NONFINITE`; settable on any suite callback."""
+        return self._on_nonfinite
+
+    @on_nonfinite.setter
+    def on_nonfinite(self, value: str) -> None:
+        self._on_nonfinite = check_choice(
+            "on_nonfinite", value, self.ON_NONFINITE, 'pass "raise" (stop at the first NaN) or "skip" (drop the step).'
+        )
 
     # -- identity and state ----------------------------------------------------------------------------------
     def identity(self) -> dict[str, Any]:
@@ -160,12 +180,65 @@ class QuantizationCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._batch = batch
+        self._skipping = False
         self._loss_requested = False
+        if _nonfinite_guard(trainer) is not self:
+            return
+        if _nonfinite_mode(trainer) == "skip":
+            # a skipped step must not leave NaN in BatchNorm statistics or observers: keep the buffers to restore
+            self._buffers = {k: v.detach().clone() for k, v in pl_module.named_buffers()}
+        # a quantizer may round a NaN input to a finite code, so a finite loss does not prove a finite batch
+        if not all(bool(torch.isfinite(t).all()) for t in _float_tensors(batch)):
+            self._nonfinite(trainer, pl_module, "the batch holds NaN or Inf")
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning skips training with an empty loader (a warning); a quantization run must not end "successfully"
+        if _nonfinite_guard(trainer) is self and trainer.num_training_batches == 0 and trainer.global_step == 0:
+            raise QuantizationConfigError(
+                "The training dataloader is empty (0 batches), so quantization-aware training cannot calibrate or "
+                "train anything. HINT: check the dataset and `limit_train_batches`, or use `trainer.validate` to only "
+                "evaluate."
+            )
+
+    def _nonfinite(self, trainer: pl.Trainer, pl_module: pl.LightningModule, what: str) -> None:
+        """Skip the step (``on_nonfinite="skip"`` on any suite callback) or raise :class:`NonFiniteError`."""
+        if _nonfinite_mode(trainer) == "skip":
+            if not self._skipping:
+                rank_zero_warn(f"Step {trainer.global_step}: {what}; the step is skipped (`on_nonfinite='skip'`).")
+            self._skipping = True
+            return
+        layer = first_nonfinite_layer(pl_module, self._batch)
+        where = f"the first layer whose input or output is not finite is {layer!r}" if layer else "all layers finite"
+        raise NonFiniteError(
+            f"Step {trainer.global_step}: {what} ({where}). Training on it would corrupt the weights and quantizer "
+            'ranges. HINT: check the data for NaN/Inf and the learning rate; or pass `on_nonfinite="skip"` to a '
+            "quantization callback to drop such steps."
+        )
+
+    def _check_finite(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        """The guard (the first suite callback on the trainer): a NaN/Inf loss raises or marks the step skipped."""
+        if _nonfinite_guard(trainer) is self and not bool(torch.isfinite(loss.detach()).all()):
+            self._nonfinite(trainer, pl_module, f"the training loss is {loss.item()}")
+
+    @override
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._skipping:
+            for param in pl_module.parameters():
+                param.grad = None  # the optimizer leaves parameters without a gradient alone
+            if self._buffers is not None:
+                with torch.no_grad():
+                    for name, buffer in pl_module.named_buffers():
+                        if name in self._buffers:
+                            buffer.copy_(self._buffers[name])
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
-        if not self.adds_loss or isinstance(pl_module, QuantizationLossMixin):
-            return  # nothing to add, or the module added the term itself, inside training_step
+        self._check_finite(trainer, pl_module, loss)
+        if _nonfinite_guard(trainer) is not None and _nonfinite_guard(trainer)._skipping:  # type: ignore[union-attr]
+            return
+        if isinstance(pl_module, QuantizationLossMixin) or not self.adds_loss:
+            return  # the module added the term itself, inside training_step; or there is no term to add
         self._check_optimization(pl_module)  # a module switched to manual optimization after setup
         extra = self.extra_loss(trainer, pl_module, self._batch)
         if extra is None:
@@ -197,6 +270,73 @@ class QuantizationCallback(Callback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._batch = None
+        self._buffers = None
+        self._skipping = False
+
+
+def _float_tensors(value: Any) -> list[Tensor]:
+    """The floating-point tensors in a (nested) batch."""
+    if isinstance(value, Tensor):
+        return [value] if value.is_floating_point() else []
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _float_tensors(v)]
+    return []
+
+
+def _nonfinite_guard(trainer: pl.Trainer) -> QuantizationCallback | None:
+    """The one suite callback on ``trainer`` that checks the loss (the first), so the check runs once per step."""
+    return next((cb for cb in getattr(trainer, "callbacks", []) if isinstance(cb, QuantizationCallback)), None)
+
+
+def _nonfinite_mode(trainer: pl.Trainer) -> str:
+    """``skip`` if any suite callback on ``trainer`` asks for it, else ``raise``."""
+    modes = {cb.on_nonfinite for cb in trainer.callbacks if isinstance(cb, QuantizationCallback)}
+    return "skip" if "skip" in modes else "raise"
+
+
+@torch.no_grad()
+def first_nonfinite_layer(model: nn.Module, batch: Any) -> str | None:
+    """Run ``model`` on the inputs of ``batch`` (its first tensor) and return the name of the first module, in call
+    order, whose input or output holds NaN or Inf (``None``: all finite, or no tensor input). Runs in eval mode
+    (modes are restored); used when the run is about to stop on a non-finite batch or loss."""
+    inputs = batch
+    while isinstance(inputs, (list, tuple)) and inputs:
+        inputs = inputs[0]
+    if isinstance(inputs, dict):
+        inputs = next((v for v in inputs.values() if isinstance(v, Tensor)), None)
+    if not isinstance(inputs, Tensor):
+        return None
+    found: list[str] = []
+
+    def hook(name: str):
+        def check(module: nn.Module, args: Any, output: Any) -> None:
+            # a quantizer may round NaN to a finite code: the layer that *receives* the NaN is the one to name
+            if not found and not all(bool(torch.isfinite(t).all()) for t in _float_tensors([args, output])):
+                found.append(name)
+
+        return check
+
+    # every module but the root: forward hooks fire when a module finishes, so inner modules report first
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
+    modes = {m: m.training for m in model.modules()}
+    model.eval()  # no statistics or observer updates from the diagnosis
+    try:
+        model(inputs)
+    except Exception:  # the model may need more than its first input; the loss message stands on its own then
+        log.debug("first_nonfinite_layer: the model did not run on the batch's first tensor", exc_info=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes.items():
+            module.train(training)
+    if not found:
+        return None
+    name = found[0]
+    # a quantizer inside a quantized layer: name the layer (with the quantizer in brackets)
+    parent, _, leaf = name.rpartition(".")
+    return f"{parent} ({leaf})" if parent and leaf.endswith("quantizer") else name
 
 
 def _suite_callbacks(trainer: pl.Trainer) -> list[QuantizationCallback]:
@@ -333,12 +473,10 @@ class FrozenCopy:
         return self._module
 
     def state_dict(self) -> dict[str, Tensor] | None:
-        """The copy's weights (``None`` before :meth:`build`)."""
-        return (
-            None
-            if self._module is None
-            else {k: v.detach().cpu().clone() for k, v in self._module.state_dict().items()}
-        )
+        """The copy's weights (restored ones not yet applied included; ``None`` before :meth:`build`)."""
+        if self._module is None:
+            return None if self._pending is None else {k: v.detach().cpu().clone() for k, v in self._pending.items()}
+        return {k: v.detach().cpu().clone() for k, v in self._module.state_dict().items()}
 
     def load_state_dict(self, state: dict[str, Tensor] | None) -> None:
         """Restore the copy's weights (kept until the copy is built or placed)."""

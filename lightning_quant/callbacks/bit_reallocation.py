@@ -36,6 +36,7 @@ from lightning_quant.allocation.solvers import (
 from lightning_quant.callbacks.base import QuantizationCallback
 from lightning_quant.core.errors import QuantizationConfigError
 from lightning_quant.core.quantizers import Quantizer
+from lightning_quant.core.validation import check_choice, check_int
 from lightning_quant.surgery.capture import Call, Capture
 from lightning_quant.surgery.layers import QuantizedLayer, quantized_layers
 from lightning_quant.surgery.quantize import is_quantized
@@ -159,11 +160,10 @@ class BitReallocationCallback(QuantizationCallback):
                 f"`avg_weight_bits` must be within [min_bits, max_bits] = [{low}, {high}], got {avg_weight_bits}. "
                 f"HINT: pass a value in [{low}, {high}] or change `bit_choices`."
             )
-        _check_int("every_n_steps", every_n_steps, minimum=1)
+        check_int("every_n_steps", every_n_steps, minimum=1)
         if freeze_after is not None:
-            _check_int("freeze_after", freeze_after, minimum=0)
-        if solver not in SOLVERS:
-            raise QuantizationConfigError(f"`solver` must be one of {list(SOLVERS)}, got {solver!r}.")
+            check_int("freeze_after", freeze_after, minimum=0)
+        check_choice("solver", solver, SOLVERS)
         if not isinstance(activations, bool):
             raise QuantizationConfigError(f"`activations` must be True or False, got {activations!r}.")
         if base_spec is not None and not isinstance(base_spec, QuantSpec):
@@ -494,11 +494,6 @@ def _avg_weight_bits(model: nn.Module) -> float:
     layers = {id(m): m for m in quantized_layers(model).values()}.values()
     params = sum(m.weight.numel() for m in layers)
     return sum(m.weight_quantizer.payload_bits(m.weight) for m in layers) / max(params, 1)
-
-
-def _check_int(argument: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise QuantizationConfigError(f"`{argument}` must be an integer >= {minimum}, got {value!r}.")
 
 
 __all__ = ["PLOT_NAME", "BitReallocationCallback", "save_allocation_plot"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -18,6 +17,7 @@ from typing_extensions import override
 
 from lightning_quant.callbacks.base import FrozenCopy, QuantizationCallback, distillation_loss
 from lightning_quant.core.errors import QuantizationConfigError
+from lightning_quant.core.validation import check_real
 from lightning_quant.surgery.blocks import find_blocks
 from lightning_quant.surgery.capture import Call, Capture
 from lightning_quant.surgery.quantize import is_quantized, quantizable_layers
@@ -204,14 +204,14 @@ class BlockReplacementCallback(QuantizationCallback):
             raise QuantizationConfigError(
                 f'`blocks` must be "auto" or a list of at least two module names, got {blocks!r}.'
             )
-        _check_real("temperature", temperature, positive=True)
-        _check_real("lp_kd_weight", lp_kd_weight)
-        _check_real("mixed_ce_weight", mixed_ce_weight)
+        check_real("temperature", temperature, minimum=0, minimum_inclusive=False, fix="pass e.g. `temperature=1.0`.")
+        check_real("lp_kd_weight", lp_kd_weight, minimum=0, fix="pass e.g. `lp_kd_weight=1.0`; 0 drops the term.")
+        check_real("mixed_ce_weight", mixed_ce_weight, minimum=0, fix="pass e.g. `mixed_ce_weight=0.0`.")
         if weights is not None:
             if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
                 raise QuantizationConfigError(f"`weights` must be a list of numbers or None, got {weights!r}.")
             for w in weights:
-                _check_real("weights", w)
+                check_real("weights", w, minimum=0, fix="one weight >= 0 per mixed model, e.g. `weights=[1.0, 1.0]`.")
         if num_sampled is not None and (
             isinstance(num_sampled, bool) or not isinstance(num_sampled, int) or num_sampled < 1
         ):
@@ -269,6 +269,7 @@ class BlockReplacementCallback(QuantizationCallback):
     def load_state(self, state: dict[str, Any]) -> None:
         self._rng_state = state["rng_state"].clone()
         self._rng = None
+        self._block_names = list(state.get("block_names") or self._block_names)
         self._fp_copy.load_state_dict(state["fp_state_dict"])
 
     @property
@@ -743,6 +744,7 @@ class BlockReplacementCallback(QuantizationCallback):
     # -- clean-up --------------------------------------------------------------------------------------------
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_end(trainer, pl_module)
         self._remove_hooks()
 
     @override
@@ -764,10 +766,3 @@ def _with_grad(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _with_grad(v) for k, v in value.items()}
     return value
-
-
-def _check_real(argument: str, value: object, positive: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or (positive and value <= 0) or (not positive and value < 0):  # type: ignore[operator]
-        bound = "> 0" if positive else ">= 0"
-        raise QuantizationConfigError(f"`{argument}` must be a finite number {bound}, got {value!r}.")

@@ -326,6 +326,7 @@ class DistillationCallback(QuantizationCallback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_end(trainer, pl_module)
         self._remove_hook()
 
     @override

@@ -20,6 +20,7 @@ from typing_extensions import override
 from lightning_quant.callbacks.base import QuantizationCallback
 from lightning_quant.core.codebook import CodebookQuantizer, power_of_two_entries
 from lightning_quant.core.errors import QuantizationConfigError
+from lightning_quant.core.validation import check_choice, check_int, check_names, check_real
 from lightning_quant.export.packing import ModelSizeReport, model_size_report
 from lightning_quant.surgery.layers import QuantizedLayer, quantized_layers
 from lightning_quant.surgery.quantize import layer_candidates
@@ -202,8 +203,7 @@ class IncrementalQuantizationCallback(QuantizationCallback):
             ("partition", partition, self.PARTITIONS),
             ("codebook", codebook, self.CODEBOOKS),
         ):
-            if value not in choices:
-                raise QuantizationConfigError(f"`{argument}` must be one of {list(choices)}, got {value!r}.")
+            check_choice(argument, value, choices)
         if isinstance(bits, bool) or not isinstance(bits, int) or not self.MIN_BITS <= bits <= self.MAX_BITS:
             raise QuantizationConfigError(
                 f"`bits` must be an integer in [{self.MIN_BITS}, {self.MAX_BITS}] for mode={mode!r}, got {bits!r}: "
@@ -212,10 +212,10 @@ class IncrementalQuantizationCallback(QuantizationCallback):
             )
         self.schedule = _check_schedule(schedule)
         if epochs_per_stage is not None:
-            _check_int("epochs_per_stage", epochs_per_stage, minimum=1)
-        _check_int("warmup_epochs", warmup_epochs, minimum=0)
-        self.layers = _check_patterns("layers", layers)
-        self.exclude = _check_patterns("exclude", exclude)
+            check_int("epochs_per_stage", epochs_per_stage, minimum=1)
+        check_int("warmup_epochs", warmup_epochs, minimum=0)
+        self.layers = check_names("layers", layers, allow_string=True) or ()
+        self.exclude = check_names("exclude", exclude, allow_string=True) or ()
         if monitor is not None and not isinstance(monitor, str):
             raise QuantizationConfigError(f"`monitor` must be a metric name or None, got {monitor!r}.")
         self.bits = bits
@@ -586,16 +586,17 @@ def _check_schedule(schedule: object) -> tuple[float, ...]:
             f"`schedule` must be a non-empty list of fractions, got {schedule!r}. HINT: e.g. "
             "schedule=(0.3, 0.55, 0.75, 0.9, 1.0)."
         )
-    values = []
-    for value in schedule:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise QuantizationConfigError(f"`schedule` must hold numbers in (0, 1], got {value!r} in {list(schedule)}.")
-        values.append(float(value))
-    bad = [v for v in values if not 0.0 < v <= 1.0]
-    if bad:
-        raise QuantizationConfigError(
-            f"`schedule` values must be in (0, 1] (fractions of the weights frozen), got {bad[0]} in {values}."
+    values = [
+        check_real(
+            f"schedule[{i}]",
+            value,
+            minimum=0,
+            minimum_inclusive=False,
+            maximum=1,
+            fix="each entry is a cumulative fraction of the weights frozen, e.g. schedule=(0.3, 0.55, 0.75, 0.9, 1.0).",
         )
+        for i, value in enumerate(schedule)
+    ]
     for before, after in itertools.pairwise(values):
         if after <= before:
             raise QuantizationConfigError(
@@ -607,21 +608,6 @@ def _check_schedule(schedule: object) -> tuple[float, ...]:
             f"`schedule` must end at 1.0 (every weight quantized), got {values[-1]} last in {values}. HINT: append 1.0."
         )
     return tuple(values)
-
-
-def _check_int(argument: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise QuantizationConfigError(f"`{argument}` must be an integer >= {minimum}, got {value!r}.")
-
-
-def _check_patterns(argument: str, value: object) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise QuantizationConfigError(f"`{argument}` must be a list of layer-name patterns, got {value!r}.")
-    return tuple(value)
 
 
 __all__ = [

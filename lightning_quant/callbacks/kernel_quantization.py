@@ -155,6 +155,12 @@ class KernelQuantizationCallback(QuantizationCallback):
             )
         if pointwise_bits is not None:
             validate_bits("pointwise_bits", pointwise_bits, low=1)
+            if pointwise != "scalar":  # contradictory: the bits would be ignored silently
+                raise QuantizationConfigError(
+                    f'`pointwise_bits`={pointwise_bits!r} sets the index bits of pointwise="scalar" codebooks, but '
+                    f"`pointwise` is {pointwise!r}: 1x1 convolutions and Linear layers get no codebook. HINT: pass "
+                    '`pointwise="scalar"`, or leave `pointwise_bits` out.'
+                )
         for argument, value, low in (("refit_every", refit_every, 1), ("kmeans_iterations", kmeans_iterations, 1)):
             if value is None and argument == "refit_every":
                 continue

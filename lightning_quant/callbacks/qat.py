@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
@@ -13,6 +13,7 @@ from typing_extensions import override
 from lightning_quant.callbacks.base import QuantizationCallback
 from lightning_quant.core.errors import QuantizationConfigError
 from lightning_quant.core.functional import validate_bits
+from lightning_quant.core.validation import check_int
 from lightning_quant.surgery.layers import activation_quantizers, quantized_layers
 from lightning_quant.surgery.requests import QuantizationRequest, explicit_fields
 from lightning_quant.surgery.spec import Granularity, LayerSpec, ObserverName, QuantSpec, ScaleMode
@@ -51,6 +52,8 @@ class QuantizationAwareTraining(QuantizationCallback):
             residual additions. Turn it on for int8 deployment: without it an int8 runtime keeps the
             convolutions before each addition in float (see :class:`~lightning_quant.surgery.QuantSpec`).
         spec: a whole :class:`QuantSpec` instead of the arguments above (they must then stay at defaults).
+        on_nonfinite: a training step with a NaN/Inf loss ``raise``s :class:`~lightning_quant.NonFiniteError` naming
+            the first layer whose output is not finite, or is ``skip``ped (its gradients dropped, buffers restored).
 
     Example:
         >>> trainer = L.Trainer(callbacks=[QuantizationAwareTraining(weight_bits=4, act_bits=4)])  # doctest: +SKIP
@@ -77,16 +80,25 @@ class QuantizationAwareTraining(QuantizationCallback):
         exclude_types: list[str] | None = None,
         quantize_residuals: bool = False,
         spec: QuantSpec | None = None,
+        on_nonfinite: Literal["raise", "skip"] = "raise",
     ) -> None:
-        super().__init__()
+        super().__init__(on_nonfinite)
         validate_bits("weight_bits", weight_bits, allow_binary=binary_weights)
         if binary_weights and weight_bits != 1:
             raise QuantizationConfigError(
                 f"`binary_weights=True` quantizes weights to 1 bit, but `weight_bits={weight_bits}`. "
                 "HINT: pass `weight_bits=1` with `binary_weights=True`."
             )
-        _check_count("num_calibration_batches", num_calibration_batches, allow_none=False)
-        _check_count("freeze_bn_after_epochs", freeze_bn_after_epochs, allow_none=True)
+        check_int(
+            "num_calibration_batches", num_calibration_batches, minimum=0, fix="pass e.g. `num_calibration_batches=16`."
+        )
+        check_int(
+            "freeze_bn_after_epochs",
+            freeze_bn_after_epochs,
+            minimum=0,
+            allow_none=True,
+            fix="pass an epoch, e.g. `freeze_bn_after_epochs=3`, or None to never freeze BatchNorm.",
+        )
         if spec is None:
             spec = QuantSpec(
                 default=LayerSpec(
@@ -187,12 +199,3 @@ class QuantizationAwareTraining(QuantizationCallback):
     def load_state(self, state: dict[str, Any]) -> None:
         self._calibration_batches_seen = int(state["calibration_batches_seen"])
         self._observing = None
-
-
-def _check_count(argument: str, value: object, allow_none: bool) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise QuantizationConfigError(
-            f"`{argument}` must be a non-negative integer{' or None' if allow_none else ''}, got {value!r}."
-        )

@@ -19,6 +19,7 @@ from lightning_quant.core.errors import QuantizationConfigError
 from lightning_quant.core.functional import validate_bits
 from lightning_quant.core.quantizers import UniformQuantizer
 from lightning_quant.core.thresholds import ThresholdFactors
+from lightning_quant.core.validation import check_real
 from lightning_quant.surgery.capture import Capture, batch_inputs
 from lightning_quant.surgery.fold import fold_batchnorm
 from lightning_quant.surgery.layers import QuantizedLayer, quantized_layers
@@ -184,8 +185,8 @@ class ThresholdTuningCallback(QuantizationCallback):
             raise QuantizationConfigError(
                 f"`calibration` must be one of {list(self.CALIBRATIONS)}, got {calibration!r}."
             )
-        _check_real("lr", lr, positive=True)
-        _check_real("lr_decay", lr_decay, positive=False)
+        check_real("lr", lr, minimum=0, minimum_inclusive=False, fix="pass e.g. `lr=1e-3` (the paper's).")
+        check_real("lr_decay", lr_decay, minimum=0, fix="0 keeps the learning rate; the official code uses `1e-4`.")
         if restart_every is not None and (
             isinstance(restart_every, bool) or not isinstance(restart_every, int) or restart_every < 1
         ):
@@ -255,7 +256,7 @@ class ThresholdTuningCallback(QuantizationCallback):
             "calibration_batches_seen": self._calibration_batches_seen,
             "tuning_steps": self._tuning_steps,
             "steps_since_restart": self._steps_since_restart,
-            "optimizer": None if self._optimizer is None else self._optimizer.state_dict(),
+            "optimizer": self._pending_optimizer_state if self._optimizer is None else self._optimizer.state_dict(),
             "teacher": self._teacher.state_dict(),
         }
 
@@ -396,6 +397,7 @@ class ThresholdTuningCallback(QuantizationCallback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_end(trainer, pl_module)
         self._remove_hook()
 
     @override
@@ -541,13 +543,8 @@ class ThresholdTuningCallback(QuantizationCallback):
             p.grad = None  # a user optimizer that also lists the factors must not move them again
         for factors in self.threshold_factors().values():
             factors.clip_()
+        for quantizer in self._quantizers.values():
+            quantizer.refresh_tuned_grid()  # the buffers follow the moved factors (a checkpoint saved now is exact)
         self._tuning_steps += 1
         self._steps_since_restart += 1
         self.log_metric(pl_module, "lr", lr)
-
-
-def _check_real(argument: str, value: object, positive: bool) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise QuantizationConfigError(f"`{argument}` must be a finite number, got {value!r}.")
-    if (positive and value <= 0) or value < 0:
-        raise QuantizationConfigError(f"`{argument}` must be {'> 0' if positive else '>= 0'}, got {value}.")

@@ -8,7 +8,7 @@ from lightning_quant.core.codebook import (
     power_of_two_entries,
     share_codebook,
 )
-from lightning_quant.core.errors import QuantizationConfigError, UnsupportedModuleError
+from lightning_quant.core.errors import NonFiniteError, QuantizationConfigError, UnsupportedModuleError
 from lightning_quant.core.functional import (
     binarize,
     fake_quantize,
@@ -45,6 +45,7 @@ __all__ = [
     "MSEObserver",
     "MinMaxObserver",
     "MovingAverageObserver",
+    "NonFiniteError",
     "Observer",
     "PercentileObserver",
     "QuantizationConfigError",

@@ -7,3 +7,7 @@ class QuantizationConfigError(ValueError):
 
 class UnsupportedModuleError(TypeError):
     """A layer type the quantizer cannot wrap or export."""
+
+
+class NonFiniteError(FloatingPointError):
+    """A training step produced NaN or Inf; the message names the first layer whose output was not finite."""

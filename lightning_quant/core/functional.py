@@ -30,37 +30,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_quant.core.errors import QuantizationConfigError
+# the bit-width bounds and check live with the other argument checks; imported here under the names the package uses
+from lightning_quant.core.validation import MAX_BITS, MIN_BITS  # noqa: F401
+from lightning_quant.core.validation import check_bits as validate_bits  # noqa: F401
 
-MIN_BITS = 1
-MAX_BITS = 8
 _EPS = 1e-8
-
-
-def validate_bits(argument: str, value: object, *, allow_binary: bool = False, low: int = 2) -> int:
-    """Return ``value`` as an int bit width, or raise a :class:`QuantizationConfigError` that says how to fix it.
-
-    Args:
-        argument: the user-facing argument name, used in the message.
-        value: what the user gave.
-        allow_binary: whether 1 (binary: sign times a scale) is allowed.
-        low: the smallest multi-bit width allowed.
-    """
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise QuantizationConfigError(
-            f"`{argument}` must be an integer number of bits in [{low}, {MAX_BITS}], got {value!r} "
-            f"({type(value).__name__}). HINT: pass e.g. `{argument}=4`."
-        )
-    if value == 1 and allow_binary:
-        return value
-    if not low <= value <= MAX_BITS:
-        hint = (
-            " For binary weights pass `binary_weights=True` (or a LayerSpec with weight_bits=1)."
-            if value == 1 and not allow_binary
-            else ""
-        )
-        raise QuantizationConfigError(f"`{argument}` must be within [{low}, {MAX_BITS}], got {value}.{hint}")
-    return value
 
 
 def quant_range(bits: int, signed: bool) -> tuple[int, int]:

@@ -8,6 +8,8 @@ for averaged statistics): every rank then holds the same bounds, computed from a
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import ClassVar
 
 import torch
@@ -17,8 +19,27 @@ from torch import Tensor, nn
 from lightning_quant.core.errors import QuantizationConfigError
 from lightning_quant.core.functional import fake_quantize, scale_zero_point_from_bounds
 
+_rank_local_depth = 0
+
+
+@contextlib.contextmanager
+def rank_local_statistics() -> Iterator[None]:
+    """Inside the block, observers on this process reduce nothing across DDP ranks.
+
+    For work that one rank does alone while the others wait for its result (e.g. a search on rank 0 whose outcome
+    is broadcast): a collective there would wait for ranks that never join it, until the process group's timeout.
+    """
+    global _rank_local_depth
+    _rank_local_depth += 1
+    try:
+        yield
+    finally:
+        _rank_local_depth -= 1
+
 
 def _distributed() -> bool:
+    if _rank_local_depth:
+        return False
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 

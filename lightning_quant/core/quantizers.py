@@ -535,6 +535,16 @@ class UniformQuantizer(Quantizer):
         self.threshold_factors.calibrate(*self.observer.bounds(), symmetric=self.symmetric)
         self.observing = False
 
+    @torch.no_grad()
+    def refresh_tuned_grid(self) -> None:
+        """Set the ``scale``/``zero_point`` buffers from calibrated threshold factors (after the factors moved), so
+        the saved state matches what the next forward computes."""
+        factors = self.threshold_factors
+        if factors is not None and factors.is_calibrated:
+            scale, zero_point = factors.scale_zero_point(self.qmin, self.qmax, self.symmetric)
+            self.scale.copy_(scale)
+            self.zero_point.copy_(zero_point)
+
     def _tuned_forward(self, x: Tensor, factors: ThresholdFactors) -> Tensor:
         scale, zero_point = factors.scale_zero_point(self.qmin, self.qmax, self.symmetric)
         with torch.no_grad():

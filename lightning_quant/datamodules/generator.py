@@ -27,6 +27,8 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_quant.core.errors import QuantizationConfigError
+from lightning_quant.core.io import load_weights_only
+from lightning_quant.core.validation import check_int
 from lightning_quant.surgery.capture import Call, Capture
 
 __all__ = ["ConditionalGenerator", "GeneratorDataModule", "GeneratorTrainer", "bn_layers", "distill_inputs"]
@@ -48,11 +50,6 @@ def bn_layers(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNo
         for name, m in model.named_modules()
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None
     ]
-
-
-def _check_positive_int(name: str, value: Any, fix: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise QuantizationConfigError(f"`{name}` must be a positive integer, got {value!r}. {fix}".rstrip())
 
 
 def _check_shape(name: str, shape: Any) -> tuple[int, int, int]:
@@ -107,9 +104,9 @@ class ConditionalGenerator(nn.Module):
 
     def __init__(self, latent_dim: int, num_classes: int, out_shape: Sequence[int], width: int = 64) -> None:
         super().__init__()
-        _check_positive_int("latent_dim", latent_dim)
-        _check_positive_int("num_classes", num_classes)
-        _check_positive_int("width", width)
+        check_int("latent_dim", latent_dim, minimum=1, fix="pass e.g. `latent_dim=64`.")
+        check_int("num_classes", num_classes, minimum=1, fix="pass the classes of the teacher, e.g. `num_classes=10`.")
+        check_int("width", width, minimum=1, fix="pass e.g. `width=64`.")
         if num_classes < 2:
             raise QuantizationConfigError(f"`num_classes` must be at least 2, got {num_classes}.")
         self.latent_dim = latent_dim
@@ -583,12 +580,12 @@ class GeneratorDataModule(L.LightningDataModule):
             raise QuantizationConfigError(
                 f"`teacher` must be a torch.nn.Module (the trained FP classifier), got {type(teacher).__name__}."
             )
-        _check_positive_int("num_classes", num_classes)
+        check_int("num_classes", num_classes, minimum=1, fix="pass the classes of the teacher, e.g. `num_classes=10`.")
         self.input_shape = _check_shape("input_shape", input_shape)
-        _check_positive_int("samples_per_epoch", samples_per_epoch)
-        _check_positive_int("batch_size", batch_size)
-        _check_positive_int("generator_steps", generator_steps)
-        _check_positive_int("generator_batch_size", generator_batch_size)
+        check_int("samples_per_epoch", samples_per_epoch, minimum=1, fix="pass e.g. `samples_per_epoch=10_000`.")
+        check_int("batch_size", batch_size, minimum=1, fix="pass e.g. `batch_size=128`.")
+        check_int("generator_steps", generator_steps, minimum=1, fix="pass e.g. `generator_steps=2_000`.")
+        check_int("generator_batch_size", generator_batch_size, minimum=1, fix="pass e.g. `generator_batch_size=128`.")
         if source not in self.SOURCES:
             raise QuantizationConfigError(f"`source` must be one of {self.SOURCES}, got {source!r}.")
         if bn_loss not in self.BN_LOSSES:
@@ -658,7 +655,7 @@ class GeneratorDataModule(L.LightningDataModule):
     def _load_teacher(self) -> None:
         if self.teacher_checkpoint is None:
             return
-        ckpt = torch.load(self.teacher_checkpoint, map_location="cpu", weights_only=False)
+        ckpt = load_weights_only(self.teacher_checkpoint, "teacher_checkpoint")
         state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else ckpt
         self.teacher.load_state_dict(state)
         self.teacher_checkpoint = None  # loaded once

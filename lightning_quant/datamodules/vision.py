@@ -26,6 +26,8 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from torchvision import datasets, transforms
 
+from lightning_quant.core.validation import check_int, check_real
+
 __all__ = [
     "CIFAR10DataModule",
     "DigitsDataModule",
@@ -35,18 +37,6 @@ __all__ = [
 
 _FIT_STAGES = (None, "fit", "validate")
 _TEST_STAGES = (None, "test", "predict")
-
-
-def _check_int(name: str, value: Any, minimum: int, fix: str) -> None:
-    """Raise ``ValueError`` unless ``value`` is an integer ``>= minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}. {fix}")
-
-
-def _check_fraction(name: str, value: Any) -> None:
-    """Raise ``ValueError`` unless ``value`` is a number strictly between 0 and 1."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-        raise ValueError(f"`{name}` must be a fraction within (0, 1), got {value!r}. Use e.g. {name}=0.1.")
 
 
 class _VisionDataModule(L.LightningDataModule):
@@ -63,10 +53,9 @@ class _VisionDataModule(L.LightningDataModule):
 
     def __init__(self, batch_size: int, seed: int, num_workers: int) -> None:
         super().__init__()
-        _check_int("batch_size", batch_size, 1, "Use e.g. batch_size=64.")
-        _check_int("num_workers", num_workers, 0, "Use 0 to load data in the main process.")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"`seed` must be an integer, got {seed!r}. Use e.g. seed=0.")
+        check_int("batch_size", batch_size, minimum=1, fix="pass e.g. `batch_size=64`.")
+        check_int("num_workers", num_workers, minimum=0, fix="pass 0 to load data in the main process.")
+        check_int("seed", seed, fix="pass e.g. `seed=0`.")
         self.batch_size = batch_size
         self.seed = seed
         self.num_workers = num_workers
@@ -198,14 +187,30 @@ class DigitsDataModule(_VisionDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers)
-        _check_fraction("val_fraction", val_fraction)
-        _check_fraction("test_fraction", test_fraction)
+        check_real(
+            "val_fraction",
+            val_fraction,
+            minimum=0,
+            maximum=1,
+            minimum_inclusive=False,
+            maximum_inclusive=False,
+            fix="pass a fraction, e.g. `val_fraction=0.1`.",
+        )
+        check_real(
+            "test_fraction",
+            test_fraction,
+            minimum=0,
+            maximum=1,
+            minimum_inclusive=False,
+            maximum_inclusive=False,
+            fix="pass a fraction, e.g. `test_fraction=0.1`.",
+        )
         if val_fraction + test_fraction >= 1:
             raise ValueError(
                 f"`val_fraction` + `test_fraction` must be below 1 to leave training data, got "
                 f"{val_fraction} + {test_fraction}. Use e.g. val_fraction=0.2, test_fraction=0.2."
             )
-        _check_int("image_size", image_size, 1, "Use 8 for the original digits or e.g. 28 or 32.")
+        check_int("image_size", image_size, minimum=1, fix="pass 8 for the original digits or e.g. 28 or 32.")
         self.save_hyperparameters()
         self.val_fraction = float(val_fraction)
         self.test_fraction = float(test_fraction)
@@ -297,9 +302,9 @@ class MNISTDataModule(_VisionDataModule):
         train_subset: int | None = None,
     ) -> None:
         super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers)
-        _check_int("val_size", val_size, 1, "Use e.g. val_size=5000.")
+        check_int("val_size", val_size, minimum=1, fix="pass e.g. `val_size=5000`.")
         if train_subset is not None:
-            _check_int("train_subset", train_subset, 1, "Use None to keep the whole training split.")
+            check_int("train_subset", train_subset, minimum=1, fix="pass None to keep the whole training split.")
         self.save_hyperparameters()
         self.root = Path(root)
         self.download = bool(download)
@@ -423,7 +428,7 @@ class CIFAR10DataModule(_VisionDataModule):
         augment: bool = True,
     ) -> None:
         super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers)
-        _check_int("val_size", val_size, 1, "Use e.g. val_size=5000.")
+        check_int("val_size", val_size, minimum=1, fix="pass e.g. `val_size=5000`.")
         self.save_hyperparameters()
         self.root = Path(root)
         self.download = bool(download)
@@ -518,8 +523,16 @@ class ImageFolderDataModule(_VisionDataModule):
         augment: bool = False,
     ) -> None:
         super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers)
-        _check_int("image_size", image_size, 1, "Use e.g. image_size=224.")
-        _check_fraction("val_fraction", val_fraction)
+        check_int("image_size", image_size, minimum=1, fix="pass e.g. `image_size=224`.")
+        check_real(
+            "val_fraction",
+            val_fraction,
+            minimum=0,
+            maximum=1,
+            minimum_inclusive=False,
+            maximum_inclusive=False,
+            fix="pass a fraction, e.g. `val_fraction=0.1`.",
+        )
         self.save_hyperparameters()
         self.root = Path(root)
         self.image_size = image_size

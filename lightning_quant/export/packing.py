@@ -59,7 +59,6 @@ import math
 import os
 import sys
 from dataclasses import dataclass
-from numbers import Integral
 from typing import Any
 
 import numpy as np
@@ -67,6 +66,7 @@ import torch
 from torch import Tensor
 
 from lightning_quant.core.errors import QuantizationConfigError
+from lightning_quant.core.validation import check_int
 
 __all__ = [
     "HUFFMAN_HEADER_BITS",
@@ -114,32 +114,25 @@ _REQUIRED_KEYS = ("packed", "bits", "signed", "shape")
 
 
 # ----------------------------------------------------------------------------------------------- validation
-def _check_int(argument: str, value: object, low: int, high: int | None, fix: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral):
-        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise QuantizationConfigError(
-            f"`{argument}` must be an integer {bound}, got {value!r} ({type(value).__name__}). {fix}"
-        )
-    value = int(value)
-    if value < low or (high is not None and value > high):
-        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise QuantizationConfigError(f"`{argument}` must be an integer {bound}, got {value}. {fix}")
-    return value
-
-
 def _check_pack_bits(bits: object) -> int:
-    return _check_int(
+    return check_int(
         "bits",
         bits,
-        PACK_MIN_BITS,
-        PACK_MAX_BITS,
-        "Dense packing covers 1..8 bits; store wider integers as int16/int32 tensors instead.",
+        minimum=PACK_MIN_BITS,
+        maximum=PACK_MAX_BITS,
+        integral=True,
+        fix="Dense packing covers 1..8 bits; store wider integers as int16/int32 tensors instead.",
     )
 
 
 def _check_encode_bits(bits: object, argument: str = "bits") -> int:
-    return _check_int(
-        argument, bits, 1, ENCODE_MAX_BITS, f"Give the width of one stored field, 1..{ENCODE_MAX_BITS} bits."
+    return check_int(
+        argument,
+        bits,
+        minimum=1,
+        maximum=ENCODE_MAX_BITS,
+        integral=True,
+        fix=f"Give the width of one stored field, 1..{ENCODE_MAX_BITS} bits.",
     )
 
 
@@ -208,7 +201,7 @@ def packed_num_bytes(numel: int, bits: int) -> int:
     >>> packed_num_bytes(10, 3)
     4
     """
-    numel = _check_int("numel", numel, 0, None, "Pass the number of packed values.")
+    numel = check_int("numel", numel, minimum=0, integral=True, fix="Pass the number of packed values.")
     bits = _check_pack_bits(bits)
     return (numel * bits + 7) // 8
 
@@ -269,7 +262,7 @@ def unpack_bits(packed: Tensor, bits: int, signed: bool, numel: int) -> Tensor:
         QuantizationConfigError: bad ``bits`` / ``numel``, or ``packed`` not ``uint8`` of the right length.
     """
     bits = _check_pack_bits(bits)
-    numel = _check_int("numel", numel, 0, None, "Pass the number of values that were packed.")
+    numel = check_int("numel", numel, minimum=0, integral=True, fix="Pass the number of values that were packed.")
     if not isinstance(packed, Tensor) or packed.dtype != torch.uint8:
         got = packed.dtype if isinstance(packed, Tensor) else type(packed).__name__
         raise QuantizationConfigError(
@@ -510,7 +503,9 @@ def huffman_code_lengths(counts: dict[int, int]) -> dict[int, int]:
     """
     symbols = []
     for symbol, count in sorted(counts.items()):
-        count = _check_int(f"counts[{symbol!r}]", count, 0, None, "Counts are occurrences per symbol.")
+        count = check_int(
+            f"counts[{symbol!r}]", count, minimum=0, integral=True, fix="Counts are occurrences per symbol."
+        )
         if count > 0:
             symbols.append((symbol, count))
     if not symbols:
@@ -611,7 +606,8 @@ def save_packed(path: str | os.PathLike[str], tensors: dict[str, dict[str, Any]]
                 f"`tensors[{name!r}]` is missing {missing}. Every entry needs {list(_REQUIRED_KEYS)}."
             )
         shape = [
-            _check_int(f"tensors[{name!r}]['shape']", d, 0, None, "Give the unpacked shape.") for d in entry["shape"]
+            check_int(f"tensors[{name!r}]['shape']", d, minimum=0, integral=True, fix="Give the unpacked shape.")
+            for d in entry["shape"]
         ]
         numel = math.prod(shape)
         if isinstance(entry["bits"], (list, tuple)):  # one width per row (pack_rows)

@@ -12,6 +12,8 @@ from torch import nn
 from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_quant.core.io import load_weights_only
+
 __all__ = ["ImageClassifier"]
 
 log = logging.getLogger(__name__)
@@ -119,7 +121,7 @@ class ImageClassifier(L.LightningModule):
                 f"`weights` file {path!r} does not exist. Pass the path of a trained float checkpoint "
                 "(a Lightning .ckpt or a torch.save'd state_dict), or leave `weights` unset."
             )
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = load_weights_only(path, "weights")
         state = state.get("state_dict", state) if isinstance(state, dict) else state
         if not isinstance(state, dict):
             raise ValueError(f"`weights` file {path!r} holds a {type(state).__name__}, not a state_dict.")

@@ -38,6 +38,7 @@ from lightning_quant.allocation.rl import DDPGConfig
 from lightning_quant.callbacks.autoqb import AutoQBCallback
 from lightning_quant.callbacks.qat import QuantizationAwareTraining
 from lightning_quant.core.errors import QuantizationConfigError
+from lightning_quant.core.io import load_weights_only
 from lightning_quant.datamodules import DigitsDataModule, MNISTDataModule
 from lightning_quant.export.packing import save_packed_model
 from lightning_quant.models import CifarResNet, ImageClassifier, LeNet5
@@ -156,7 +157,7 @@ def run_autoqb(
     fp_path = out / "fp.pt"
     classifier = ImageClassifier(_backbone(model, image_size), lr=3e-3, scheduler="cosine")
     if fp_path.is_file():
-        classifier.load_state_dict(torch.load(fp_path, map_location="cpu"))
+        classifier.load_state_dict(load_weights_only(fp_path, "the float checkpoint"))
     else:
         _trainer(fp_epochs, out, [], False, progress_bar).fit(classifier, dm)
         torch.save(classifier.state_dict(), fp_path)

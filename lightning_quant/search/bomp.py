@@ -26,11 +26,13 @@ from optuna.distributions import BaseDistribution, IntDistribution
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
-from lightning_quant.allocation.cost import FLOAT_ACT_BITS, BudgetConstraint, trace_macs
+from lightning_quant.allocation.cost import FLOAT_ACT_BITS, BudgetConstraint, check_budget, trace_macs
 from lightning_quant.allocation.solvers import linear_objective_table, round_to_budget, validate_bit_choices
 from lightning_quant.callbacks.qat import QuantizationAwareTraining
 from lightning_quant.core.errors import QuantizationConfigError
 from lightning_quant.core.functional import validate_bits
+from lightning_quant.core.io import load_weights_only
+from lightning_quant.core.validation import check_choice, check_int
 from lightning_quant.search.factory import ModelFactory
 from lightning_quant.search.results import SearchResult
 from lightning_quant.search.storage import TrialHeartbeat, fail_stale, make_storage
@@ -375,18 +377,6 @@ class _Surplus(optuna.TrialPruned):
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------------
-def _check_int(argument: str, value: object, low: int, fix: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise QuantizationConfigError(f"`{argument}` must be an integer >= {low}, got {value!r}. {fix}")
-
-
-def _check_budget(argument: str, value: object) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
-        raise QuantizationConfigError(f"`{argument}` must be a positive number or None, got {value!r}.")
-
-
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """Lightning's per-Trainer banners and known harmless warnings off for the search; restored afterwards."""
@@ -426,7 +416,7 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 
 def _state_dict_of(path: Path) -> dict[str, torch.Tensor]:
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_weights_only(path, "weights")
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict):
         raise QuantizationConfigError(
@@ -607,27 +597,33 @@ class MixedPrecisionSearch:
             None if act_bits_choices is None else validate_bit_choices(act_bits_choices, "act_bits_choices")
         )
         self.architecture = self._check_architecture(architecture)
-        if objective not in self.OBJECTIVES:
-            raise QuantizationConfigError(f"`objective` must be one of {list(self.OBJECTIVES)}, got {objective!r}.")
-        _check_budget("max_size_kib", max_size_kib)
-        _check_budget("max_mbops", max_mbops)
+        check_choice("objective", objective, self.OBJECTIVES)
+        check_budget("max_size_kib", max_size_kib)
+        check_budget("max_mbops", max_mbops)
         if first_last_bits is not None:
             validate_bits("first_last_bits", first_last_bits, allow_binary=True)
         if layer_spec is not None and not isinstance(layer_spec, LayerSpec):
             raise QuantizationConfigError(f"`layer_spec` must be a LayerSpec or None, got {type(layer_spec).__name__}.")
-        _check_int("n_trials", n_trials, 1, "Use e.g. n_trials=20.")
-        if sampler not in self.SAMPLERS:
-            raise QuantizationConfigError(f"`sampler` must be one of {list(self.SAMPLERS)}, got {sampler!r}.")
-        _check_int("n_startup_trials", n_startup_trials, 0, "Use e.g. n_startup_trials=10.")
-        _check_int("fp_epochs", fp_epochs, 1, "Use e.g. fp_epochs=3.")
-        _check_int("qat_epochs", qat_epochs, 1, "Use e.g. qat_epochs=1.")
-        _check_int("num_calibration_batches", num_calibration_batches, 0, "Use e.g. num_calibration_batches=16.")
-        _check_int("heartbeat_interval", heartbeat_interval, 1, "Use e.g. heartbeat_interval=30 (seconds).")
+        check_int("n_trials", n_trials, minimum=1, fix="pass e.g. `n_trials=20`.")
+        check_choice("sampler", sampler, self.SAMPLERS)
+        check_int("n_startup_trials", n_startup_trials, minimum=0, fix="pass e.g. `n_startup_trials=10`.")
+        check_int("fp_epochs", fp_epochs, minimum=1, fix="pass e.g. `fp_epochs=3`.")
+        check_int("qat_epochs", qat_epochs, minimum=1, fix="pass e.g. `qat_epochs=1`.")
+        check_int(
+            "num_calibration_batches", num_calibration_batches, minimum=0, fix="pass e.g. `num_calibration_batches=16`."
+        )
+        check_int(
+            "heartbeat_interval", heartbeat_interval, minimum=1, fix="pass e.g. `heartbeat_interval=30` (seconds)."
+        )
         if grace_period is not None:
-            _check_int("grace_period", grace_period, heartbeat_interval + 1, "It must exceed the heartbeat interval.")
-        _check_int("max_retry", max_retry, 0, "Use e.g. max_retry=2.")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise QuantizationConfigError(f"`seed` must be an integer, got {seed!r}.")
+            check_int(
+                "grace_period",
+                grace_period,
+                minimum=heartbeat_interval + 1,
+                fix="it must exceed the heartbeat interval.",
+            )
+        check_int("max_retry", max_retry, minimum=0, fix="pass e.g. `max_retry=2`.")
+        check_int("seed", seed, fix="pass e.g. `seed=0`.")
         trainer_kwargs = dict(trainer_kwargs or {})
         reserved = sorted(set(trainer_kwargs) & set(self._RESERVED_TRAINER_KEYS))
         if reserved:
@@ -1100,7 +1096,7 @@ class MixedPrecisionSearch:
             The :class:`~lightning_quant.search.SearchResult` of the whole study (also written to ``workdir``).
         """
         n_trials = self.n_trials if n_trials is None else n_trials
-        _check_int("n_trials", n_trials, 1, "Use e.g. n_trials=20.")
+        check_int("n_trials", n_trials, minimum=1, fix="pass e.g. `n_trials=20`.")
         start = time.perf_counter()
         study = self.open_study()
         from tqdm import tqdm

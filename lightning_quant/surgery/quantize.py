@@ -7,6 +7,7 @@ import logging
 import warnings
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 from lightning_quant.core.codebook import check_shareable, share_codebook
@@ -112,6 +113,13 @@ def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> nn.Module
             f"`spec` must be a QuantSpec, got {type(spec).__name__}. HINT: `QuantSpec.from_dict(...)` reads a dict."
         )
     float_layers = quantizable_layers(model)
+    low = sorted({str(p.dtype) for p in model.parameters() if p.dtype in (torch.float16, torch.bfloat16)})
+    if low:
+        raise QuantizationConfigError(
+            f"`model` has parameters in {', '.join(low)}: quantization-aware training needs float32 (or float64) "
+            "weights to accumulate small updates and learn step sizes. HINT: keep the weights in float32 "
+            "(`model.float()`) and train in low precision with `Trainer(precision='bf16-mixed')`."
+        )
     candidates = layer_candidates(model)
     if not candidates:
         raise QuantizationConfigError(

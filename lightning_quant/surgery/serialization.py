@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from lightning_quant.core.errors import QuantizationConfigError
+from lightning_quant.core.io import load_weights_only
 from lightning_quant.surgery.quantize import quantize_model
 from lightning_quant.surgery.spec import QuantSpec
 
@@ -83,7 +84,7 @@ def load_quantized(
 
 def _load(checkpoint: Any) -> Mapping[str, Any]:
     position = checkpoint.tell() if hasattr(checkpoint, "tell") else None
-    loaded = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    loaded = load_weights_only(checkpoint, "checkpoint")
     if position is not None:
         checkpoint.seek(position)  # a file-like object is read again by load_from_checkpoint
     return loaded

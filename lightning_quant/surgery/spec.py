@@ -23,6 +23,7 @@ from lightning_quant.core.errors import QuantizationConfigError
 from lightning_quant.core.functional import validate_bits
 from lightning_quant.core.observers import OBSERVERS
 from lightning_quant.core.quantizers import QUANTIZER_KINDS
+from lightning_quant.core.validation import check_bool, check_choice, config_error
 
 Granularity = Literal["per_channel", "per_tensor"]
 CodebookVector = Literal["scalar", "kernel"]
@@ -41,12 +42,6 @@ QUANTIZABLE_TYPES: tuple[str, ...] = (
     "GRU",
     "RNN",
 )
-
-
-def _check_choice(argument: str, value: object, choices: Iterable[object]) -> None:
-    choices = tuple(choices)
-    if value not in choices:
-        raise QuantizationConfigError(f"`{argument}` must be one of {list(choices)}, got {value!r}.")
 
 
 @dataclass(frozen=True)
@@ -133,17 +128,20 @@ class LayerSpec:
             validate_bits("act_bits", self.act_bits)
         if self.output_bits is not None:
             validate_bits("output_bits", self.output_bits)
-        _check_choice("weight_granularity", self.weight_granularity, self.GRANULARITIES)
-        _check_choice("scale_mode", self.scale_mode, self.SCALE_MODES)
-        _check_choice("weight_observer", self.weight_observer, sorted(OBSERVERS))
-        _check_choice("act_observer", self.act_observer, sorted(OBSERVERS))
+        for f in dataclasses.fields(self):
+            if f.type in ("bool", bool):
+                check_bool(f.name, getattr(self, f.name))
+        check_choice("weight_granularity", self.weight_granularity, self.GRANULARITIES)
+        check_choice("scale_mode", self.scale_mode, self.SCALE_MODES)
+        check_choice("weight_observer", self.weight_observer, sorted(OBSERVERS))
+        check_choice("act_observer", self.act_observer, sorted(OBSERVERS))
         binary = 1 in self.weight_bits if isinstance(self.weight_bits, tuple) else self.weight_bits == 1
         if binary and not self.weight_symmetric and self.weight_kind == "uniform":
             raise QuantizationConfigError(
                 "Binary weights (`weight_bits=1`) are symmetric: set `weight_symmetric=True`."
             )
-        _check_choice("weight_kind", self.weight_kind, sorted(QUANTIZER_KINDS))
-        _check_choice("codebook_vector", self.codebook_vector, self.CODEBOOK_VECTORS)
+        check_choice("weight_kind", self.weight_kind, sorted(QUANTIZER_KINDS))
+        check_choice("codebook_vector", self.codebook_vector, self.CODEBOOK_VECTORS)
         if self.weight_kind == "codebook":
             self._check_codebook()
         else:
@@ -189,6 +187,8 @@ class LayerSpec:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "LayerSpec") -> LayerSpec:
+        if not isinstance(data, Mapping):
+            raise config_error(where, "a mapping of LayerSpec fields", data, "e.g. `{weight_bits: 4, act_bits: 8}`.")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -248,16 +248,20 @@ class QuantSpec:
             value = getattr(self, name)
             if isinstance(value, str):
                 value = (value,)
+            if not isinstance(value, Iterable) or not all(isinstance(v, str) for v in value):
+                raise config_error(name, "a list of layer-name patterns (strings)", value, f"e.g. `{name}=['conv*']`.")
             object.__setattr__(self, name, tuple(value))
         if not isinstance(self.default, LayerSpec):
             raise QuantizationConfigError(f"`default` must be a LayerSpec, got {type(self.default).__name__}.")
         for type_name in self.exclude_types:
-            _check_choice("exclude_types", type_name, QUANTIZABLE_TYPES)
+            check_choice("exclude_types", type_name, QUANTIZABLE_TYPES)
         if self.first_last_bits is not None:
             validate_bits("first_last_bits", self.first_last_bits)
         for flag in ("quantize_residuals", "fold_batchnorm"):
             if not isinstance(getattr(self, flag), bool):
                 raise QuantizationConfigError(f"`{flag}` must be True or False, got {getattr(self, flag)!r}.")
+        if not isinstance(self.layers, Mapping):
+            raise config_error("layers", "a mapping of layer name -> LayerSpec", self.layers)
         for key, layer in self.layers.items():
             if not isinstance(layer, LayerSpec):
                 raise QuantizationConfigError(f"`layers[{key!r}]` must be a LayerSpec, got {type(layer).__name__}.")
@@ -331,6 +335,10 @@ class QuantSpec:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> QuantSpec:
+        if not isinstance(data, Mapping):
+            raise config_error("QuantSpec", "a mapping of its fields", data, "e.g. `{default: {weight_bits: 4}}`.")
+        if not isinstance(data.get("layers", {}), Mapping):
+            raise config_error("layers", "a mapping of layer name -> LayerSpec fields", data["layers"])
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:

@@ -22,7 +22,6 @@ from lightning_quant import (
 from lightning_quant.allocation import layer_costs, trace_macs
 from lightning_quant.models import ImageClassifier, LeNet5
 from lightning_quant.surgery import SPEC_KEY, quantize_model, quantized_layers
-from tests.conftest import crash_and_resume
 
 
 def _loader(n: int = 32, channels: int = 1, size: int = 28, classes: int = 10, batch: int = 8, seed: int = 0):
@@ -46,11 +45,17 @@ def _weight_bits(model: nn.Module) -> dict[str, int]:
     [
         ({"avg_weight_bits": 1.5}, r"`avg_weight_bits` must be within \[min_bits, max_bits\] = \[2, 8\], got 1.5"),
         ({"avg_weight_bits": 3.0, "bit_choices": [4, 8]}, r"= \[4, 8\], got 3.0"),
-        ({"avg_weight_bits": -3.0}, r"`avg_weight_bits` must be a positive finite number, got -3.0"),
-        ({"size_budget": -1}, r"`size_budget` must be a positive finite number, got -1"),
-        ({"bops_budget": float("nan")}, r"`bops_budget` must be a positive finite number, got nan"),
-        ({"avg_weight_bits": "three"}, r"`avg_weight_bits` must be a positive number or None, got 'three' \(str\)"),
-        ({"size_budget": True}, r"`size_budget` must be a positive number or None, got True \(bool\)"),
+        (
+            {"avg_weight_bits": -3.0},
+            r"`avg_weight_bits` must be a finite number > 0 or None, got -3\.0\. HINT: a budget",
+        ),
+        ({"size_budget": -1}, r"`size_budget` must be a finite number > 0 or None, got -1\. HINT: a budget"),
+        ({"bops_budget": float("nan")}, r"`bops_budget` must be a finite number > 0 or None, got nan\. HINT: a budget"),
+        (
+            {"avg_weight_bits": "three"},
+            r"`avg_weight_bits` must be a finite number > 0 or None, got 'three'\. HINT: a budget",
+        ),
+        ({"size_budget": True}, r"`size_budget` must be a finite number > 0 or None, got True\. HINT: a budget"),
         ({"avg_weight_bits": 3.0, "size_budget": 10_000}, r"two budgets on the same quantity.*pass only one"),
         ({}, r"No budget given\. HINT: pass `avg_weight_bits=3.0`"),
         ({"avg_weight_bits": 3.0, "bit_choices": []}, r"`bit_choices` is empty"),
@@ -219,24 +224,6 @@ def test_two_instances_have_distinct_state_keys() -> None:
     assert a.state_key != BitReallocationCallback(avg_weight_bits=3.0, solver="milp").state_key
 
 
-# -- resume and DDP ---------------------------------------------------------------------------------------------
-def test_kill_and_resume_gives_the_same_allocation_history(tmp_path, trainer_kwargs) -> None:
-    def build():
-        L.seed_everything(0, workers=True)
-        qat = QuantizationAwareTraining(4, 8, num_calibration_batches=2)
-        callback = BitReallocationCallback(avg_weight_bits=3.0, every_n_steps=3)  # solves span the crash
-        return _lenet(), [qat, callback]
-
-    data = _loader(n=32, batch=8)  # 4 steps per epoch: solves at 3, 6, 9, 12
-    (model_a, [_, cb_a]), (model_c, [_, cb_c]) = crash_and_resume(tmp_path, trainer_kwargs, build, data, crash_step=7)
-    assert [h["step"] for h in cb_a.history] == [0, 3, 6, 9, 12]
-    assert cb_c.history == cb_a.history
-    assert _weight_bits(model_c) == _weight_bits(model_a)
-    state_a, state_c = model_a.state_dict(), model_c.state_dict()
-    for key in state_a:
-        torch.testing.assert_close(state_c[key], state_a[key], atol=0, rtol=0, msg=key)
-
-
 class SaveRankHistory(Callback):
     def __init__(self, folder, callback) -> None:
         self.folder = folder
@@ -247,26 +234,6 @@ class SaveRankHistory(Callback):
             {"history": self.callback.history, "bits": _weight_bits(pl_module)},
             self.folder / f"rank{trainer.global_rank}.pt",
         )
-
-
-def test_ddp_two_processes_get_identical_allocations(tmp_path, trainer_kwargs) -> None:
-    torch.manual_seed(0)
-    model = _lenet()
-    # observer-set step sizes: an LSQ step is detached in its initialising first forward, which DDP (without
-    # find_unused_parameters) rejects on the next step -- a property of LSQ, not of the allocation
-    spec = QuantSpec(default=LayerSpec(weight_bits=8, act_bits=8, scale_mode="observer"))
-    callback = BitReallocationCallback(avg_weight_bits=3.0, every_n_steps=2, plot=False, base_spec=spec)
-    trainer = L.Trainer(
-        **trainer_kwargs(
-            devices=2, strategy="ddp_spawn", max_steps=4, callbacks=[callback, SaveRankHistory(tmp_path, callback)]
-        )
-    )
-    trainer.fit(model, _loader())
-    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
-    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
-    assert [h["step"] for h in rank0["history"]] == [0, 2, 4]
-    assert rank1 == rank0
-    assert all(h["costs"]["avg_weight_bits"] <= 3.0 for h in rank0["history"])
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ from lightning_quant import (
 )
 from lightning_quant.models import ImageClassifier, resnet8
 from lightning_quant.surgery import is_quantized, quantized_layers
-from tests.conftest import crash_and_resume, shipped_config
+from tests.conftest import shipped_config
 
 
 def _loader(n: int = 32, channels: int = 3, size: int = 16, batch: int = 8, seed: int = 0, labels: bool = True):
@@ -235,49 +235,6 @@ class SaveRankState(Callback):
     def on_train_end(self, trainer, pl_module):
         torch.save(pl_module.state_dict(), self.folder / f"rank{trainer.global_rank}.pt")
         torch.save(trainer.callback_metrics["quant/br/loss"], self.folder / f"loss{trainer.global_rank}.pt")
-
-
-def test_ddp_two_processes(tmp_path, trainer_kwargs) -> None:
-    torch.manual_seed(0)
-    model = ImageClassifier(_plain())
-    callbacks = [
-        QuantizationAwareTraining(4, 4, num_calibration_batches=1),
-        BlockReplacementCallback(num_sampled=1),
-        SaveRankState(tmp_path),
-    ]
-    trainer = L.Trainer(**trainer_kwargs(devices=2, strategy="ddp_spawn", max_steps=2, callbacks=callbacks))
-    trainer.fit(model, _loader(n=16, batch=4))
-    state0, state1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
-    for key in state0:
-        torch.testing.assert_close(state1[key], state0[key], atol=0, rtol=0, msg=key)
-    assert all(torch.isfinite(v).all() for v in state0.values() if v.is_floating_point())
-    assert torch.isfinite(torch.load(tmp_path / "loss0.pt")) and torch.isfinite(torch.load(tmp_path / "loss1.pt"))
-
-
-def test_kill_and_resume_gives_the_same_result(tmp_path, trainer_kwargs) -> None:
-    def build():
-        L.seed_everything(0, workers=True)
-        qat = QuantizationAwareTraining(4, 4, num_calibration_batches=2)
-        br = BlockReplacementCallback(num_sampled=1, mixed_ce_weight=0.5)  # the draw of M_i must resume too
-        return ImageClassifier(resnet8(), lr=1e-2), [qat, br]
-
-    @torch.no_grad()
-    def disturb(model):  # a resumed run starts from whatever model the user builds: F must come from the checkpoint
-        for p in model.parameters():
-            p.add_(1.0)
-
-    data = _loader(n=16, batch=8)  # 2 steps per epoch
-    (model_a, [_, br_a]), (model_c, [_, br_c]) = crash_and_resume(
-        tmp_path, trainer_kwargs, build, data, crash_step=3, before_resume=disturb
-    )
-    state_a, state_c = model_a.state_dict(), model_c.state_dict()
-    assert state_a.keys() == state_c.keys()
-    for key in state_a:
-        torch.testing.assert_close(state_c[key], state_a[key], atol=0, rtol=0, msg=key)
-    br_state_a, br_state_c = br_a.state_dict(), br_c.state_dict()
-    assert torch.equal(br_state_a["rng_state"], br_state_c["rng_state"])
-    for key, value in br_state_a["fp_state_dict"].items():
-        torch.testing.assert_close(br_state_c["fp_state_dict"][key], value, atol=0, rtol=0, msg=key)
 
 
 class WithUnused(nn.Module):

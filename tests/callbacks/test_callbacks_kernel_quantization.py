@@ -332,6 +332,7 @@ def test_pointwise_layers_at_the_weight_level(trainer_kwargs):
         ({"index_bits": 3, "pointwise": "drop"}, r"`pointwise` must be one of \['exclude', 'scalar'\]"),
         ({"index_bits": 3, "refit_every": 0}, r"`refit_every` must be an integer >= 1 or None, got 0"),
         ({"index_bits": 3, "kmeans_iterations": 0}, r"`kmeans_iterations` must be an integer >= 1, got 0"),
+        ({"index_bits": 3, "pointwise_bits": 4}, r"`pointwise_bits`=4 sets .* but `pointwise` is 'exclude'.*HINT"),
     ],
 )
 def test_bad_arguments_fail_in_init(kwargs, match):

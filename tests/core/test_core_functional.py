@@ -474,13 +474,13 @@ def test_quant_range(bits):
 @pytest.mark.parametrize(
     ("value", "kwargs", "match"),
     [
-        (0, {}, r"`w_bits` must be within \[2, 8\], got 0\.$"),
-        (9, {"allow_binary": True}, r"`w_bits` must be within \[2, 8\], got 9\.$"),
-        (1, {}, r"got 1\. For binary weights pass `binary_weights=True`"),
-        (3, {"low": 4}, r"`w_bits` must be within \[4, 8\], got 3\."),
-        (3.5, {}, r"`w_bits` must be an integer number of bits in \[2, 8\], got 3\.5 \(float\)\. HINT"),
-        ("four", {}, r"got 'four' \(str\)"),
-        (True, {}, r"got True \(bool\)"),
+        (0, {}, r"`w_bits` must be within \[2, 8\], got 0\. HINT: pass e\.g\. `w_bits=4`\.$"),
+        (9, {"allow_binary": True}, r"`w_bits` must be within \[2, 8\], got 9\. HINT: pass e\.g\. `w_bits=4`\.$"),
+        (1, {}, r"got 1\. HINT: for binary weights pass `binary_weights=True`"),
+        (3, {"low": 4}, r"`w_bits` must be within \[4, 8\], got 3\. HINT: pass e\.g\. `w_bits=4`"),
+        (3.5, {}, r"`w_bits` must be an integer number of bits in \[2, 8\], got 3\.5\. HINT: pass e\.g\. `w_bits=4`"),
+        ("four", {}, r"`w_bits` must be an integer number of bits in \[2, 8\], got 'four'\. HINT"),
+        (True, {}, r"`w_bits` must be an integer number of bits in \[2, 8\], got True\. HINT"),
     ],
 )
 def test_validate_bits_errors(value, kwargs, match):

@@ -103,7 +103,7 @@ def test_mixed_width_errors():
         UniformQuantizer((4, 4, 2), ch_axis=0, num_channels=4)
     with pytest.raises(QuantizationConfigError, match=r"must be within \[2, 8\], got 9"):
         UniformQuantizer((4, 9), ch_axis=0, num_channels=2)
-    with pytest.raises(QuantizationConfigError, match=r"got 1\. For binary weights"):
+    with pytest.raises(QuantizationConfigError, match=r"got 1\. HINT: for binary weights"):
         UniformQuantizer((4, 1), symmetric=False, ch_axis=0, num_channels=2)
     with pytest.raises(QuantizationConfigError, match=r"but the quantizer is per tensor"):
         UniformQuantizer((4, 4))

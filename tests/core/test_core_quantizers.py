@@ -292,7 +292,9 @@ def test_binary_needs_symmetric_signed():
     with pytest.raises(QuantizationConfigError, match=r"needs `symmetric=True, signed=True`"):
         UniformQuantizer(bits=1, signed=False)
     q = UniformQuantizer(bits=4, symmetric=False)
-    with pytest.raises(QuantizationConfigError, match=r"`bits` must be within \[2, 8\], got 1\. For binary weights"):
+    with pytest.raises(
+        QuantizationConfigError, match=r"`bits` must be within \[2, 8\], got 1\. HINT: for binary weights"
+    ):
         q.bits = 1
 
 
@@ -300,11 +302,11 @@ def test_binary_needs_symmetric_signed():
 # validation
 # ---------------------------------------------------------------------------------------------------------------
 INVALID_BITS = [
-    (0, r"^`bits` must be within \[2, 8\], got 0\.$"),
-    (9, r"^`bits` must be within \[2, 8\], got 9\.$"),
-    (3.5, r"^`bits` must be an integer number of bits in \[2, 8\], got 3\.5 \(float\)\. HINT: pass e\.g\. `bits=4`\.$"),
-    ("four", r"^`bits` must be an integer number of bits in \[2, 8\], got 'four' \(str\)\."),
-    (True, r"^`bits` must be an integer number of bits in \[2, 8\], got True \(bool\)\."),
+    (0, r"^`bits` must be within \[2, 8\], got 0\. HINT: pass e\.g\. `bits=4`\.$"),
+    (9, r"^`bits` must be within \[2, 8\], got 9\. HINT: pass e\.g\. `bits=4`\.$"),
+    (3.5, r"^`bits` must be an integer number of bits in \[2, 8\], got 3\.5\. HINT: pass e\.g\. `bits=4`\.$"),
+    ("four", r"^`bits` must be an integer number of bits in \[2, 8\], got 'four'\. HINT: pass e\.g\. `bits=4`\.$"),
+    (True, r"^`bits` must be an integer number of bits in \[2, 8\], got True\. HINT: pass e\.g\. `bits=4`\.$"),
 ]
 
 

@@ -112,13 +112,16 @@ def test_workers_are_persistent() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"batch_size": 0}, r"`batch_size` must be an integer >= 1, got 0. Use e.g. batch_size=64"),
+        ({"batch_size": 0}, r"`batch_size` must be an integer >= 1, got 0\. HINT: pass e\.g\. `batch_size=64`"),
         ({"num_workers": -1}, r"`num_workers` must be an integer >= 0, got -1"),
-        ({"val_fraction": 1.0}, r"`val_fraction` must be a fraction within \(0, 1\), got 1.0"),
-        ({"test_fraction": 0}, r"`test_fraction` must be a fraction within \(0, 1\), got 0"),
+        (
+            {"val_fraction": 1.0},
+            r"`val_fraction` must be a finite number > 0 and < 1, got 1\.0\. HINT: pass a fraction",
+        ),
+        ({"test_fraction": 0}, r"`test_fraction` must be a finite number > 0 and < 1, got 0\. HINT: pass a fraction"),
         ({"val_fraction": 0.5, "test_fraction": 0.5}, r"`val_fraction` \+ `test_fraction` must be below 1"),
         ({"image_size": 0}, r"`image_size` must be an integer >= 1, got 0"),
-        ({"seed": 1.5}, r"`seed` must be an integer, got 1.5"),
+        ({"seed": 1.5}, r"`seed` must be an integer, got 1\.5\. HINT: pass e\.g\. `seed=0`"),
     ],
 )
 def test_bad_arguments(kwargs: dict, match: str) -> None:

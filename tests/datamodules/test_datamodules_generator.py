@@ -248,7 +248,10 @@ def test_teacher_without_batchnorm_is_refused():
     ("kwargs", "match"),
     [
         ({"input_shape": (8, 8)}, r"`input_shape` must be the \(channels, height, width\)"),
-        ({"samples_per_epoch": 0}, "`samples_per_epoch` must be a positive integer, got 0"),
+        (
+            {"samples_per_epoch": 0},
+            r"`samples_per_epoch` must be an integer >= 1, got 0\. HINT: pass e\.g\. `samples_per_epoch=10_000`",
+        ),
         ({"source": "gan"}, r"`source` must be one of \('generator', 'distilled', 'noise'\), got 'gan'"),
         ({"bn_loss": "l1"}, r"`bn_loss` must be one of \('kl', 'l2'\)"),
         ({"bn_weight": -1.0}, "`bn_weight` must be >= 0, got -1.0"),

@@ -108,8 +108,11 @@ def test_single_image_cannot_be_split(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"image_size": 0}, r"`image_size` must be an integer >= 1, got 0. Use e.g. image_size=224"),
-        ({"val_fraction": 0.0}, r"`val_fraction` must be a fraction within \(0, 1\), got 0.0"),
+        ({"image_size": 0}, r"`image_size` must be an integer >= 1, got 0\. HINT: pass e\.g\. `image_size=224`"),
+        (
+            {"val_fraction": 0.0},
+            r"`val_fraction` must be a finite number > 0 and < 1, got 0\.0\. HINT: pass a fraction",
+        ),
         ({"batch_size": 2.5}, r"`batch_size` must be an integer >= 1, got 2.5"),
     ],
 )

@@ -119,8 +119,8 @@ def test_sizes_checked_against_the_files(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"val_size": 0}, r"`val_size` must be an integer >= 1, got 0. Use e.g. val_size=5000"),
-        ({"train_subset": 0}, r"`train_subset` must be an integer >= 1, got 0. Use None"),
+        ({"val_size": 0}, r"`val_size` must be an integer >= 1, got 0\. HINT: pass e\.g\. `val_size=5000`"),
+        ({"train_subset": 0}, r"`train_subset` must be an integer >= 1, got 0\. HINT: pass None"),
         ({"batch_size": -2}, r"`batch_size` must be an integer >= 1, got -2"),
     ],
 )

@@ -198,7 +198,7 @@ def test_a_trial_whose_fit_raises_is_recorded_as_failed_and_the_search_goes_on(t
             r"`factory` failed to build the model with \{'input_size': 2\}: ValueError: `input_size`",
         ),
         ({"trainer_kwargs": {"max_epochs": 3}}, r"`trainer_kwargs` must not set \['max_epochs'\]"),
-        ({"max_mbops": -1.0}, r"`max_mbops` must be a positive number or None, got -1.0"),
+        ({"max_mbops": -1.0}, r"`max_mbops` must be a finite number > 0 or None, got -1\.0\. HINT: a budget"),
     ],
 )  # fmt: skip
 def test_bad_spaces_fail_before_any_training(tmp_path, overrides, match):
