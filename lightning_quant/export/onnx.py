@@ -264,8 +264,10 @@ def int8_blockers(model: nn.Module) -> dict[str, str]:
     A convolution runs as ``QLinearConv`` when its input is quantized to 8 bits, its weights lie on an integer grid
     and its output -- after the BatchNorm folded into it and a ReLU -- goes to exactly one quantizer (see
     :func:`~lightning_quant.surgery.graph.conv_output_placements`, which ``QuantSpec(quantize_residuals=True)``
-    uses to place them). Read from the PyTorch model, so it names the layers; ``verify_onnx`` counts what
-    onnxruntime really runs (which may include convolutions it makes itself, e.g. from a BatchNorm after pooling).
+    uses to place them). Read from the PyTorch model, so it names the layers; it errs on the safe side (a conv whose
+    output feeds several quantized layers is named, though onnxruntime fuses some of those). ``verify_onnx`` counts
+    what onnxruntime really runs (which may include convolutions it makes itself, e.g. from a BatchNorm after
+    pooling).
 
     Example:
         >>> from lightning_quant.surgery import QuantSpec, quantize_model
@@ -297,7 +299,8 @@ def int8_blockers(model: nn.Module) -> dict[str, str]:
         if conv not in reasons and not isinstance(getattr(modules[end], "output_quantizer", None), Quantizer):
             reasons[conv] = (
                 f"no quantizer follows its output (after {end!r}), which reaches an addition, concatenation, "
-                "product, activation or several layers. HINT: quantize with `quantize_residuals=True`"
+                "product, pooling, an activation other than ReLU or several layers. HINT: quantize with "
+                "`quantize_residuals=True`"
             )
     return reasons
 

@@ -298,17 +298,18 @@ def conv_output_placements(model: nn.Module, quantized_inputs: Collection[str]) 
     quantizer. For every convolution in ``quantized_inputs`` (the layers whose input is quantized) called once, this
     follows its output through a BatchNorm right after it and then a ReLU/ReLU6 module right after those (each
     called once) to the tensor that leaves them (the *end*). If that tensor reaches exactly one quantized layer
-    (directly, or through identity, dropout, stochastic depth or max-pooling), that layer's input quantizer already
-    follows the convolution and nothing is needed. Otherwise -- it reaches a concatenation, an element-wise
-    product (squeeze-excitation), an addition, an activation such as SiLU, hardswish, sigmoid or GELU, an
-    average pooling, or several quantized layers -- the end gets an output quantizer: returned as ``{end module
+    (directly, or through identity, dropout, stochastic depth, max-pooling or reshapes), its input quantizer
+    already follows the convolution and nothing is needed. Otherwise -- it reaches a concatenation, an
+    element-wise product (squeeze-excitation), an addition, an activation such as SiLU, hardswish, sigmoid or
+    GELU, an average pooling, or several quantized layers (onnxruntime fuses a conv whose output goes to several
+    QuantizeLinear nodes only in some graphs) -- the end gets an output quantizer: returned as ``{end module
     name: (the convolution, the quantized layers its output reaches)}``, and those layers share it (one grid for
     the tensor, one QuantizeLinear in the exported graph). A convolution whose output is only the model's output is
     left in float (float logits or maps, as users expect).
 
     Example: for ``conv -> bn -> SiLU -> conv2`` this returns ``{"bn": ("conv", [])}``; for
     ``conv -> relu -> cat`` ``{"relu": ("conv", [])}``; for ``conv -> bn -> (conv2, add)``
-    ``{"bn": ("conv", ["conv2"])}``.
+    ``{"bn": ("conv", ["conv2"])}``; for ``conv -> relu -> (conv2, conv3)`` ``{"relu": ("conv", ["conv2", "conv3"])}``.
 
     Raises:
         QuantizationConfigError: fx cannot trace ``model``.
@@ -335,7 +336,7 @@ def conv_output_placements(model: nn.Module, quantized_inputs: Collection[str]) 
         reached = _reached(end, modules)
         layers = [str(u.target) for u in reached if u.op == "call_module" and str(u.target) in quantized_inputs]
         if len(reached) == 1 and len(layers) == 1:
-            continue  # the next layer's input quantizer follows it
+            continue  # the input quantizer of the one layer it feeds follows it
         if all(u.op == "output" for u in reached):
             continue
         placements[str(end.target)] = (target, list(dict.fromkeys(layers)))
