@@ -56,9 +56,11 @@ therefore folds only int8-ready models (every quantized activation 8-bit): below
 convs in float anyway, so nothing is gained by folding, and the file stays exact. The same rule switches off
 onnxruntime's int32 bias quantization for such files (:func:`lightning_quant.export.runtime.create_session`).
 
-Convs that feed a residual ``Add`` stay in float in onnxruntime: the models quantize only the *inputs* of
-Conv/Linear layers, so no QuantizeLinear follows those convs and onnxruntime cannot form ``QLinearConv``.
-:func:`verify_onnx` reports how many convs really run in int8.
+Convs whose output reaches anything but one quantized layer (a residual ``Add``, a concatenation, SiLU...) stay in
+float in onnxruntime unless the model was quantized with ``quantize_residuals=True``: layers quantize only their
+*inputs*, so no QuantizeLinear follows those convs and onnxruntime cannot form ``QLinearConv``.
+:func:`int8_blockers` names them from the PyTorch model; :func:`verify_onnx` reports how many convs really run in
+int8.
 
 :func:`verify_onnx` runs the exported file in onnxruntime (the int8 deployment session of
 :mod:`lightning_quant.export.runtime`) beside the PyTorch model, and reports agreement, logit differences,

@@ -2,7 +2,8 @@
 
 Some questions need the graph rather than the module tree: which BatchNorm directly follows which convolution
 (:mod:`~lightning_quant.surgery.fold`), which layers feed a residual addition (:func:`residual_producers`),
-which ReLUs sit at one and which layers they feed (:func:`residual_activations`), and which modules call one
+which ReLUs sit at one and which layers they feed (:func:`residual_activations`), which convolutions need an
+output quantizer for an int8 runtime in any graph (:func:`conv_output_placements`), and which modules call one
 ReLU twice or apply a functional ReLU at one (:func:`retrace_owners`, :func:`unshared_copy`). The tracer keeps
 convolutions, linear layers, BatchNorms, ReLUs, max-pooling and quantizers as single ``call_module`` nodes, so
 node targets are the module names users see.
