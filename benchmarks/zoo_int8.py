@@ -87,9 +87,7 @@ def rows_for(name: str, args: argparse.Namespace, tmp: Path) -> list[str]:
         ratio = statistics.median(b / t for b, t in zip(base, ts, strict=True))
         count = f"{counts[variant]} / {convs}" if variant in counts else ""
         flagged = str(blockers[variant]) if variant in blockers else ""
-        rows.append(
-            f"| {name} | {variant} | {count} | {flagged} | {statistics.median(ts) * 1000:.2f} | {ratio:.2f} |"
-        )
+        rows.append(f"| {name} | {variant} | {count} | {flagged} | {statistics.median(ts) * 1000:.2f} | {ratio:.2f} |")
     print("\n".join(rows), flush=True)
     return rows
 

@@ -267,7 +267,8 @@ def int8_blockers(model: nn.Module) -> dict[str, str]:
     and its output -- after the BatchNorm folded into it and a ReLU -- goes to exactly one quantizer (see
     :func:`~lightning_quant.surgery.graph.conv_output_placements`, which ``QuantSpec(quantize_residuals=True)``
     uses to place them). Read from the PyTorch model, so it names the layers; it errs on the safe side (a conv whose
-    output feeds several quantized layers is named, though onnxruntime fuses some of those). ``verify_onnx`` counts
+    output feeds several quantized layers is named, though onnxruntime fuses it when their input quantizers happen
+    to have equal scales). ``verify_onnx`` counts
     what onnxruntime really runs (which may include convolutions it makes itself, e.g. from a BatchNorm after
     pooling).
 

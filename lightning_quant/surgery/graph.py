@@ -298,15 +298,16 @@ def conv_output_placements(model: nn.Module, quantized_inputs: Collection[str]) 
     and its output -- after a BatchNorm folded into it, and a ReLU the kernel applies -- goes to exactly one
     quantizer. For every convolution in ``quantized_inputs`` (the layers whose input is quantized) called once, this
     follows its output through a BatchNorm right after it and then a ReLU/ReLU6 module right after those (each
-    called once) to the tensor that leaves them (the *end*). If that tensor reaches exactly one quantized layer
-    (directly, or through identity, dropout, stochastic depth, max-pooling or reshapes), its input quantizer
-    already follows the convolution and nothing is needed. Otherwise -- it reaches a concatenation, an
-    element-wise product (squeeze-excitation), an addition, an activation such as SiLU, hardswish, sigmoid or
-    GELU, an average pooling, or several quantized layers (onnxruntime fuses a conv whose output goes to several
-    QuantizeLinear nodes only in some graphs) -- the end gets an output quantizer: returned as ``{end module
-    name: (the convolution, the quantized layers its output reaches)}``, and those layers share it (one grid for
-    the tensor, one QuantizeLinear in the exported graph). A convolution whose output is only the model's output is
-    left in float (float logits or maps, as users expect).
+    called once) to the tensor that leaves them (the *end*; a shared or functional ReLU after it is looked past). If
+    that tensor reaches exactly one quantized layer (directly, or through identity, dropout, stochastic depth,
+    max-pooling or reshapes), its input quantizer already follows the convolution and nothing is needed. Otherwise
+    -- it reaches a concatenation, an element-wise product (squeeze-excitation), an addition, an activation such as
+    SiLU, hardswish, sigmoid or GELU, an average pooling, or several quantized layers (onnxruntime fuses a conv
+    whose output goes to several QuantizeLinear nodes only when they share scale and zero point, which trained step
+    sizes do not) -- the end gets an output quantizer: returned as ``{end module name: (the convolution, the
+    quantized layers its output reaches)}``, and those layers share it (one grid for the tensor, one QuantizeLinear
+    in the exported graph). A convolution whose output is only the model's output is left in float (float logits or
+    maps, as users expect).
 
     Example: for ``conv -> bn -> SiLU -> conv2`` this returns ``{"bn": ("conv", [])}``; for
     ``conv -> relu -> cat`` ``{"relu": ("conv", [])}``; for ``conv -> bn -> (conv2, add)``
@@ -334,7 +335,14 @@ def conv_output_placements(model: nn.Module, quantized_inputs: Collection[str]) 
         end = node
         for kinds in (BN_TYPES, _ACTIVATION_MODULES):
             end = single_module_user(end, kinds) or end
-        reached = _reached(end, modules)
+        tail = end
+        (user,) = end.users if len(end.users) == 1 else (None,)
+        if user is not None and (
+            _is_functional_relu(user)
+            or (user.op == "call_module" and isinstance(modules.get(str(user.target)), _ACTIVATION_MODULES))
+        ):
+            tail = user  # a ReLU that cannot carry a quantizer (shared, or functional): the runtime fuses it too
+        reached = _reached(tail, modules)
         layers = [str(u.target) for u in reached if u.op == "call_module" and str(u.target) in quantized_inputs]
         if len(reached) == 1 and len(layers) == 1:
             continue  # the input quantizer of the one layer it feeds follows it

@@ -169,3 +169,17 @@ def test_trained_models_of_each_pattern_export_in_int8_with_agreement(
     assert result.int8_convs == _convs(model) and result.float_convs == 0
     assert result.agreement >= 0.999, result
     assert result.onnx_accuracy > 0.9
+
+
+def test_int8_blockers_name_the_convs_before_additions_and_say_why() -> None:
+    model = quantize_model(torchvision.models.resnet18(num_classes=10), QuantSpec())
+    blockers = int8_blockers(model)
+    # without the deployment recipe: every conv whose output enters a residual addition (and the stem, whose
+    # output feeds the first block's conv and its shortcut); onnxruntime runs exactly the other 8 of 20 in int8
+    expected = {f"layer{i}.{j}.conv2" for i in range(1, 5) for j in range(2)}
+    expected |= {f"layer{i}.0.downsample.0" for i in range(2, 5)} | {"conv1"}
+    assert set(blockers) == expected
+    assert "no quantizer follows its output" in blockers["layer1.0.conv2"]
+    assert "quantize_residuals=True" in blockers["layer1.0.conv2"]
+    low = quantize_model(torchvision.models.resnet18(num_classes=10), QuantSpec(default=LayerSpec(act_bits=4)))
+    assert "quantized to 4 bits" in int8_blockers(low)["layer1.0.conv1"]
