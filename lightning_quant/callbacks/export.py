@@ -28,6 +28,7 @@ from lightning_quant.export.onnx import (
     Task,
     VerificationResult,
     export_onnx,
+    int8_blockers,
     int8_ready,
     onnx_metadata,
     resolve_example_input,
@@ -337,18 +338,30 @@ class QuantizedExport(QuantizationCallback):
         self._log(trainer, metrics)
         result = self._result if self.verify else None
         if result is not None and result.float_convs and int8_ready(target):
-            rank_zero_warn(
-                f"QuantizedExport: {result.float_convs} of {result.float_convs + result.int8_convs}"
-                " convolutions run in float in onnxruntime (no QuantizeLinear after them), which makes the int8 model"
-                " slow. HINT: train with `QuantizationAwareTraining(..., quantize_residuals=True)` (or"
-                " `QuantSpec(quantize_residuals=True)`) so the tensors entering residual additions are quantized."
-            )
+            self._warn_float_convs(target, result)
         message = None if result is None else self._failure(result)
         if message is not None:
             if self.on_failure == "error":
                 raise ExportVerificationError(message)
             log.warning(message)
         return result
+
+    @staticmethod
+    def _warn_float_convs(target: torch.nn.Module, result: VerificationResult) -> None:
+        """Say which quantized convolutions run in float in onnxruntime, and why (once, at export)."""
+        blockers = int8_blockers(target)
+        convs = sum(isinstance(m, torch.nn.modules.conv._ConvNd) for m in target.modules())
+        if not blockers and result.int8_convs >= convs:
+            return  # every conv of the model is integer; onnxruntime made the others (a BatchNorm after pooling)
+        listed = "; ".join(f"{name}: {reason}" for name, reason in list(blockers.items())[:8])
+        more = f" (and {len(blockers) - 8} more)" if len(blockers) > 8 else ""
+        rank_zero_warn(
+            f"QuantizedExport: {result.float_convs} of {result.float_convs + result.int8_convs} convolutions run in "
+            f"float in onnxruntime, which makes the int8 model slow. {listed}{more}. HINT: train with "
+            "`QuantizationAwareTraining(..., quantize_residuals=True)` (or `QuantSpec(quantize_residuals=True)`), "
+            "which places a quantizer after every convolution whose output an int8 runtime would otherwise see in "
+            "float."
+        )
 
     def _failure(self, result: VerificationResult) -> str | None:
         """The failure message for ``result``, or ``None`` when it passes."""

@@ -56,9 +56,11 @@ therefore folds only int8-ready models (every quantized activation 8-bit): below
 convs in float anyway, so nothing is gained by folding, and the file stays exact. The same rule switches off
 onnxruntime's int32 bias quantization for such files (:func:`lightning_quant.export.runtime.create_session`).
 
-Convs that feed a residual ``Add`` stay in float in onnxruntime: the models quantize only the *inputs* of
-Conv/Linear layers, so no QuantizeLinear follows those convs and onnxruntime cannot form ``QLinearConv``.
-:func:`verify_onnx` reports how many convs really run in int8.
+Convs whose output reaches anything but one quantized layer (a residual ``Add``, a concatenation, SiLU...) stay in
+float in onnxruntime unless the model was quantized with ``quantize_residuals=True``: layers quantize only their
+*inputs*, so no QuantizeLinear follows those convs and onnxruntime cannot form ``QLinearConv``.
+:func:`int8_blockers` names them from the PyTorch model; :func:`verify_onnx` reports how many convs really run in
+int8.
 
 :func:`verify_onnx` runs the exported file in onnxruntime (the int8 deployment session of
 :mod:`lightning_quant.export.runtime`) beside the PyTorch model, and reports agreement, logit differences,
@@ -95,6 +97,7 @@ from lightning_quant.core.quantizers import Quantizer, UniformGrid
 from lightning_quant.export.packing import save_packed_model
 from lightning_quant.surgery.capture import capture
 from lightning_quant.surgery.fold import fold_batchnorm as _fold_batchnorm
+from lightning_quant.surgery.graph import CONV_TYPES, conv_output_placements
 from lightning_quant.surgery.layers import activation_quantizers, quantized_layers
 from lightning_quant.surgery.quantize import is_quantized
 
@@ -113,6 +116,7 @@ __all__ = [
     "VerificationResult",
     "count_conv_ops",
     "export_onnx",
+    "int8_blockers",
     "int8_ready",
     "onnx_metadata",
     "prepare_for_export",
@@ -254,6 +258,54 @@ def int8_ready(model: nn.Module) -> bool:
     exported as a float clamp before an 8-bit Q/DQ, which keeps their conv out of ``QLinearConv``.
     """
     return all(quantizer.bits == 8 for quantizer in activation_quantizers(model).values())
+
+
+def int8_blockers(model: nn.Module) -> dict[str, str]:
+    """The quantized convolutions of ``model`` that an int8 runtime cannot run in integers, each with the reason.
+
+    A convolution runs as ``QLinearConv`` when its input is quantized to 8 bits, its weights lie on an integer grid
+    and its output -- after the BatchNorm folded into it and a ReLU -- goes to exactly one quantizer (see
+    :func:`~lightning_quant.surgery.graph.conv_output_placements`, which ``QuantSpec(quantize_residuals=True)``
+    uses to place them). Read from the PyTorch model, so it names the layers; it errs on the safe side (a conv whose
+    output feeds several quantized layers is named, though onnxruntime fuses it when their input quantizers happen
+    to have equal scales). ``verify_onnx`` counts
+    what onnxruntime really runs (which may include convolutions it makes itself, e.g. from a BatchNorm after
+    pooling).
+
+    Example:
+        >>> from lightning_quant.surgery import QuantSpec, quantize_model
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.SiLU(), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(16, 2))
+        >>> list(int8_blockers(quantize_model(net, QuantSpec())))
+        ['0']
+        >>> int8_blockers(quantize_model(net, QuantSpec(quantize_residuals=True)))
+        {}
+    """
+    layers = quantized_layers(model)
+    quantized_inputs = {name for name, layer in layers.items() if isinstance(layer.input_quantizer, Quantizer)}
+    reasons: dict[str, str] = {}
+    for name, layer in layers.items():
+        if not isinstance(layer, CONV_TYPES):
+            continue
+        if name not in quantized_inputs:
+            reasons[name] = "its input is not quantized (`act_bits=None`)"
+        elif layer.input_quantizer.bits != 8:
+            reasons[name] = f"its input is quantized to {layer.input_quantizer.bits} bits; int8 kernels take 8"
+        elif layer.weight_quantizer.uniform_grid() is None:
+            reasons[name] = "its weights lie on no uniform grid (a float codebook)"
+    try:
+        placements = conv_output_placements(model, quantized_inputs)
+    except QuantizationConfigError as err:
+        log.info("int8_blockers: cannot trace %s (%s); only layer-local reasons are reported", type(model), err)
+        return reasons
+    modules = dict(model.named_modules())
+    for end, (conv, _) in placements.items():
+        if conv not in reasons and not isinstance(getattr(modules[end], "output_quantizer", None), Quantizer):
+            reasons[conv] = (
+                f"no quantizer follows its output (after {end!r}), which reaches an addition, concatenation, "
+                "product, pooling, an activation other than ReLU or several layers. HINT: quantize with "
+                "`quantize_residuals=True`"
+            )
+    return reasons
 
 
 def _deepcopy(model: nn.Module) -> nn.Module:

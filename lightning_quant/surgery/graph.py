@@ -2,7 +2,8 @@
 
 Some questions need the graph rather than the module tree: which BatchNorm directly follows which convolution
 (:mod:`~lightning_quant.surgery.fold`), which layers feed a residual addition (:func:`residual_producers`),
-which ReLUs sit at one and which layers they feed (:func:`residual_activations`), and which modules call one
+which ReLUs sit at one and which layers they feed (:func:`residual_activations`), which convolutions need an
+output quantizer for an int8 runtime in any graph (:func:`conv_output_placements`), and which modules call one
 ReLU twice or apply a functional ReLU at one (:func:`retrace_owners`, :func:`unshared_copy`). The tracer keeps
 convolutions, linear layers, BatchNorms, ReLUs, max-pooling and quantizers as single ``call_module`` nodes, so
 node targets are the module names users see.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import operator
+from collections.abc import Collection
 
 import torch
 from torch import fx, nn
@@ -26,7 +28,15 @@ _ADD_METHODS = ("add", "add_")
 _ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6)
 _POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 _RELU_FUNCTIONS = (torch.relu, torch.nn.functional.relu)
-_PASSTHROUGH_MODULES = (*_ACTIVATION_MODULES, nn.Identity, *_POOL_MODULES)
+_RESHAPE_FUNCTIONS = (torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze)
+_RESHAPE_METHODS = ("view", "reshape", "flatten", "transpose", "permute", "contiguous", "squeeze", "unsqueeze")
+_DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+_PASSTHROUGH_MODULES = (*_ACTIVATION_MODULES, nn.Identity, nn.Flatten, *_DROPOUT_MODULES, *_POOL_MODULES)
+
+
+def _is_stochastic_depth(m: nn.Module) -> bool:
+    """torchvision's ``StochasticDepth`` (EfficientNet, ConvNeXt...): the identity in eval mode, like dropout."""
+    return type(m).__name__ == "StochasticDepth"
 
 
 class LeafTracer(fx.Tracer):
@@ -35,7 +45,7 @@ class LeafTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         # quantizers too: their forward branches on Python state that fx would try to trace through
         leaf_types = (*CONV_TYPES, *BN_TYPES, nn.Linear, *_ACTIVATION_MODULES, *_POOL_MODULES)
-        if isinstance(m, leaf_types) or type(m).__name__.endswith("Quantizer"):
+        if isinstance(m, leaf_types) or type(m).__name__.endswith("Quantizer") or _is_stochastic_depth(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -52,11 +62,16 @@ def _is_functional_relu(node: fx.Node) -> bool:
 
 
 def _is_passthrough(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """Ops that commute with a quantizer in front of them (monotonic elementwise, max-pooling): a quantizer
-    placed before them serves every consumer after them."""
+    """Ops that commute with a per-tensor quantizer in front of them (monotonic elementwise, max-pooling, the
+    identity in eval mode, reshapes): a quantizer placed before them serves every consumer after them."""
     if node.op == "call_module":
-        return isinstance(modules.get(str(node.target)), _PASSTHROUGH_MODULES)
-    return _is_functional_relu(node) or (node.op == "call_function" and node.target is torch.nn.functional.max_pool2d)
+        module = modules.get(str(node.target))
+        return isinstance(module, _PASSTHROUGH_MODULES) or (module is not None and _is_stochastic_depth(module))
+    if node.op == "call_method":
+        return node.target in _RESHAPE_METHODS or _is_functional_relu(node)
+    return node.op == "call_function" and (
+        node.target in _RESHAPE_FUNCTIONS or node.target is torch.nn.functional.max_pool2d or _is_functional_relu(node)
+    )
 
 
 def _is_add(node: fx.Node) -> bool:
@@ -276,10 +291,72 @@ def residual_producers(model: nn.Module) -> dict[str, str]:
     return producers
 
 
+def conv_output_placements(model: nn.Module, quantized_inputs: Collection[str]) -> dict[str, tuple[str, list[str]]]:
+    """Where each convolution needs an output quantizer for an int8 runtime to run it in integers.
+
+    An int8 runtime fuses a convolution into an integer kernel (``QLinearConv``) only when its input is quantized
+    and its output -- after a BatchNorm folded into it, and a ReLU the kernel applies -- goes to exactly one
+    quantizer. For every convolution in ``quantized_inputs`` (the layers whose input is quantized) called once, this
+    follows its output through a BatchNorm right after it and then a ReLU/ReLU6 module right after those (each
+    called once) to the tensor that leaves them (the *end*; a shared or functional ReLU after it is looked past). If
+    that tensor reaches exactly one quantized layer (directly, or through identity, dropout, stochastic depth,
+    max-pooling or reshapes), its input quantizer already follows the convolution and nothing is needed. Otherwise
+    -- it reaches a concatenation, an element-wise product (squeeze-excitation), an addition, an activation such as
+    SiLU, hardswish, sigmoid or GELU, an average pooling, or several quantized layers (onnxruntime fuses a conv
+    whose output goes to several QuantizeLinear nodes only when they share scale and zero point, which trained step
+    sizes do not) -- the end gets an output quantizer: returned as ``{end module name: (the convolution, the
+    quantized layers its output reaches)}``, and those layers share it (one grid for the tensor, one QuantizeLinear
+    in the exported graph). A convolution whose output is only the model's output is left in float (float logits or
+    maps, as users expect).
+
+    Example: for ``conv -> bn -> SiLU -> conv2`` this returns ``{"bn": ("conv", [])}``; for
+    ``conv -> relu -> cat`` ``{"relu": ("conv", [])}``; for ``conv -> bn -> (conv2, add)``
+    ``{"bn": ("conv", ["conv2"])}``; for ``conv -> relu -> (conv2, conv3)`` ``{"relu": ("conv", ["conv2", "conv3"])}``.
+
+    Raises:
+        QuantizationConfigError: fx cannot trace ``model``.
+    """
+    graph, modules = _residual_trace(model)
+    calls = _call_counts(graph)
+
+    def single_module_user(node: fx.Node, kinds: tuple[type[nn.Module], ...]) -> fx.Node | None:
+        (user,) = node.users if len(node.users) == 1 else (None,)
+        if user is None or user.op != "call_module" or calls[str(user.target)] != 1:
+            return None
+        return user if isinstance(modules.get(str(user.target)), kinds) else None
+
+    placements: dict[str, tuple[str, list[str]]] = {}
+    for node in graph.nodes:
+        target = str(node.target)
+        if node.op != "call_module" or target not in quantized_inputs or calls[target] != 1:
+            continue
+        if not isinstance(modules.get(target), CONV_TYPES):
+            continue
+        end = node
+        for kinds in (BN_TYPES, _ACTIVATION_MODULES):
+            end = single_module_user(end, kinds) or end
+        tail = end
+        (user,) = end.users if len(end.users) == 1 else (None,)
+        if user is not None and (
+            _is_functional_relu(user)
+            or (user.op == "call_module" and isinstance(modules.get(str(user.target)), _ACTIVATION_MODULES))
+        ):
+            tail = user  # a ReLU that cannot carry a quantizer (shared, or functional): the runtime fuses it too
+        reached = _reached(tail, modules)
+        layers = [str(u.target) for u in reached if u.op == "call_module" and str(u.target) in quantized_inputs]
+        if len(reached) == 1 and len(layers) == 1:
+            continue  # the input quantizer of the one layer it feeds follows it
+        if all(u.op == "output" for u in reached):
+            continue
+        placements[str(end.target)] = (target, list(dict.fromkeys(layers)))
+    return placements
+
+
 __all__ = [
     "BN_TYPES",
     "CONV_TYPES",
     "LeafTracer",
+    "conv_output_placements",
     "residual_activations",
     "residual_producers",
     "retrace_owners",

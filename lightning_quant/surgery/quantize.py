@@ -17,6 +17,9 @@ from lightning_quant.surgery.coverage import directly_read_layers, unquantized_l
 from lightning_quant.surgery.fastpath import disable_fast_paths, restore_fast_paths
 from lightning_quant.surgery.fold import fold_batchnorm
 from lightning_quant.surgery.graph import (
+    BN_TYPES,
+    CONV_TYPES,
+    conv_output_placements,
     residual_activations,
     residual_producers,
     retrace_owners,
@@ -149,6 +152,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> nn.Module
     requested = dict(resolved)
     residual_bns = _add_residual_outputs(model, resolved) if spec.quantize_residuals else {}
     activations = residual_activations(model) if spec.quantize_residuals else {}
+    output_shares = _add_conv_outputs(model, resolved, residual_bns, activations) if spec.quantize_residuals else {}
     found_residuals = bool(residual_bns or activations or resolved != requested)
     # build everything first: nothing below this point raises on user input
     swaps: dict[nn.Module, nn.Module] = {
@@ -164,6 +168,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> nn.Module
     for members in groups.values():
         share_codebook([q for _, q in members])
     _share_activation_quantizers(model, spec, activations, swaps)
+    _share_output_quantizers(model, output_shares, swaps)
     _follow_requires_grad(swaps)
     for old, new in swaps.items():
         for parent, attr in list(_references(model, old)):
@@ -242,6 +247,55 @@ def _add_residual_outputs(model: nn.Module, resolved: dict[str, LayerSpec]) -> d
         elif type(modules[producer]) in OUTPUT_QUANTIZED_TYPES:  # not yet output-quantized
             bns[modules[producer]] = (layer_spec, layer_spec.act_bits)
     return bns
+
+
+def _add_conv_outputs(
+    model: nn.Module,
+    resolved: dict[str, LayerSpec],
+    residual_bns: dict[nn.Module, tuple[LayerSpec, int]],
+    activations: dict[str, list[str]],
+) -> dict[str, list[str]]:
+    """Give every quantized conv whose output an int8 runtime cannot otherwise quantize an output quantizer.
+
+    What the residual rules above (additions) leave, :func:`~lightning_quant.surgery.graph.conv_output_placements`
+    finds for any graph: the conv itself (``output_bits`` in ``resolved``), the BatchNorm after it (added to
+    ``residual_bns``) or the ReLU after those (added to ``activations``, which share with the layers they feed).
+    Returns the convs and BatchNorms given a quantizer here, with the quantized layers that should share it.
+    """
+    modules = dict(model.named_modules())
+    quantized_inputs = {name for name, layer_spec in resolved.items() if layer_spec.act_bits is not None}
+    handled = {name for name, m in modules.items() if m in residual_bns} | set(activations)
+    shares: dict[str, list[str]] = {}
+    for end, (conv, consumers) in conv_output_placements(model, quantized_inputs).items():
+        module = modules[end]
+        if end in handled or isinstance(module, OutputQuantized):
+            continue
+        if isinstance(module, CONV_TYPES):
+            layer_spec = resolved[conv]
+            if layer_spec.output_bits is None:
+                resolved[end] = dataclasses.replace(layer_spec, output_bits=layer_spec.act_bits)
+                shares[end] = consumers
+        elif type(module) in OUTPUT_QUANTIZED_TYPES and isinstance(module, BN_TYPES):
+            layer_spec = resolved[conv]
+            residual_bns[module] = (layer_spec, layer_spec.act_bits)
+            shares[end] = consumers
+        elif type(module) in OUTPUT_QUANTIZED_TYPES:
+            activations[end] = consumers
+    return shares
+
+
+def _share_output_quantizers(model: nn.Module, shares: dict[str, list[str]], swaps: dict[nn.Module, nn.Module]) -> None:
+    """The quantized layers fed by a new output quantizer use it as their input quantizer (one grid, one Q/DQ)."""
+    modules = dict(model.named_modules())
+    for producer, consumers in shares.items():
+        new = swaps.get(modules[producer])
+        quantizer = getattr(new, "output_quantizer", None)
+        if not isinstance(quantizer, Quantizer):
+            continue
+        for name in consumers:
+            layer = swaps.get(modules[name], modules[name])
+            if isinstance(layer, QuantizedLayer) and isinstance(layer.input_quantizer, Quantizer):
+                layer.input_quantizer = quantizer
 
 
 def _share_activation_quantizers(

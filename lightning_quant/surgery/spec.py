@@ -217,7 +217,12 @@ class QuantSpec:
             ReLU module at an addition (the block output, the stem's output) with the *same* quantizer as the
             layers it feeds. Needed for int8 deployment: a runtime fuses a convolution into an integer kernel
             (``QLinearConv``) only when a quantizer follows it, and an addition (``QLinearAdd``) only when
-            both inputs and the output are quantized. Found with a :mod:`torch.fx` trace (a model fx cannot
+            both inputs and the output are quantized. Beyond additions, every quantized convolution whose
+            output reaches anything but one quantized layer (a concatenation, a squeeze-excitation product, an
+            activation other than ReLU, an average pooling, several layers) gets an output quantizer on the
+            conv, the BatchNorm after it or the ReLU after those, shared with the layers that tensor feeds
+            (:func:`~lightning_quant.surgery.graph.conv_output_placements`), so every conv of torchvision's
+            classification zoo runs in int8. Found with a :mod:`torch.fx` trace (a model fx cannot
             trace gets a clear error). A block whose forward calls one ReLU twice (torchvision's
             ``BasicBlock``) or applies a functional ReLU at its addition (``F.relu(out + shortcut)``) is
             re-traced into a ``torch.fx.GraphModule`` (same name, computation and state-dict keys) that gives
