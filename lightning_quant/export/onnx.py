@@ -274,10 +274,11 @@ def int8_blockers(model: nn.Module) -> dict[str, str]:
 
     Example:
         >>> from lightning_quant.surgery import QuantSpec, quantize_model
-        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.SiLU(), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(16, 2))
-        >>> list(int8_blockers(quantize_model(net, QuantSpec())))
+        >>> def net():
+        ...     return nn.Sequential(nn.Conv2d(1, 4, 3), nn.SiLU(), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(16, 2))
+        >>> list(int8_blockers(quantize_model(net(), QuantSpec())))
         ['0']
-        >>> int8_blockers(quantize_model(net, QuantSpec(quantize_residuals=True)))
+        >>> int8_blockers(quantize_model(net(), QuantSpec(quantize_residuals=True)))
         {}
     """
     layers = quantized_layers(model)
