@@ -80,9 +80,18 @@ def rows_for(name: str, args: argparse.Namespace, tmp: Path) -> list[str]:
         sessions[variant] = create_session(path, optimized_model_path=optimized)
         counts[variant] = count_conv_ops(optimized)[0]
     runners = {variant: (lambda s=s: s.run(None, feed)) for variant, s in sessions.items()}
+    rows = []
+    for variant, run in list(runners.items()):
+        try:
+            run()
+        except Exception as err:  # a peer's file that onnxruntime cannot run: report it, time the others
+            message = str(err).rsplit(" : ", 1)[-1][:160]  # onnxruntime's own sentence, without the C++ frame
+            rows.append(
+                f"| {name} | {variant} | {counts.get(variant, '')} / {convs} | | fails in onnxruntime: `{message}` | |"
+            )
+            del runners[variant]
     times = time_variants(runners, args.rounds, args.inner)
     base = times["ORT fp32"]
-    rows = []
     for variant, ts in times.items():
         ratio = statistics.median(b / t for b, t in zip(base, ts, strict=True))
         count = f"{counts[variant]} / {convs}" if variant in counts else ""
