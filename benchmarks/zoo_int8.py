@@ -19,6 +19,7 @@ import argparse
 import datetime
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -50,6 +51,11 @@ OURS_BEFORE = "lightning-quant (inputs only)"
 OURS = "lightning-quant (quantize_residuals=True)"
 ORT_STATIC = "peer: ORT quantize_static"
 NNCF = "peer: NNCF PTQ"
+
+
+def _markdown(text: str) -> str:
+    """The docstring's reST roles and double backticks as markdown code."""
+    return re.sub(r":func:`(?:[\w.]+\.)?(\w+)`", r"`\1`", text).replace("``", "`")
 
 
 def rows_for(name: str, args: argparse.Namespace, tmp: Path) -> list[str]:
@@ -126,7 +132,7 @@ def main() -> None:
         [
             SECTION,
             "",
-            " ".join(__doc__.split("\n\n")[1].split()),
+            _markdown(" ".join(__doc__.split("\n\n")[1].split())),
             "`flagged` = convs that `int8_blockers(model)` names as running in float (read from the PyTorch model).",
             "",
             "```",
