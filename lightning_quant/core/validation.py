@@ -39,6 +39,7 @@ __all__ = [
     "check_bits",
     "check_bool",
     "check_choice",
+    "check_fraction",
     "check_int",
     "check_names",
     "check_real",
@@ -136,6 +137,19 @@ def _real_example(minimum: float | None, maximum: float | None, low_inclusive: b
     if minimum is not None:
         return minimum + 1
     return 0.0 if maximum is None else maximum - 1
+
+
+def check_fraction(argument: str, value: object) -> float:
+    """``value`` as a float strictly between 0 and 1 (a share of samples, say)."""
+    return check_real(  # type: ignore[return-value]
+        argument,
+        value,
+        minimum=0,
+        maximum=1,
+        minimum_inclusive=False,
+        maximum_inclusive=False,
+        fix=f"pass a fraction, e.g. `{argument}=0.1`.",
+    )
 
 
 def check_choice(argument: str, value: object, choices: Iterable[object], fix: str | None = None) -> Any:

@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from torchvision import datasets, transforms
 
-from lightning_quant.core.validation import check_int, check_real
+from lightning_quant.core.validation import check_fraction, check_int
 
 __all__ = [
     "CIFAR10DataModule",
@@ -187,24 +187,8 @@ class DigitsDataModule(_VisionDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers)
-        check_real(
-            "val_fraction",
-            val_fraction,
-            minimum=0,
-            maximum=1,
-            minimum_inclusive=False,
-            maximum_inclusive=False,
-            fix="pass a fraction, e.g. `val_fraction=0.1`.",
-        )
-        check_real(
-            "test_fraction",
-            test_fraction,
-            minimum=0,
-            maximum=1,
-            minimum_inclusive=False,
-            maximum_inclusive=False,
-            fix="pass a fraction, e.g. `test_fraction=0.1`.",
-        )
+        check_fraction("val_fraction", val_fraction)
+        check_fraction("test_fraction", test_fraction)
         if val_fraction + test_fraction >= 1:
             raise ValueError(
                 f"`val_fraction` + `test_fraction` must be below 1 to leave training data, got "
@@ -524,15 +508,7 @@ class ImageFolderDataModule(_VisionDataModule):
     ) -> None:
         super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers)
         check_int("image_size", image_size, minimum=1, fix="pass e.g. `image_size=224`.")
-        check_real(
-            "val_fraction",
-            val_fraction,
-            minimum=0,
-            maximum=1,
-            minimum_inclusive=False,
-            maximum_inclusive=False,
-            fix="pass a fraction, e.g. `val_fraction=0.1`.",
-        )
+        check_fraction("val_fraction", val_fraction)
         self.save_hyperparameters()
         self.root = Path(root)
         self.image_size = image_size

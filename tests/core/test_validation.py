@@ -16,6 +16,7 @@ from lightning_quant.core.validation import (
     check_bits,
     check_bool,
     check_choice,
+    check_fraction,
     check_int,
     check_names,
     check_real,
@@ -78,6 +79,9 @@ def test_good_values_come_back_normalised() -> None:
         check_int("n", np.int64(3))  # numpy integers only where the caller asks for them
     assert check_real("lr", 1) == 1.0 and type(check_real("lr", 1)) is float
     assert check_real("f", 0.5, minimum=0, maximum=1, minimum_inclusive=False, maximum_inclusive=False) == 0.5
+    assert check_fraction("val_fraction", 0.25) == 0.25
+    with pytest.raises(QuantizationConfigError, match=r"`val_fraction` must be a finite number > 0 and < 1, got 1\.0"):
+        check_fraction("val_fraction", 1.0)
     assert check_choice("mode", "ptq", ("qat", "ptq")) == "ptq"
     assert check_bool("plot", False) is False
     assert check_names("layers", ["fc*"]) == ("fc*",)
