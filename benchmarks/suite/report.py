@@ -146,7 +146,9 @@ def provenance(info: RunInfo) -> str:
         f"threads), Python {platform.python_version()}, torch {torch.__version__}, Lightning {lightning.__version__}, "
         f"lightning-quant {_git_revision()}; {info.minutes:.0f} min for the parts run (cached runs not re-trained). "
         f"Data: {s.dataset}" + (f" ({s.train_subset} training images)" if s.train_subset else "") + f"; "
-        f"fine-tunes: {s.qat_epochs} epoch(s), Adam {s.qat_lr:g}, cosine; {s.seeds} seed(s) per setting. "
+        f"fine-tunes: {s.qat_epochs} epoch(s), Adam {s.qat_lr:g}, cosine; ZS-CGAN generator: "
+        f"{s.generator_steps} steps; "
+        f"{s.seeds} seed(s) per setting. "
         f"Command: `{command}`."
     )
 

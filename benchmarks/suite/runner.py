@@ -73,7 +73,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     run.add_argument("--bits", type=int, nargs="+", help="W=A widths of the technique comparison")
     run.add_argument("--seeds", type=int)
     run.add_argument("--qat-epochs", type=int)
-    run.add_argument("--train-subset", type=int, help="training images used (default: all)")
+    run.add_argument("--train-subset", type=int, help="training images of the fine-tunes (default: all)")
+    run.add_argument("--generator-steps", type=int, help="ZS-CGAN generator steps (default: the preset's)")
     run.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     run.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="cached teachers and run results")
     run.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
@@ -85,7 +86,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def settings_from(args: argparse.Namespace) -> Settings:
     settings = PRESETS["quick" if args.quick else "toy" if args.toy else "full"]
     overrides: dict[str, Any] = {}
-    for name in ("dataset", "models", "bits", "seeds", "qat_epochs", "train_subset"):
+    for name in ("dataset", "models", "bits", "seeds", "qat_epochs", "train_subset", "generator_steps"):
         value = getattr(args, name)
         if value is not None:
             overrides[name] = tuple(value) if isinstance(value, list) else value

@@ -45,7 +45,7 @@ def teacher_config(settings: Settings, model: str) -> dict:
         "kind": "teacher",
         "model": model,
         "dataset": settings.dataset,
-        "epochs": settings.teacher_epochs[model],
+        "epochs": settings.teacher_plan(model)[0],
         "lr": TEACHER_LR,
         "limit_batches": settings.limit_batches,
         "seed": 0,
@@ -63,7 +63,7 @@ def get_teacher(
     info = cache.get(config)
     if info is not None and weights.exists():
         state = torch.load(weights, map_location="cpu", weights_only=True)
-        return Teacher(model, state, info["accuracy"], settings.teacher_targets[model], config["epochs"],
+        return Teacher(model, state, info["accuracy"], settings.teacher_plan(model)[1], config["epochs"],
                        info["seconds"], True, cache.key(config))  # fmt: skip
     L.seed_everything(0, verbose=False)
     classifier = ImageClassifier(backbone_factory(model, settings.dataset)(), lr=TEACHER_LR, scheduler="cosine")
@@ -76,5 +76,5 @@ def get_teacher(
     state = {k: v.detach().cpu() for k, v in classifier.backbone.state_dict().items()}
     cache.save_tensors(config, state)
     cache.put(config, {"accuracy": accuracy, "seconds": seconds})
-    return Teacher(model, state, accuracy, settings.teacher_targets[model], config["epochs"], seconds, False,
+    return Teacher(model, state, accuracy, settings.teacher_plan(model)[1], config["epochs"], seconds, False,
                    cache.key(config))  # fmt: skip
