@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
                 episodes=args.episodes,
                 level=level,
                 bit_choices=list(range(1, 9)),
-                channels_per_unit=args.channels_per_unit,
+                channels_per_unit=args.channels_per_unit if level == "channel" else 1,
                 calibration_batches=args.calibration_batches,
                 eval_batches=args.eval_batches,
                 ddpg=DDPGConfig.for_episodes(args.episodes, warmup_episodes=args.warmup),

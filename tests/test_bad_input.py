@@ -120,6 +120,7 @@ BAD_ARGUMENTS: dict[str, tuple[type, dict[str, Any], list[tuple[dict[str, Any], 
         ({"episodes": 0}, "0"),
         ({"level": "kernel"}, "'kernel'"),
         ({"bit_choices": [0, 4]}, "0"),
+        ({"level": "layer", "channels_per_unit": 4}, "4"),  # contradictory: layer level has no channel groups
     ]),
 }  # fmt: skip
 

@@ -176,6 +176,11 @@ class AutoQBCallback(QuantizationCallback):
         check_choice("level", level, self.LEVELS)
         check_int("episodes", episodes, minimum=1, fix="the search needs at least one episode, e.g. `episodes=100`.")
         check_int("channels_per_unit", channels_per_unit, minimum=1, fix="1 gives every output channel its own width.")
+        if level == "layer" and channels_per_unit != 1:
+            raise QuantizationConfigError(
+                f"`channels_per_unit` = {channels_per_unit} has no effect with `level` = 'layer' (one width per "
+                "layer). HINT: pass `level='channel'` to group channels, or leave `channels_per_unit` at 1."
+            )
         check_int("calibration_batches", calibration_batches, minimum=0, fix="pass e.g. `calibration_batches=2`.")
         check_int("eval_batches", eval_batches, minimum=1, fix="the reward needs an accuracy, e.g. `eval_batches=4`.")
         check_int("finetune_steps", finetune_steps, minimum=0, fix="0 evaluates without fine-tuning.")
@@ -199,7 +204,7 @@ class AutoQBCallback(QuantizationCallback):
         self.bops_budget = None if bops_budget is None else float(bops_budget)
         self.episodes = episodes
         self.level: Level = level
-        self.channels_per_unit = channels_per_unit if level == "channel" else 1
+        self.channels_per_unit = channels_per_unit
         self.calibration_batches = calibration_batches
         self.eval_batches = eval_batches
         self.finetune_steps = finetune_steps
