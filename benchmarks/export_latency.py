@@ -44,25 +44,11 @@ from lightning_quant.datamodules import DigitsDataModule
 from lightning_quant.export import create_session, export_onnx, openvino_available, verify_onnx
 from lightning_quant.export.onnx import count_conv_ops
 from lightning_quant.models import resnet8, resnet20
-from lightning_quant.surgery import LayerSpec, QuantSpec, quantize_model, quantizers
+from lightning_quant.surgery import LayerSpec, QuantSpec, calibrate, quantize_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## ONNX export: int8 vs fp32 latency and accuracy (CPU)"
 SECTION_INT4 = "## ONNX export: INT4 weight files (size and latency, CPU)"
-
-
-def calibrate(model: torch.nn.Module, batches: list[torch.Tensor]) -> torch.nn.Module:
-    model.eval()
-    qs = list(quantizers(model).values())
-    for q in qs:
-        q.train()
-        q.observing = True
-    with torch.no_grad():
-        for x in batches:
-            model(x)
-    for q in qs:
-        q.observing = False
-    return model.eval()
 
 
 def export_float(model: torch.nn.Module, x: torch.Tensor, path: Path) -> Path:

@@ -14,6 +14,7 @@ from lightning_quant.surgery.layers import (
     quantizers,
 )
 from lightning_quant.surgery.quantize import (
+    calibrate,
     dequantize_model,
     is_quantized,
     layer_candidates,
@@ -39,6 +40,7 @@ __all__ = [
     "QuantizationRequest",
     "QuantizationSummary",
     "QuantizedLayer",
+    "calibrate",
     "capture",
     "dequantize_model",
     "explicit_fields",

@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -368,6 +369,43 @@ def set_observing(model: nn.Module, observing: bool) -> None:
         quantizer.observing = observing
 
 
+def calibrate(model: nn.Module, batches: Iterable[Any]) -> nn.Module:
+    """Post-training calibration without a Trainer: every quantizer observes the ranges of ``batches``.
+
+    The model runs in eval mode (BatchNorm uses its running statistics, dropout is off) while its quantizers run in
+    training mode with observation on, so they set their ranges from what they see; afterwards observation is off
+    and the whole model is in eval mode, ready for :func:`~lightning_quant.export_onnx`::
+
+        quantize_model(model, QuantSpec())  # W8A8
+        calibrate(model, itertools.islice(loader, 8))
+
+    Args:
+        model: a quantized model.
+        batches: model inputs: tensors, or ``(inputs, ...)`` tuples/lists (the first element is fed).
+
+    Returns:
+        ``model``, in eval mode.
+    """
+    modules = list(quantizers(model).values())
+    if not modules:
+        raise QuantizationConfigError(
+            "`model` has no quantizer to calibrate. HINT: call `quantize_model(model, spec)` first."
+        )
+    model.eval()
+    for quantizer in modules:
+        quantizer.train()
+        quantizer.observing = True
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+    finally:
+        for quantizer in modules:
+            quantizer.observing = False
+        model.eval()
+    return model
+
+
 def is_quantized(model: nn.Module) -> bool:
     """Whether ``model`` contains at least one quantized layer."""
     return any(isinstance(m, QuantizedLayer) for m in model.modules())
@@ -375,6 +413,7 @@ def is_quantized(model: nn.Module) -> bool:
 
 __all__ = [
     "UniformQuantizer",
+    "calibrate",
     "dequantize_model",
     "is_quantized",
     "layer_candidates",

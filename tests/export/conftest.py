@@ -13,7 +13,7 @@ from torch.nn import functional as F
 
 from lightning_quant.datamodules import DigitsDataModule
 from lightning_quant.models import LeNet5, resnet8
-from lightning_quant.surgery import LayerSpec, QuantSpec, quantize_model, quantized_layers, quantizers
+from lightning_quant.surgery import LayerSpec, QuantSpec, calibrate, quantize_model, quantized_layers
 
 #: "w8a8r": W8A8 with residual quantizers (``quantize_residuals=True``), the int8 deployment recipe
 RECIPES = ("w8a8", "w4a4", "mixed", "w8a8r")
@@ -66,19 +66,7 @@ def make_quantized(arch: str, recipe: str) -> nn.Module:
             layer.weight_quantizer.bits = bits
             if isinstance(layer.input_quantizer, nn.Module) and hasattr(layer.input_quantizer, "bits"):
                 layer.input_quantizer.bits = 6 if bits < 4 else 8
-    model.eval()
-    quantizer_modules = list(quantizers(model).values())
-    for q in quantizer_modules:  # BatchNorm in eval mode, quantizers observing (they observe in training mode)
-        q.train()
-        q.observing = True
-    with torch.no_grad():
-        for i, (x, _) in enumerate(digits().train_dataloader()):
-            model(x)
-            if i == 3:
-                break
-    for q in quantizer_modules:
-        q.observing = False
-    return model.eval()
+    return calibrate(model, itertools.islice(digits().train_dataloader(), 4))
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from torch import nn
 from lightning_quant.core.errors import QuantizationConfigError
 from lightning_quant.export import create_session, export_onnx, onnx_metadata, save_packed_model, verify_onnx
 from lightning_quant.models import LeNet5, resnet20
-from lightning_quant.surgery import LayerSpec, QuantSpec, quantize_model, quantized_layers, quantizers
+from lightning_quant.surgery import LayerSpec, QuantSpec, calibrate, quantize_model, quantized_layers
 
 #: W4A8 on every layer, the first and last included
 _W4A8 = QuantSpec(default=LayerSpec(weight_bits=4, act_bits=8), first_last_bits=None)
@@ -50,16 +50,7 @@ def _axis(node: onnx.NodeProto) -> int:
 def _calibrated(model: nn.Module, spec: QuantSpec, shape: tuple[int, ...], seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     quantize_model(model, spec)
-    model.eval()
-    for q in quantizers(model).values():
-        q.train()
-        q.observing = True
-    with torch.no_grad():
-        for _ in range(2):
-            model(torch.randn(*shape))
-    for q in quantizers(model).values():
-        q.observing = False
-    return model.eval()
+    return calibrate(model, [torch.randn(*shape) for _ in range(2)])
 
 
 @pytest.mark.parametrize("arch", ["lenet", "resnet8"])

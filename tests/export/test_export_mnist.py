@@ -12,7 +12,7 @@ from torch.nn import functional as F
 from lightning_quant.datamodules import MNISTDataModule
 from lightning_quant.export import export_onnx, verify_onnx
 from lightning_quant.models import LeNet5, resnet8
-from lightning_quant.surgery import LayerSpec, QuantSpec, quantize_model, quantized_layers, quantizers
+from lightning_quant.surgery import LayerSpec, QuantSpec, calibrate, quantize_model, quantized_layers
 
 pytestmark = pytest.mark.slow
 
@@ -86,16 +86,7 @@ def test_onnxruntime_agrees_on_the_mnist_test_set(arch, recipe, mnist, trained, 
         ):
             layer.weight_quantizer.bits = bits
             layer.input_quantizer.bits = 6 if bits < 4 else 8
-    model.eval()
-    for q in quantizers(model).values():  # calibrate: BatchNorm in eval mode, quantizers observing
-        q.train()
-        q.observing = True
-    with torch.no_grad():
-        for x, _ in itertools.islice(mnist.train_dataloader(), 4):
-            model(x)
-    for q in quantizers(model).values():
-        q.observing = False
-    model.eval()
+    calibrate(model, itertools.islice(mnist.train_dataloader(), 4))
     path = export_onnx(model, tmp_path / "m.onnx", torch.randn(1, 1, 28, 28))
     result = verify_onnx(model, path, mnist.test_dataloader())
     assert result.num_samples == 10_000

@@ -24,7 +24,7 @@ from torchvision.ops import SqueezeExcitation, StochasticDepth
 
 from lightning_quant.export import create_session, export_onnx, int8_blockers, verify_onnx
 from lightning_quant.export.onnx import count_conv_ops
-from lightning_quant.surgery import LayerSpec, QuantSpec, quantize_model, quantizers
+from lightning_quant.surgery import LayerSpec, QuantSpec, calibrate, quantize_model
 
 W8A8_DEPLOY = QuantSpec(default=LayerSpec(weight_bits=8, act_bits=8), quantize_residuals=True)
 
@@ -72,20 +72,6 @@ ZOO: dict[str, Callable[[], nn.Module]] = {
 }
 
 
-def _calibrate(model: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
-    model.eval()  # BatchNorm in eval mode; quantizers observe in training mode
-    modules = list(quantizers(model).values())
-    for q in modules:
-        q.train()
-        q.observing = True
-    with torch.no_grad():
-        for x in batches:
-            model(x)
-    for q in modules:
-        q.observing = False
-    return model.eval()
-
-
 def _convs(model: nn.Module) -> int:
     return sum(isinstance(m, nn.Conv2d) for m in model.modules())
 
@@ -97,7 +83,7 @@ def test_every_conv_of_the_zoo_runs_in_int8(arch: str, tmp_path: Path) -> None:
     assert int8_blockers(plain), "without the deployment recipe some convs must be reported as float"
     model = quantize_model(ZOO[arch](), W8A8_DEPLOY)
     assert int8_blockers(model) == {}
-    _calibrate(model, [torch.randn(4, 3, 32, 32) for _ in range(2)])
+    calibrate(model, [torch.randn(4, 3, 32, 32) for _ in range(2)])
     path = export_onnx(model, tmp_path / "model.onnx", torch.randn(1, 3, 32, 32))
     create_session(path, optimized_model_path=tmp_path / "optimised.onnx")
     int8, _, ops = count_conv_ops(tmp_path / "optimised.onnx")
@@ -168,7 +154,7 @@ def test_trained_models_of_each_pattern_export_in_int8_with_agreement(
     _train(model, epochs=epochs, lr=1e-2)  # float, to >= 95 % validation accuracy (near-tied logits of an
     # undertrained model would flip under any integer rounding)
     quantize_model(model, W8A8_DEPLOY)
-    _calibrate(model, [x for x, _ in list(digits().train_dataloader())[:4]])
+    calibrate(model, [x for x, _ in list(digits().train_dataloader())[:4]])
     _train(model, epochs=3, lr=1e-3)  # QAT with the deployment recipe
     model.eval()
     path = export_onnx(model, tmp_path / "model.onnx", torch.randn(1, 1, 8, 8))
