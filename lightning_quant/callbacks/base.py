@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
@@ -272,6 +273,15 @@ class QuantizationCallback(Callback):
         self._batch = None
         self._buffers = None
         self._skipping = False
+
+
+def plot_file(trainer: pl.Trainer, name: str) -> Path | None:
+    """Where a callback writes its plot ``name``: ``<log_dir>/<name>`` (the Trainer's root without a logger) on rank
+    0; ``None`` on the other ranks or without a folder. Call it on every rank: ``trainer.log_dir`` broadcasts."""
+    folder = trainer.log_dir or trainer.default_root_dir
+    if not trainer.is_global_zero or folder is None:
+        return None
+    return Path(folder) / name
 
 
 def _float_tensors(value: Any) -> list[Tensor]:

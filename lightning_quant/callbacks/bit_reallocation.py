@@ -33,7 +33,7 @@ from lightning_quant.allocation.solvers import (
     noise_objective_table,
     validate_bit_choices,
 )
-from lightning_quant.callbacks.base import QuantizationCallback
+from lightning_quant.callbacks.base import QuantizationCallback, plot_file
 from lightning_quant.core.errors import QuantizationConfigError
 from lightning_quant.core.quantizers import Quantizer
 from lightning_quant.core.validation import check_choice, check_int
@@ -440,14 +440,14 @@ class BitReallocationCallback(QuantizationCallback):
             self._spec = QuantSpec.from_model(pl_module)
         if not (self.plot and self._history):
             return
-        folder = trainer.log_dir or trainer.default_root_dir  # log_dir broadcasts: called on every rank
-        if trainer.is_global_zero and folder is not None:
+        path = plot_file(trainer, PLOT_NAME)
+        if path is not None:
             layers = quantized_layers(pl_module)
             assert self._costs is not None
             bits = {n: layers[n].weight_quantizer.bits for n in self._costs.names}
             sens = self._history[-1]["sensitivities"]
             frozen = {n for n, f in zip(self._costs.names, self._costs.frozen, strict=True) if f}
-            self._plot_path = save_allocation_plot(bits, sens, frozen, Path(folder) / PLOT_NAME)
+            self._plot_path = save_allocation_plot(bits, sens, frozen, path)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_quant.callbacks.base import QuantizationCallback
+from lightning_quant.callbacks.base import QuantizationCallback, plot_file
 from lightning_quant.core.codebook import CodebookQuantizer, power_of_two_entries
 from lightning_quant.core.errors import QuantizationConfigError
 from lightning_quant.core.validation import check_choice, check_int, check_names, check_real
@@ -526,11 +526,9 @@ class IncrementalQuantizationCallback(QuantizationCallback):
             )
         if not (self.plot and self._history):
             return
-        folder = trainer.log_dir or trainer.default_root_dir  # log_dir broadcasts: called on every rank
-        if trainer.is_global_zero and folder is not None:
-            self._plot_path = save_schedule_plot(
-                self._history, self.schedule, Path(folder) / PLOT_NAME, epochs=trainer.current_epoch + 1
-            )
+        path = plot_file(trainer, PLOT_NAME)
+        if path is not None:
+            self._plot_path = save_schedule_plot(self._history, self.schedule, path, epochs=trainer.current_epoch + 1)
 
 
 def save_schedule_plot(

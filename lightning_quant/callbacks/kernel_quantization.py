@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_quant.callbacks.base import QuantizationCallback
+from lightning_quant.callbacks.base import QuantizationCallback, plot_file
 from lightning_quant.core.codebook import CodebookQuantizer, fit_shared_codebook, index_bits_for
 from lightning_quant.core.errors import QuantizationConfigError
 from lightning_quant.core.functional import validate_bits
@@ -446,9 +446,9 @@ class KernelQuantizationCallback(QuantizationCallback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.plot or not self._names:
             return
-        folder = trainer.log_dir or trainer.default_root_dir  # log_dir broadcasts: called on every rank
-        if trainer.is_global_zero and folder is not None:
-            self._plot_path = save_codebook_plot(codebook_usage(pl_module, self._names), Path(folder) / PLOT_NAME)
+        path = plot_file(trainer, PLOT_NAME)
+        if path is not None:
+            self._plot_path = save_codebook_plot(codebook_usage(pl_module, self._names), path)
 
 
 # -- accounting ------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from lightning_quant.allocation.orthogonality import (
     validate_orthogonality_arguments,
 )
 from lightning_quant.allocation.solvers import ALLOCATION_SOLVERS, AllocationSolver
-from lightning_quant.callbacks.base import QuantizationCallback
+from lightning_quant.callbacks.base import QuantizationCallback, plot_file
 from lightning_quant.core.errors import QuantizationConfigError
 from lightning_quant.surgery.capture import batch_inputs
 from lightning_quant.surgery.layers import quantized_layers
@@ -278,9 +278,9 @@ class OrthogonalMixedPrecision(QuantizationCallback):
                 " ".join(f"{name}={b}" for name, b in record["bits"].items()),
                 ", ".join(f"{k} {v:.4g} of {record['budgets'][k]:.4g}" for k, v in record["costs"].items()),
             )
-        folder = trainer.log_dir or trainer.default_root_dir  # log_dir broadcasts: called on every rank
-        if self.plot and trainer.is_global_zero and folder is not None:
-            self._plot_path = save_orthogonality_plot(record, Path(folder) / PLOT_NAME)
+        path = plot_file(trainer, PLOT_NAME)
+        if self.plot and path is not None:
+            self._plot_path = save_orthogonality_plot(record, path)
 
     def _first_samples(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor:
         """The first ``num_samples`` inputs of a fresh pass over the training loader, whose random draws
