@@ -94,8 +94,8 @@ PRESETS = {
         models=("ResNet-8",),
         bits=(2, 4),
         seeds=2,
-        qat_epochs=4,
-        generator_steps=300,
+        qat_epochs=3,
+        generator_steps=150,
         peer_seeds=2,
     ),
     "toy": Settings(
