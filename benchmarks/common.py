@@ -14,16 +14,23 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from torch import nn
 
 
 def quiet_trainer(
-    epochs: int, callbacks: list, root: Path, max_steps: int = -1, val_batches: int = 0, **kwargs
+    epochs: int,
+    callbacks: list,
+    root: Path,
+    max_steps: int = -1,
+    val_batches: int = 0,
+    accelerator: str = "cpu",
+    **kwargs,
 ) -> L.Trainer:
-    """A CPU Trainer with no logger, checkpoints or progress bar: only the work being measured (validation only on
-    ``val_batches`` batches at the end of each epoch, none by default; ``kwargs``: further Trainer arguments, e.g.
-    ``limit_test_batches``)."""
+    """A Trainer (CPU unless ``accelerator`` says otherwise) with no logger, checkpoints or progress bar: only the
+    work being measured (validation only on ``val_batches`` batches at the end of each epoch, none by default;
+    ``kwargs``: further Trainer arguments, e.g. ``limit_test_batches``)."""
     return L.Trainer(
-        accelerator="cpu",
+        accelerator=accelerator,
         max_epochs=epochs,
         max_steps=max_steps,
         callbacks=callbacks,
@@ -131,3 +138,53 @@ class OneShotHawq(L.Callback):
                 if self.recalibrate:
                     quantizer.recalibrate(layers[n].weight.detach())
         self.seconds = time.perf_counter() - start
+
+
+def torch_ao_fuse_groups(model: nn.Module) -> list[list[str]]:
+    """The module groups torch.ao's ``fuse_modules_qat`` merges in this repository's reference models.
+
+    CIFAR ResNets (:class:`lightning_quant.models.CifarResNet`): conv+bn+relu of the stem and of each block's first
+    convolution, conv+bn of each block's second convolution and of projection shortcuts (the residual addition and
+    the ReLU after it stay separate). LeNet-5 (:class:`lightning_quant.models.LeNet5`, no BatchNorm): conv+relu and
+    linear+relu.
+
+    Raises:
+        ValueError: for another model, whose groups are not known here.
+    """
+    from lightning_quant.models import CifarResNet, LeNet5
+
+    if isinstance(model, LeNet5):
+        return [["conv1", "relu1"], ["conv2", "relu2"], ["fc1", "relu3"], ["fc2", "relu4"]]
+    if not isinstance(model, CifarResNet):
+        raise ValueError(
+            f"`model` must be a CifarResNet or LeNet5 to fuse for torch.ao, got {type(model).__name__}. "
+            "Add its conv+bn(+relu) groups to benchmarks/common.py:torch_ao_fuse_groups."
+        )
+    groups = [["conv1", "bn1", "relu"]]
+    for stage in ("layer1", "layer2", "layer3"):
+        for i, block in enumerate(getattr(model, stage)):
+            prefix = f"{stage}.{i}"
+            groups += [[f"{prefix}.conv1", f"{prefix}.bn1", f"{prefix}.relu1"], [f"{prefix}.conv2", f"{prefix}.bn2"]]
+            if not isinstance(block.shortcut, nn.Identity):
+                groups.append([f"{prefix}.shortcut.0", f"{prefix}.shortcut.1"])
+    return groups
+
+
+def torch_ao_prepare_qat(model: nn.Module, fused: bool, quantize_input: bool = False) -> nn.Module:
+    """torch.ao eager-mode QAT of ``model`` (changed in place; pass a copy to keep it) with the x86 default qconfig.
+
+    ``fused``: ``fuse_modules_qat`` of :func:`torch_ao_fuse_groups` first (what torch.ao's QAT tutorials do: BN folded
+    into the fake-quantized weight). ``quantize_input``: wrap the model as ``QuantStub -> model -> DeQuantStub`` so that
+    the network input is fake-quantized too (torch.ao quantizes activations only at module outputs); the result is
+    then an ``nn.Sequential`` around ``model``. Residual additions stay float either way (eager mode needs
+    ``FloatFunctional`` in the model's code for them).
+    """
+    from torch.ao import quantization as aoq
+
+    model.train()
+    if fused:
+        model = aoq.fuse_modules_qat(model, torch_ao_fuse_groups(model))
+    if quantize_input:
+        model = nn.Sequential(aoq.QuantStub(), model, aoq.DeQuantStub())
+    model.qconfig = aoq.get_default_qat_qconfig("x86")
+    return aoq.prepare_qat(model)

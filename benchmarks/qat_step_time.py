@@ -82,6 +82,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import torch_ao_prepare_qat  # benchmarks/common.py (the script's folder is on sys.path)
 from torch import nn
 
 from lightning_quant.core.fused import fused_disabled, fused_stats
@@ -148,28 +149,6 @@ def _ours(base: nn.Module, bits: int, x: torch.Tensor, mixed: bool = False) -> n
         model(x)
     set_observing(model, False)
     return model
-
-
-def _fuse_groups(model: nn.Module) -> list[list[str]]:
-    """conv+bn+relu / conv+bn groups of a CIFAR ResNet, as torch.ao's ``fuse_modules_qat`` takes them."""
-    groups = [["conv1", "bn1", "relu"]]
-    for stage in ("layer1", "layer2", "layer3"):
-        for i, block in enumerate(getattr(model, stage)):
-            prefix = f"{stage}.{i}"
-            groups += [[f"{prefix}.conv1", f"{prefix}.bn1", f"{prefix}.relu1"], [f"{prefix}.conv2", f"{prefix}.bn2"]]
-            if not isinstance(block.shortcut, nn.Identity):
-                groups.append([f"{prefix}.shortcut.0", f"{prefix}.shortcut.1"])
-    return groups
-
-
-def _torch_ao(base: nn.Module, fused: bool) -> nn.Module:
-    from torch.ao import quantization as aoq
-
-    model = copy.deepcopy(base).train()
-    if fused:
-        model = aoq.fuse_modules_qat(model, _fuse_groups(model))
-    model.qconfig = aoq.get_default_qat_qconfig("x86")
-    return aoq.prepare_qat(model)
 
 
 def _summarise_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
@@ -710,7 +689,7 @@ def main(argv: list[str] | None = None) -> int:
         variants += [
             Variant(
                 "torch.ao eager QAT W8A8 (unfused)",
-                lambda: _torch_ao(base, fused=False),
+                lambda: torch_ao_prepare_qat(copy.deepcopy(base), fused=False),
                 note=(
                     '`prepare_qat(model)` with `get_default_qat_qconfig("x86")` on the plain model: per-channel '
                     "weight fake-quant on the 22 Conv/Linear, `FusedMovingAvgObsFakeQuantize` on the outputs of "
@@ -719,7 +698,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
             Variant(
                 "torch.ao eager QAT W8A8 (fused conv+bn(+relu))",
-                lambda: _torch_ao(base, fused=True),
+                lambda: torch_ao_prepare_qat(copy.deepcopy(base), fused=True),
                 note=(
                     "`fuse_modules_qat` (conv+bn+relu, conv+bn, shortcut conv+bn), then the same `prepare_qat`: "
                     "`ConvBnReLU2d`/`ConvBn2d` QAT modules (BN folded into the fake-quantized weight), output "
