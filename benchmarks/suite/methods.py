@@ -48,7 +48,7 @@ COMPARISONS = (
     ("FAT", "LSQ QAT"),
     ("QAT + KD (ZS-CGAN data)", "QAT + KD (real data)"),
 )
-CALIBRATION_BATCHES = 4
+CALIBRATION_BATCHES = 16  # as QuantizationAwareTraining's default, and the peers' (benchmarks/suite/peers.py)
 QBITOPT_EVERY = 50
 
 
