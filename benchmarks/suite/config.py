@@ -85,8 +85,8 @@ PRESETS = {
         bits=(2, 3, 4),
         seeds=3,
         qat_epochs=1,
-        train_subset=None,
-        generator_steps=2000,
+        train_subset=10_000,
+        generator_steps=1000,
     ),
     "quick": Settings(
         name="quick",

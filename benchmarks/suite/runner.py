@@ -73,7 +73,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     run.add_argument("--bits", type=int, nargs="+", help="W=A widths of the technique comparison")
     run.add_argument("--seeds", type=int)
     run.add_argument("--qat-epochs", type=int)
-    run.add_argument("--train-subset", type=int, help="training images of the fine-tunes (default: all)")
+    run.add_argument("--train-subset", type=int, help="training images of the fine-tunes (0: all)")
     run.add_argument("--generator-steps", type=int, help="ZS-CGAN generator steps (default: the preset's)")
     run.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     run.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="cached teachers and run results")
@@ -90,6 +90,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         value = getattr(args, name)
         if value is not None:
             overrides[name] = tuple(value) if isinstance(value, list) else value
+    if overrides.get("train_subset") == 0:
+        overrides["train_subset"] = None  # 0: every training image
     return dataclasses.replace(settings, **overrides)
 
 
