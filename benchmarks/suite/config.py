@@ -51,6 +51,7 @@ class Settings:
         generator_steps: ZS-CGAN generator steps (trained once per seed, reused across widths).
         peer_seeds: seeds of the peer rows (the same seeds as ours, the first ``peer_seeds``).
         limit_batches: cap on batches per epoch everywhere (the smoke test only).
+        val_size: training images held out for validation (MNIST, CIFAR-10; the digits split their own).
     """
 
     name: str
@@ -65,6 +66,7 @@ class Settings:
     peer_seeds: int = 3
     limit_batches: int | None = None
     teacher_epochs: int | None = None
+    val_size: int = 5000
 
     def teacher_plan(self, model: str) -> tuple[int, float]:
         """Float epochs of ``model``'s teacher and the test accuracy that counts as converged."""
@@ -73,6 +75,7 @@ class Settings:
 
     def run_key(self) -> dict[str, Any]:
         """The settings that change a fine-tune's result (what its cache key holds besides model, bits, seed)."""
+        # val_size is not a CLI option: a preset's is fixed, and only the toy preset (limit_batches) changes it
         names = ("dataset", "qat_epochs", "qat_lr", "train_subset", "generator_steps", "limit_batches")
         return {name: getattr(self, name) for name in names}
 
@@ -107,6 +110,7 @@ PRESETS = {
         qat_epochs=1,
         teacher_epochs=3,
         generator_steps=5,
+        val_size=5,
         peer_seeds=1,
         limit_batches=4,
     ),
@@ -142,11 +146,19 @@ def datamodule_factory(settings: Settings, data_root: Path) -> Callable[[int], L
         return lambda seed: DigitsDataModule(batch_size=64, image_size=16, seed=seed)
     if settings.dataset == "mnist":
         return lambda seed: MNISTDataModule(
-            root=str(data_root), batch_size=128, val_size=5000, seed=seed, train_subset=settings.train_subset
+            root=str(data_root),
+            batch_size=128,
+            val_size=settings.val_size,
+            seed=seed,
+            train_subset=settings.train_subset,
         )
     if settings.dataset == "cifar10":
         return lambda seed: CIFAR10DataModule(
-            root=str(data_root), batch_size=128, val_size=5000, seed=seed, train_subset=settings.train_subset
+            root=str(data_root),
+            batch_size=128,
+            val_size=settings.val_size,
+            seed=seed,
+            train_subset=settings.train_subset,
         )
     raise ValueError(f"`dataset` must be mnist, digits or cifar10, got {settings.dataset!r}.")
 

@@ -63,6 +63,18 @@ class _VisionDataModule(L.LightningDataModule):
         self.val_dataset: Dataset | None = None
         self.test_dataset: Dataset | None = None
 
+    @staticmethod
+    def _first(train_idx: list[int], train_subset: int | None) -> list[int]:
+        """The first ``train_subset`` training indices after the split (all with ``None``)."""
+        if train_subset is None:
+            return train_idx
+        if train_subset > len(train_idx):
+            raise ValueError(
+                f"`train_subset` must be at most the {len(train_idx)} training images left after the validation "
+                f"split, got {train_subset}. Use None to keep them all."
+            )
+        return train_idx[:train_subset]
+
     def _split_indices(self, n: int, val_size: int) -> tuple[list[int], list[int]]:
         """Seeded random split of ``range(n)`` into ``(train_indices, val_indices)``.
 
@@ -334,13 +346,7 @@ class MNISTDataModule(_VisionDataModule):
         if stage in _FIT_STAGES and self.train_dataset is None:
             full = self._open(train=True)
             train_idx, val_idx = self._split_indices(len(full), self.val_size)
-            if self.train_subset is not None:
-                if self.train_subset > len(train_idx):
-                    raise ValueError(
-                        f"`train_subset` must be at most the {len(train_idx)} training images left after "
-                        f"the validation split, got {self.train_subset}. Use None to keep them all."
-                    )
-                train_idx = train_idx[: self.train_subset]
+            train_idx = self._first(train_idx, self.train_subset)
             self.train_dataset = Subset(full, train_idx)
             self.val_dataset = Subset(full, val_idx)
         if stage in _TEST_STAGES and self.test_dataset is None:
@@ -389,6 +395,8 @@ class CIFAR10DataModule(_VisionDataModule):
         seed: Seed of the split and of the training-set shuffling.
         num_workers: Data-loading worker processes.
         augment: Random crop and horizontal flip on the training split.
+        train_subset: Keep only the first ``train_subset`` training images after the split (short runs);
+            ``None`` keeps them all.
 
     Raises:
         ValueError: If an argument is out of range.
@@ -410,14 +418,18 @@ class CIFAR10DataModule(_VisionDataModule):
         seed: int = 0,
         num_workers: int = 0,
         augment: bool = True,
+        train_subset: int | None = None,
     ) -> None:
         super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers)
         check_int("val_size", val_size, minimum=1, fix="pass e.g. `val_size=5000`.")
+        if train_subset is not None:
+            check_int("train_subset", train_subset, minimum=1, fix="pass None to keep the whole training split.")
         self.save_hyperparameters()
         self.root = Path(root)
         self.download = bool(download)
         self.val_size = val_size
         self.augment = bool(augment)
+        self.train_subset = train_subset
         self.num_classes = 10
         self.in_channels = 3
         self.image_size = 32
@@ -458,11 +470,12 @@ class CIFAR10DataModule(_VisionDataModule):
 
         Raises:
             FileNotFoundError: If the CIFAR-10 batches are not under ``root``.
-            ValueError: If ``val_size`` does not fit the training set.
+            ValueError: If ``val_size`` or ``train_subset`` do not fit the training set.
         """
         if stage in _FIT_STAGES and self.train_dataset is None:
             images, labels = _read_cifar10(self._folder(self.TRAIN_FILES), self.TRAIN_FILES)
             train_idx, val_idx = self._split_indices(len(labels), self.val_size)
+            train_idx = self._first(train_idx, self.train_subset)
             self.train_dataset = _ImageArrayDataset(images, labels, train_idx, self.train_transform)
             self.val_dataset = _ImageArrayDataset(images, labels, val_idx, self.eval_transform)
         if stage in _TEST_STAGES and self.test_dataset is None:

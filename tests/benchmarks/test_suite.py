@@ -8,6 +8,7 @@ import pytest
 
 from benchmarks.suite import report
 from benchmarks.suite.runner import main
+from tests.conftest import write_cifar10
 
 
 def test_verdict_follows_the_paired_differences():
@@ -55,3 +56,14 @@ def test_toy_suite_writes_sections_and_plots_and_resumes_from_its_cache(tmp_path
     again = output.read_text()
     assert table in again
     assert "s (cached) |" in again
+
+
+def test_toy_suite_runs_unchanged_on_a_local_cifar10_copy(tmp_path):
+    write_cifar10(tmp_path / "data", per_batch=8, n_test=8)
+    output = tmp_path / "BENCHMARKS.md"
+    argv = ["run", "--toy", "--dataset", "cifar10", "--data-root", str(tmp_path / "data"), "--threads", "1"]
+    argv += ["--cache-dir", str(tmp_path / "cache"), "--plots-dir", str(tmp_path / "plots"), "--output", str(output)]
+    assert main([*argv, "--only", "teachers", "techniques"]) == 0
+    text = output.read_text()
+    assert "## Suite (toy, cifar10): teachers and techniques" in text
+    assert re.search(r"\| LSQ QAT \| \d+\.\d\d ± \d\.\d\d \|", text)

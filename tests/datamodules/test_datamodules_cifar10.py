@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -10,33 +9,10 @@ import pytest
 import torch
 
 from lightning_quant.datamodules import CIFAR10DataModule
+from tests.conftest import CIFAR10_CLASSES, write_cifar10
 
 MEAN = torch.tensor(CIFAR10DataModule.MEAN).view(3, 1, 1)
 STD = torch.tensor(CIFAR10DataModule.STD).view(3, 1, 1)
-CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-
-
-def _write_cifar(root: Path, per_batch: int = 4, n_test: int = 6, seed: int = 0) -> dict[str, dict]:
-    """Write the archive's layout: pickled dicts with `data` (N x 3072 uint8: R, G, B planes) and `labels`."""
-    rng = np.random.default_rng(seed)
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    batches = {}
-    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    for name in names:
-        n = n_test if name == "test_batch" else per_batch
-        batch = {
-            "batch_label": f"{name} of 5",
-            "labels": rng.integers(0, 10, n).tolist(),
-            "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-            "filenames": [f"img_{name}_{i}.png" for i in range(n)],
-        }
-        with open(folder / name, "wb") as f:
-            pickle.dump(batch, f)
-        batches[name] = batch
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": CLASSES, "num_cases_per_batch": per_batch, "num_vis": 3072}, f)
-    return batches
 
 
 def _expected(row: np.ndarray) -> torch.Tensor:
@@ -45,11 +21,11 @@ def _expected(row: np.ndarray) -> torch.Tensor:
 
 
 def test_reads_tiny_batches(tmp_path: Path) -> None:
-    batches = _write_cifar(tmp_path)
+    batches = write_cifar10(tmp_path)
     dm = CIFAR10DataModule(root=tmp_path, batch_size=4, val_size=5, augment=False, seed=0)
     assert (dm.num_classes, dm.in_channels, dm.image_size) == (10, 3, 32)
     dm.setup("fit")
-    assert dm.classes == CLASSES
+    assert dm.classes == CIFAR10_CLASSES
     assert len(dm.train_dataset) == 15 and len(dm.val_dataset) == 5
 
     rows = np.concatenate([batches[f"data_batch_{i}"]["data"] for i in range(1, 6)])
@@ -72,7 +48,7 @@ def test_reads_tiny_batches(tmp_path: Path) -> None:
 
 
 def test_augmentation_on_train_only(tmp_path: Path) -> None:
-    _write_cifar(tmp_path)
+    write_cifar10(tmp_path)
     dm = CIFAR10DataModule(root=tmp_path, batch_size=15, val_size=5, augment=True, seed=0)
     dm.setup("fit")
     plain = CIFAR10DataModule(root=tmp_path, batch_size=15, val_size=5, augment=False, seed=0)
@@ -93,7 +69,7 @@ def test_missing_files_name_root_and_download(tmp_path: Path) -> None:
     dm.prepare_data()  # download=False: no network
     with pytest.raises(FileNotFoundError, match=r"CIFAR-10 files .*data_batch_1.* pass download=True"):
         dm.setup("fit")
-    _write_cifar(tmp_path)
+    write_cifar10(tmp_path)
     (tmp_path / "cifar-10-batches-py" / "test_batch").unlink()
     dm.setup("fit")
     with pytest.raises(FileNotFoundError, match=r"\['test_batch'\] not found .*root="):
@@ -101,8 +77,25 @@ def test_missing_files_name_root_and_download(tmp_path: Path) -> None:
 
 
 def test_val_size_checked(tmp_path: Path) -> None:
-    _write_cifar(tmp_path)
+    write_cifar10(tmp_path)
     with pytest.raises(ValueError, match=r"`val_size` must be smaller than the 20 training samples found"):
         CIFAR10DataModule(root=tmp_path, val_size=25).setup("fit")
     with pytest.raises(ValueError, match=r"`val_size` must be an integer >= 1, got 0"):
         CIFAR10DataModule(val_size=0)
+
+
+def test_train_subset_keeps_the_first_training_images_of_the_split(tmp_path: Path) -> None:
+    write_cifar10(tmp_path)
+    full = CIFAR10DataModule(root=tmp_path, val_size=5, seed=3, augment=False)
+    full.setup("fit")
+    part = CIFAR10DataModule(root=tmp_path, val_size=5, seed=3, augment=False, train_subset=6)
+    part.setup("fit")
+    assert len(full.train_dataset) == 15 and len(part.train_dataset) == 6
+    for i in range(6):  # the same images, in the same order: the split does not depend on the subset
+        torch.testing.assert_close(part.train_dataset[i][0], full.train_dataset[i][0])
+        assert part.train_dataset[i][1] == full.train_dataset[i][1]
+    assert [part.val_dataset[i][1] for i in range(5)] == [full.val_dataset[i][1] for i in range(5)]
+    with pytest.raises(ValueError, match=r"`train_subset` must be at most the 15 training images .* got 16"):
+        CIFAR10DataModule(root=tmp_path, val_size=5, train_subset=16).setup("fit")
+    with pytest.raises(ValueError, match=r"`train_subset` must be an integer >= 1, got 0"):
+        CIFAR10DataModule(train_subset=0)
