@@ -191,7 +191,13 @@ def techniques_section(info: RunInfo, teachers: dict, rows: list[dict], plots: d
         ]
         for method in METHODS:
             cells = [_pct([r["accuracy"] for r in _select(rows, model=model, method=method, bits=b)]) for b in s.bits]
-            avg = sorted({f"{r['avg_weight_bits']:.2f}" for r in _select(rows, model=model, method=method)})
+            avg = sorted(
+                {
+                    f"{r['avg_weight_bits']:.2f}"
+                    for r in _select(rows, model=model, method=method)
+                    if r["bits"] in s.bits
+                }
+            )
             lines.append(f"| {method} | " + " | ".join(cells) + f" | {', '.join(avg) or '–'} |")
         lines += [
             "",
