@@ -30,6 +30,7 @@ class RunInfo:
     argv: list[str]
     accelerator: str
     minutes: float
+    fit_minutes: float = 0.0
 
     @property
     def label(self) -> str:
@@ -154,7 +155,8 @@ def provenance(info: RunInfo) -> str:
     return (
         f"Run {dt.date.today().isoformat()} on {platform.platform()} ({device}, {torch.get_num_threads()} torch "
         f"threads), Python {platform.python_version()}, torch {torch.__version__}, Lightning {lightning.__version__}, "
-        f"lightning-quant {_git_revision()}; {info.minutes:.0f} min for the parts run (cached runs not re-trained). "
+        f"lightning-quant {_git_revision()}; the fits shown took {info.fit_minutes:.0f} min in all (each timed when "
+        f"it ran; cached runs are not re-trained), this invocation {info.minutes:.0f} min. "
         f"Data: {s.dataset}" + (f" ({s.train_subset} training images)" if s.train_subset else "") + f"; "
         f"fine-tunes: {s.qat_epochs} epoch(s), Adam {s.qat_lr:g}, cosine; ZS-CGAN generator: "
         f"{s.generator_steps} steps; "

@@ -208,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         peer_rows = run_peers(settings, teachers, cache, data_root, workdir, accelerator)
     minutes = (time.perf_counter() - started) / 60
     if parts:
-        context = report.RunInfo(settings, argv, accelerator, minutes)
+        fits = [t.seconds for t in teachers.values()] + [r["seconds"] for r in [*rows, *peer_rows]]
+        context = report.RunInfo(settings, argv, accelerator, minutes, sum(fits) / 60)
         sections = report.sections(context, teachers, rows, peer_rows, parts, Path(args.plots_dir), Path(args.output))
         for header, text in sections:
             if args.no_write:
