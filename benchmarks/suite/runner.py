@@ -107,14 +107,18 @@ def progress(items: list, description: str):
     return tqdm(items, desc=description, unit="run", dynamic_ncols=True)
 
 
-def run_techniques(settings, teachers, cache, data_root, workdir, accelerator, extra_bits) -> list[dict]:
-    """Every (model, method, bits, seed) of the comparison, plus LSQ QAT at the peers' widths; cached."""
+def run_techniques(
+    settings, teachers, cache, data_root, workdir, accelerator, extra_bits, comparison: bool = True
+) -> list[dict]:
+    """Every (model, method, bits, seed) of the comparison (``comparison``), plus LSQ QAT at the peers' widths and
+    seeds (``extra_bits``); cached."""
     planned = []
     for model in settings.models:
-        for bits in sorted(set(settings.bits)):
-            for seed in range(settings.seeds):
-                planned += [(model, method, bits, seed) for method in METHODS]
-        for bits in sorted(set(extra_bits) - set(settings.bits)):
+        if comparison:
+            for bits in sorted(set(settings.bits)):
+                for seed in range(settings.seeds):
+                    planned += [(model, method, bits, seed) for method in METHODS]
+        for bits in sorted(set(extra_bits) - (set(settings.bits) if comparison else set())):
             planned += [(model, "LSQ QAT", bits, seed) for seed in range(settings.peer_seeds)]
     contexts: dict[str, Context] = {}
     rows = []
@@ -203,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
             teachers[model] = get_teacher(settings, model, cache, data_root, workdir, accelerator)
     if {"techniques", "peers", "papers"} & set(parts):
         peer_bits = (2, 4, 8) if "peers" in parts else ()
-        rows = run_techniques(settings, teachers, cache, data_root, workdir, accelerator, peer_bits)
+        comparison = bool({"techniques", "papers"} & set(parts))  # --only peers: just our rows beside the peers'
+        rows = run_techniques(settings, teachers, cache, data_root, workdir, accelerator, peer_bits, comparison)
     if "peers" in parts:
         peer_rows = run_peers(settings, teachers, cache, data_root, workdir, accelerator)
     minutes = (time.perf_counter() - started) / 60
