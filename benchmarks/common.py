@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import shlex
 import statistics
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import lightning as L
@@ -45,11 +46,28 @@ def quiet_trainer(
     )
 
 
+QUIET_LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning_quant")
+
+
 def quiet_logs() -> None:
-    """Keep Lightning's and the suite's per-run banners and warnings out of a benchmark's output."""
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning_quant"):
+    """Keep Lightning's and the suite's per-run banners and warnings out of a benchmark's output (for the rest of
+    the process: scripts; in-process callers use :func:`quieted`)."""
+    for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
+
+
+@contextlib.contextmanager
+def quieted() -> Iterator[None]:
+    """:func:`quiet_logs` inside the ``with`` block only: logger levels and warning filters are restored after."""
+    levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    with warnings.catch_warnings():
+        quiet_logs()
+        try:
+            yield
+        finally:
+            for name, level in levels.items():
+                logging.getLogger(name).setLevel(level)
 
 
 def write_section(path: Path, heading: str, text: str) -> None:

@@ -183,13 +183,22 @@ def run_scripts(names: list[str], no_write: bool, output: Path) -> list[tuple[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.common import quiet_logs
+    """Run the suite (see the module docs); logging, warning filters and torch's thread count are restored after."""
+    from benchmarks.common import quieted
+
+    threads = torch.get_num_threads()
+    try:
+        with quieted():
+            return _run(sys.argv[1:] if argv is None else list(argv))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(argv: list[str]) -> int:
     from benchmarks.suite import report
 
-    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse(argv)
     settings = settings_from(args)
-    quiet_logs()
     if args.threads:
         torch.set_num_threads(args.threads)
     accelerator = resolve_accelerator(args.accelerator)

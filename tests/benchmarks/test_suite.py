@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import re
 
 import pytest
+import torch
 
 from benchmarks.suite import report
 from benchmarks.suite.runner import main
@@ -35,7 +37,10 @@ def test_toy_suite_writes_sections_and_plots_and_resumes_from_its_cache(tmp_path
     output, plots, cache = tmp_path / "BENCHMARKS.md", tmp_path / "plots", tmp_path / "cache"
     argv = ["run", "--toy", "--threads", "1", "--cache-dir", str(cache), "--plots-dir", str(plots)]
     argv += ["--output", str(output), "--only", "teachers", "techniques", "papers"]
+    level, threads = logging.getLogger("lightning_quant").level, torch.get_num_threads()
     assert main(argv) == 0
+    # nothing leaks into the calling process (the tests that follow read lightning_quant's logs)
+    assert logging.getLogger("lightning_quant").level == level and torch.get_num_threads() == threads
     text = output.read_text()
     for title in ("## Suite (toy, digits): teachers and techniques", "## Suite (toy, digits): paper vs here"):
         assert title in text
