@@ -73,10 +73,12 @@ class Settings:
         epochs, target = TEACHERS[self.dataset][model]
         return (self.teacher_epochs or epochs), target
 
-    def run_key(self) -> dict[str, Any]:
-        """The settings that change a fine-tune's result (what its cache key holds besides model, bits, seed)."""
+    def run_key(self, uses_generator: bool = False) -> dict[str, Any]:
+        """The settings that change a fine-tune's result (what its cache key holds besides model, bits, seed);
+        ``generator_steps`` only for a run on generated data, so changing it re-trains only those."""
         # val_size is not a CLI option: a preset's is fixed, and only the toy preset (limit_batches) changes it
-        names = ("dataset", "qat_epochs", "qat_lr", "train_subset", "generator_steps", "limit_batches")
+        names = ("dataset", "qat_epochs", "qat_lr", "train_subset", "limit_batches")
+        names += ("generator_steps",) if uses_generator else ()
         return {name: getattr(self, name) for name in names}
 
 
@@ -167,23 +169,13 @@ def trainer(
     settings: Settings, epochs: int, callbacks: list, workdir: Path, accelerator: str, max_steps: int = -1
 ) -> L.Trainer:
     """The one Trainer recipe of the suite: no logger, checkpoints or validation; ``accelerator`` as given."""
+    from benchmarks.common import quiet_trainer
+
     limit = settings.limit_batches
-    return L.Trainer(
-        accelerator=accelerator,
-        devices=1,
-        max_epochs=epochs,
-        max_steps=max_steps,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=workdir,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        limit_train_batches=limit,
-        limit_test_batches=limit,
-    )
+    return quiet_trainer(
+        epochs, callbacks, workdir, max_steps=max_steps, accelerator=accelerator, devices=1,
+        limit_train_batches=limit, limit_test_batches=limit,
+    )  # fmt: skip
 
 
 class RunCache:

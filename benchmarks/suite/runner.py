@@ -125,7 +125,7 @@ def run_techniques(
     for model, method, bits, seed in progress(planned, "techniques"):
         teacher: Teacher = teachers[model]
         config = {
-            "kind": "technique", "settings": settings.run_key(),
+            "kind": "technique", "settings": settings.run_key(uses_generator=method == "QAT + KD (ZS-CGAN data)"),
             "model": model, "method": method, "bits": bits, "seed": seed, "teacher": teacher.key,
         }  # fmt: skip
         result = cache.get(config)

@@ -72,3 +72,15 @@ def test_toy_suite_runs_unchanged_on_a_local_cifar10_copy(tmp_path):
     text = output.read_text()
     assert "## Suite (toy, cifar10): teachers and techniques" in text
     assert re.search(r"\| LSQ QAT \| \d+\.\d\d ± \d\.\d\d \|", text)
+
+
+def test_generator_steps_change_only_the_generated_data_runs_cache_key():
+    import dataclasses
+
+    from benchmarks.suite.config import PRESETS
+
+    a = PRESETS["toy"]
+    b = dataclasses.replace(a, generator_steps=a.generator_steps + 1)
+    assert a.run_key() == b.run_key()
+    assert a.run_key(uses_generator=True) != b.run_key(uses_generator=True)
+    assert a.run_key() != dataclasses.replace(a, qat_epochs=a.qat_epochs + 1).run_key()
