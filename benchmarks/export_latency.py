@@ -1,13 +1,14 @@
 """int8 vs fp32 latency of exported models on this CPU, and accuracy fp32 / fake-quant / onnxruntime side by side.
 
-Latency: ResNet-20 (batch 1 and 64, 32x32) and torchvision ResNet-18 (batch 16, 224x224), W8A8 (per-channel
-weights, 8-bit activations), exported with :func:`lightning_quant.export.export_onnx`, run by onnxruntime
-(``ORT_ENABLE_ALL``, 2 intra-op threads) next to the float model exported by ``torch.onnx.export`` and run the
-same way; with and without residual quantizers (``QuantSpec(quantize_residuals=True)``). Variants are interleaved
-(one timed block of each per round, order rotated every round) and the table reports medians over rounds and the
-median per-round ratio to fp32. Peer lines on the same float weights: onnxruntime's own ``quantize_static`` (QDQ,
-per-channel, U8S8, ``quant_pre_process`` first), NNCF's ``nncf.quantize`` of the float ONNX graph (when NNCF is
-installed) and torch.ao's FX-mode int8 model. OpenVINO runs our QDQ file and NNCF's when it is installed.
+Latency: ResNet-20 (batch 1 and 64, 32x32) and torchvision ResNet-18 (batch 16, 224x224), W8A8 (per-channel weights,
+8-bit activations), exported with :func:`lightning_quant.export.export_onnx`, run by onnxruntime
+(``ORT_ENABLE_ALL``, 2 intra-op threads, no spin-waiting between runs) next to the float model exported by
+``torch.onnx.export`` and run the same way; with and without residual quantizers
+(``QuantSpec(quantize_residuals=True)``). Variants are interleaved (one timed block of each per round, order rotated
+every round) and the table reports medians over rounds and the median per-round ratio to fp32. Peer lines on the
+same float weights: onnxruntime's own ``quantize_static`` (QDQ, per-channel, U8S8, ``quant_pre_process`` first),
+NNCF's ``nncf.quantize`` of the float ONNX graph (when NNCF is installed) and torch.ao's FX-mode int8 model.
+OpenVINO runs our QDQ file and NNCF's when it is installed.
 
 INT4 weights (a section of its own): W4 ResNet-20 (every layer's weights 4-bit, random weights, calibrated on random
 batches) exported with ``weight_storage="int8"`` and ``"int4"``, W4A8 with residual quantizers (int8-ready) and
@@ -201,11 +202,11 @@ def latency_rows(args: argparse.Namespace, tmp: Path) -> list[str]:
         if nncf_path is not None:
             files["ORT int8 (peer: NNCF PTQ)"] = nncf_path
         feed = {"input": x.numpy()}
-        sessions = {"ORT fp32": create_session(fp32_path)}
+        sessions = {"ORT fp32": create_session(fp32_path, spin=False)}
         convs = {}
         for k, (variant, path) in enumerate(files.items()):
             optimized = tmp / f"opt{k}.onnx"
-            sessions[variant] = create_session(path, optimized_model_path=optimized)
+            sessions[variant] = create_session(path, optimized_model_path=optimized, spin=False)
             convs[variant] = count_conv_ops(optimized)
         runners = {k: (lambda s=s, feed=feed: s.run(None, feed)) for k, s in sessions.items()}
         if openvino_available():
@@ -311,7 +312,7 @@ def int4_rows(args: argparse.Namespace, tmp: Path) -> list[str]:
         x = torch.randn(batch, 3, 32, 32)
         fp32_path = export_float(model, x[:1], tmp / f"int4_fp32_{batch}.onnx")
         feed = {"input": x.numpy()}
-        fp32_session = create_session(fp32_path)
+        fp32_session = create_session(fp32_path, spin=False)
         runners = {"ORT fp32": (lambda s=fp32_session, f=feed: s.run(None, f))}
         info: dict[str, tuple[str, int, int | None, int, float]] = {}
         checks = [torch.randn(64, 3, 32, 32) for _ in range(4)]
@@ -324,7 +325,7 @@ def int4_rows(args: argparse.Namespace, tmp: Path) -> list[str]:
             for storage in ("int8", "int4"):
                 path = export_onnx(q, tmp / f"int4_{label[:4]}_{storage}_{batch}.onnx", x[:1], weight_storage=storage)
                 optimized = tmp / f"int4_opt_{label[:4]}_{storage}_{batch}.onnx"
-                session = create_session(path, optimized_model_path=optimized)
+                session = create_session(path, optimized_model_path=optimized, spin=False)
                 int8, flt, _ = count_conv_ops(optimized)
                 variant = f"ORT, {label}, {storage} weights"
                 INT4_FIGURES[(batch, label, storage)] = (path.stat().st_size, 0.0)
@@ -438,7 +439,8 @@ def main() -> None:
             SECTION,
             "",
             "W8A8 models exported with `export_onnx` (BatchNorm folded, per-channel int8 weights, uint8 activations)"
-            " and run by onnxruntime (`ORT_ENABLE_ALL`, 2 intra-op threads) next to the float model exported by"
+            " and run by onnxruntime (`ORT_ENABLE_ALL`, 2 intra-op threads, no spin-waiting) next to the float model"
+            " exported by"
             " `torch.onnx.export`. Rounds interleaved (order rotated each round); latency = median over rounds;"
             " ratio = median per-round fp32/variant (> 1 means faster than fp32). `int8 convs` counts"
             " `QLinearConv` / all convs in onnxruntime's optimised graph. Random weights (latency does not depend"

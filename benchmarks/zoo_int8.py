@@ -6,8 +6,9 @@ without and with ``QuantSpec(quantize_residuals=True)`` (the deployment recipe, 
 every conv whose output an int8 runtime would otherwise see in float), next to onnxruntime's own
 ``quantize_static`` and NNCF's ``nncf.quantize`` (when installed) of the same float graph, all calibrated on the
 same 4 random batches. ``int8 convs`` counts ``QLinearConv`` in onnxruntime's optimised graph against the convs of
-the PyTorch model; latency is onnxruntime (``ORT_ENABLE_ALL``, 2 intra-op threads) at batch 1, rounds interleaved,
-median over rounds, ratio = median per-round fp32/variant.
+the PyTorch model; latency is onnxruntime (``ORT_ENABLE_ALL``, 2 intra-op threads, no spin-waiting: spinning threads
+of the session that ran last would take the cores from the next) at batch 1, rounds interleaved, median over
+rounds, ratio = median per-round fp32/variant.
 
     python benchmarks/zoo_int8.py                  # updates the section in BENCHMARKS.md
     python benchmarks/zoo_int8.py --no-write --models mobilenet_v2 --rounds 3
@@ -79,11 +80,11 @@ def rows_for(name: str, args: argparse.Namespace, tmp: Path) -> list[str]:
     if nncf_path is not None:
         files[NNCF] = nncf_path
     feed = {"input": x.numpy()}
-    sessions = {"ORT fp32": create_session(fp32_path)}
+    sessions = {"ORT fp32": create_session(fp32_path, spin=False)}
     counts = {}
     for k, (variant, path) in enumerate(files.items()):
         optimized = tmp / f"{name}_opt{k}.onnx"
-        sessions[variant] = create_session(path, optimized_model_path=optimized)
+        sessions[variant] = create_session(path, optimized_model_path=optimized, spin=False)
         counts[variant] = count_conv_ops(optimized)[0]
     runners = {variant: (lambda s=s: s.run(None, feed)) for variant, s in sessions.items()}
     rows = []

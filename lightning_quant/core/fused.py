@@ -328,7 +328,9 @@ class _FusedLSQ(torch.autograd.Function):
             raise _KernelFailed(layout) from err
         ctx.save_for_backward(x_k, s_k, inv_k, z_k, params)
         ctx.meta = (layout, ch_axis, x.shape, scale.shape, zero_point.shape, qmin, qmax, grad_factor)
-        return out.view(x.shape)
+        # a copy, not a view: users' forwards modify quantized outputs in place (EfficientNet's `result += input`),
+        # which autograd forbids on a custom Function's view output
+        return out.view(x.shape).clone()
 
     @staticmethod
     @once_differentiable

@@ -155,6 +155,7 @@ def create_session(
     optimization: str = "all",
     quantize_bias: bool | None = None,
     exact_int8: bool | None = None,
+    spin: bool = True,
 ) -> Any:
     """An onnxruntime CPU ``InferenceSession`` for the int8 deployment of an exported QDQ model.
 
@@ -174,6 +175,10 @@ def create_session(
             own copies first, which the rewrite needs). ``None`` (default): on where :func:`int8_products_saturate`
             says the fast kernels saturate (x86 CPUs without VNNI), off elsewhere, where they are exact. ``False``
             keeps the fast, saturating kernels.
+        spin: let idle intra-op threads spin-wait for the next run (onnxruntime's default: lowest latency for one
+            session). ``False`` where sessions take turns on few cores, as latency benchmarks do: the spinning
+            threads of the session that just ran otherwise take the cores from the next (on 2 cores this alone
+            made one of two equal models time 1.3x slower).
 
     Returns:
         The ``onnxruntime.InferenceSession``.
@@ -192,12 +197,15 @@ def create_session(
         raise QuantizationConfigError(f"`threads` must be a positive integer, got {threads!r}.")
     if exact_int8 is not None and not isinstance(exact_int8, bool):
         raise QuantizationConfigError(f"`exact_int8` must be True, False or None (probe this CPU), got {exact_int8!r}.")
+    if not isinstance(spin, bool):
+        raise QuantizationConfigError(f"`spin` must be True or False, got {spin!r}.")
     options = ort.SessionOptions()
     options.graph_optimization_level = levels[optimization]
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     if optimized_model_path is not None:
         options.optimized_model_filepath = os.fspath(optimized_model_path)
     if isinstance(onnx_model, onnx.ModelProto):

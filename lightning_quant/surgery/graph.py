@@ -28,8 +28,42 @@ _ADD_METHODS = ("add", "add_")
 _ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6)
 _POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 _RELU_FUNCTIONS = (torch.relu, torch.nn.functional.relu)
-_RESHAPE_FUNCTIONS = (torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze)
-_RESHAPE_METHODS = ("view", "reshape", "flatten", "transpose", "permute", "contiguous", "squeeze", "unsqueeze")
+# reshapes and slices: a per-tensor grid before them is the grid after them
+_RESHAPE_FUNCTIONS = (
+    torch.flatten,
+    torch.reshape,
+    torch.transpose,
+    torch.permute,
+    torch.squeeze,
+    torch.unsqueeze,
+    torch.chunk,
+    torch.split,
+    operator.getitem,
+)
+_RESHAPE_METHODS = (
+    "view",
+    "reshape",
+    "flatten",
+    "transpose",
+    "permute",
+    "contiguous",
+    "squeeze",
+    "unsqueeze",
+    "chunk",
+    "split",
+)
+_SHAPE_METHODS = ("size", "dim", "numel")
+_MUL_FUNCTIONS = (operator.mul, operator.imul, torch.mul)
+_MUL_METHODS = ("mul", "mul_")
+_CAT_FUNCTIONS = (torch.cat, torch.concat)
+_AVG_POOL_MODULES = (
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+)
 _DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 _PASSTHROUGH_MODULES = (*_ACTIVATION_MODULES, nn.Identity, nn.Flatten, *_DROPOUT_MODULES, *_POOL_MODULES)
 
@@ -39,12 +73,37 @@ def _is_stochastic_depth(m: nn.Module) -> bool:
     return type(m).__name__ == "StochasticDepth"
 
 
+class OpOutput(nn.Module):
+    """Marks the output of an addition, product or concatenation where the deployment recipe quantizes it.
+
+    :func:`with_op_outputs` inserts one after such an operation in a re-traced module; it is the identity until
+    quantization swaps it for its output-quantized counterpart (``QuantOpOutput``).
+    """
+
+    def __init__(self, op: str = "") -> None:
+        super().__init__()
+        self.op = op
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def extra_repr(self) -> str:
+        return self.op
+
+
 class LeafTracer(fx.Tracer):
     """fx tracer that keeps Conv/Linear/BatchNorm layers (float or quantized) as single call_module nodes."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         # quantizers too: their forward branches on Python state that fx would try to trace through
-        leaf_types = (*CONV_TYPES, *BN_TYPES, nn.Linear, *_ACTIVATION_MODULES, *_POOL_MODULES)
+        leaf_types = (
+            *CONV_TYPES,
+            *BN_TYPES,
+            nn.Linear,
+            *_ACTIVATION_MODULES,
+            *_POOL_MODULES,
+            OpOutput,
+        )
         if isinstance(m, leaf_types) or type(m).__name__.endswith("Quantizer") or _is_stochastic_depth(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
@@ -78,6 +137,22 @@ def _is_add(node: fx.Node) -> bool:
     if node.op == "call_function":
         return node.target in _ADD_FUNCTIONS
     return node.op == "call_method" and node.target in _ADD_METHODS
+
+
+def _elementwise_kind(node: fx.Node) -> str | None:
+    """``"add"``, ``"mul"`` or ``"cat"`` for a functional addition, product or concatenation, else ``None``."""
+    if _is_add(node):
+        return "add"
+    if node.op == "call_function":
+        return "mul" if node.target in _MUL_FUNCTIONS else "cat" if node.target in _CAT_FUNCTIONS else None
+    return "mul" if node.op == "call_method" and node.target in _MUL_METHODS else None
+
+
+def _is_shape_query(node: fx.Node) -> bool:
+    """``x.size()``, ``x.shape``, ``x.dim()``...: reads metadata, not values (no quantizer serves it)."""
+    if node.op == "call_method":
+        return node.target in _SHAPE_METHODS
+    return node.op == "call_function" and node.target is getattr and node.args[1:2] in (("shape",), ("dtype",))
 
 
 def _residual_trace(model: nn.Module) -> tuple[fx.Graph, dict[str, nn.Module]]:
@@ -121,6 +196,8 @@ def _reached(node: fx.Node, modules: dict[str, nn.Module]) -> list[fx.Node]:
     """The nodes that consume ``node``'s value, looking through pass-through ops (identity, max-pooling)."""
     out = []
     for user in node.users:
+        if _is_shape_query(user):
+            continue
         if _is_passthrough(user, modules) and not isinstance(modules.get(str(user.target)), _ACTIVATION_MODULES):
             out += _reached(user, modules)
         else:
@@ -352,14 +429,142 @@ def conv_output_placements(model: nn.Module, quantized_inputs: Collection[str]) 
     return placements
 
 
+def _integer_ready(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Ops an int8 runtime runs on quantized inputs (``QLinearAdd``, ``QLinearMul``, ``QLinearConcat``), or that
+    take a quantized input at no cost (average pooling, an op output quantizer)."""
+    if _elementwise_kind(node) is not None:
+        return True
+    return node.op == "call_module" and isinstance(modules.get(str(node.target)), (*_AVG_POOL_MODULES, OpOutput))
+
+
+def _output_consumers(
+    node: fx.Node, modules: dict[str, nn.Module], quantized_inputs: Collection[str]
+) -> list[str] | None:
+    """The quantized layers that should share an output quantizer on ``node``'s value, or ``None`` for none.
+
+    A quantizer is needed when the value goes to integer-ready ops (see :func:`_integer_ready`) or to several
+    places, and only there: not when it reaches exactly one quantized layer (that layer's input quantizer
+    follows it already), only the model's output, or any op that runs in float anyway (a LayerNorm, a ReLU with
+    its own placement rules), where a new grid would cost accuracy and buy no integer kernel.
+    """
+    reached = _reached(node, modules)
+    layers = [str(u.target) for u in reached if u.op == "call_module" and str(u.target) in quantized_inputs]
+    if not reached or all(u.op == "output" for u in reached) or (len(reached) == 1 and len(layers) == 1):
+        return None
+    ready = (u.op == "output" or str(u.target) in layers or _integer_ready(u, modules) for u in reached)
+    return list(dict.fromkeys(layers)) if all(ready) else None
+
+
+def op_output_sites(model: nn.Module, quantized_inputs: Collection[str]) -> tuple[dict[str, list[int]], list[str]]:
+    """The additions, products and concatenations whose output the deployment recipe quantizes, by owner.
+
+    For each functional ``+``, ``*`` or ``torch.cat`` whose value goes to integer-ready ops (further additions,
+    products, concatenations, average pooling) or to several places including such ops -- a
+    MobileNet/EfficientNet residual sum that feeds the next block's convolution and its shortcut, a ShuffleNet
+    concatenation that is shuffled and split into the next block -- returns the module whose own ``forward``
+    performs it (the *owner*) and the operation's index among that forward's additions, products and
+    concatenations, in call order: ``{owner: [index, ...]}``. Operations already followed by an :class:`OpOutput`
+    are skipped. The second value describes the operations the model's own ``forward`` performs: they have no
+    submodule to re-trace and stay in float.
+
+    Raises:
+        QuantizationConfigError: fx cannot trace ``model``.
+    """
+    graph, modules = _residual_trace(model)
+    counters: dict[str, int] = {}
+    sites: dict[str, list[int]] = {}
+    at_root: list[str] = []
+    for node in graph.nodes:
+        kind = _elementwise_kind(node)
+        if kind is None:
+            continue
+        owner = _owner(node)
+        index = counters.get(owner, 0)
+        counters[owner] = index + 1
+        (user,) = node.users if len(node.users) == 1 else (None,)
+        if user is not None and user.op == "call_module" and isinstance(modules.get(str(user.target)), OpOutput):
+            continue
+        if _output_consumers(node, modules, quantized_inputs) is None:
+            continue
+        if owner:
+            sites.setdefault(owner, []).append(index)
+        else:
+            at_root.append(f"{kind} {node.name!r}")
+    return sites, at_root
+
+
+class _OwnForwardTracer(LeafTracer):
+    """Traces only the root's own ``forward``: every submodule call stays one call_module node."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+
+def with_op_outputs(module: nn.Module, indices: Collection[int]) -> fx.GraphModule | None:
+    """``module`` as a :class:`torch.fx.GraphModule` with an :class:`OpOutput` after some of its operations.
+
+    ``indices`` count the additions, products and concatenations of ``module``'s own ``forward`` in call order
+    (as :func:`op_output_sites` returns them). Submodules are called, not traced through, so the GraphModule
+    holds the same submodule objects under the same names; it keeps the class name, and its state-dict keys are
+    ``module``'s plus none (an ``OpOutput`` has no state). ``None`` when ``module``'s own forward cannot be traced
+    or the result would not hold every submodule (a child the forward never calls), so nothing is changed.
+    """
+    try:
+        graph = _OwnForwardTracer().trace(module)
+    except Exception:  # fx raises many kinds of errors on untraceable forwards
+        return None
+    gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
+    ops = [node for node in gm.graph.nodes if _elementwise_kind(node) is not None]
+    if set(gm.state_dict()) != set(module.state_dict()) or any(i >= len(ops) for i in indices):
+        return None
+    for i in sorted(set(indices)):
+        node = ops[i]
+        kind = _elementwise_kind(node)
+        names = dict(gm.named_children())
+        k = 0
+        while (f"{kind}_output_{k}" if k else f"{kind}_output") in names:
+            k += 1
+        name = f"{kind}_output_{k}" if k else f"{kind}_output"
+        gm.add_submodule(name, OpOutput(str(kind)))
+        with gm.graph.inserting_after(node):
+            marker = gm.graph.call_module(name, args=(node,))
+        node.replace_all_uses_with(marker, delete_user_cb=lambda user, marker=marker: user is not marker)
+    gm.recompile()
+    return gm
+
+
+def op_output_placements(model: nn.Module, quantized_inputs: Collection[str]) -> dict[str, list[str]]:
+    """The :class:`OpOutput` markers of ``model`` (called once) that get an output quantizer, each with the quantized
+    layers that share it, by the rule of :func:`op_output_sites`.
+
+    Raises:
+        QuantizationConfigError: fx cannot trace ``model``.
+    """
+    graph, modules = _residual_trace(model)
+    calls = _call_counts(graph)
+    placements: dict[str, list[str]] = {}
+    for node in graph.nodes:
+        target = str(node.target)
+        if node.op != "call_module" or calls[target] != 1 or not isinstance(modules.get(target), OpOutput):
+            continue
+        consumers = _output_consumers(node, modules, quantized_inputs)
+        if consumers is not None:
+            placements[target] = consumers
+    return placements
+
+
 __all__ = [
     "BN_TYPES",
     "CONV_TYPES",
     "LeafTracer",
+    "OpOutput",
     "conv_output_placements",
+    "op_output_placements",
+    "op_output_sites",
     "residual_activations",
     "residual_producers",
     "retrace_owners",
     "trace",
     "unshared_copy",
+    "with_op_outputs",
 ]

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_quant.core.quantizers import Quantizer, UniformQuantizer, build_weight_quantizer
+from lightning_quant.surgery.graph import OpOutput
 from lightning_quant.surgery.spec import LayerSpec
 
 
@@ -402,7 +403,8 @@ QUANTIZED_TYPES: dict[type[nn.Module], type[QuantizedLayer]] = {
 
 
 class OutputQuantized(nn.Module):
-    """Mixin of the float modules whose output is fake-quantized: BatchNorms and ReLUs at residual additions.
+    """Mixin of the float modules whose output is fake-quantized: BatchNorms and ReLUs at residual additions, and
+    the op markers after additions, products and concatenations (deployment recipe).
 
     The quantizer may be shared with the quantized layers that consume the output (their ``input_quantizer`` is
     the same module), so the tensor is quantized once, with one step size, wherever it goes -- what lets an
@@ -427,7 +429,8 @@ class OutputQuantized(nn.Module):
         return self.output_quantizer(super().forward(x))  # type: ignore[misc]
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", out{self.output_quantizer.bits}"
+        bits = getattr(self.output_quantizer, "bits", None)
+        return super().extra_repr() + ("" if bits is None else f", out{bits}")
 
 
 class QuantizedBatchNorm(OutputQuantized):
@@ -466,6 +469,10 @@ class QuantMaxPool3d(OutputQuantized, nn.MaxPool3d):
     """:class:`torch.nn.MaxPool3d` with a fake-quantized output."""
 
 
+class QuantOpOutput(OutputQuantized, OpOutput):
+    """An :class:`~lightning_quant.surgery.graph.OpOutput` marker that fake-quantizes the operation's output."""
+
+
 #: float module type -> its output-quantized counterpart
 OUTPUT_QUANTIZED_TYPES: dict[type[nn.Module], type[OutputQuantized]] = {
     nn.BatchNorm1d: QuantBatchNorm1d,
@@ -476,6 +483,7 @@ OUTPUT_QUANTIZED_TYPES: dict[type[nn.Module], type[OutputQuantized]] = {
     nn.MaxPool1d: QuantMaxPool1d,
     nn.MaxPool2d: QuantMaxPool2d,
     nn.MaxPool3d: QuantMaxPool3d,
+    OpOutput: QuantOpOutput,
 }
 
 

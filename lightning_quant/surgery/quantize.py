@@ -21,10 +21,13 @@ from lightning_quant.surgery.graph import (
     BN_TYPES,
     CONV_TYPES,
     conv_output_placements,
+    op_output_placements,
+    op_output_sites,
     residual_activations,
     residual_producers,
     retrace_owners,
     unshared_copy,
+    with_op_outputs,
 )
 from lightning_quant.surgery.layers import (
     OUTPUT_QUANTIZED_TYPES,
@@ -148,13 +151,15 @@ def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> nn.Module
                 parent._modules[attr] = unshared_copy(modules[name])
         if owners:
             log.info("quantize_model: %d modules re-traced so that each ReLU use is its own module", len(owners))
+        _insert_op_outputs(model, resolved)
     if spec.fold_batchnorm:
         fold_batchnorm(model)
     requested = dict(resolved)
     residual_bns = _add_residual_outputs(model, resolved) if spec.quantize_residuals else {}
     activations = residual_activations(model) if spec.quantize_residuals else {}
     output_shares = _add_conv_outputs(model, resolved, residual_bns, activations) if spec.quantize_residuals else {}
-    found_residuals = bool(residual_bns or activations or resolved != requested)
+    op_outputs = _op_output_placements(model, resolved) if spec.quantize_residuals else {}
+    found_residuals = bool(residual_bns or activations or op_outputs or resolved != requested)
     # build everything first: nothing below this point raises on user input
     swaps: dict[nn.Module, nn.Module] = {
         float_layers[name]: QUANTIZED_TYPES[type(float_layers[name])].from_float(float_layers[name], layer_spec, name)
@@ -168,7 +173,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> nn.Module
         check_shareable([q for _, q in members], [f"Layer {n!r}" for n, _ in members])
     for members in groups.values():
         share_codebook([q for _, q in members])
-    _share_activation_quantizers(model, spec, activations, swaps)
+    _share_activation_quantizers(model, spec, {**activations, **op_outputs}, swaps)
     _share_output_quantizers(model, output_shares, swaps)
     _follow_requires_grad(swaps)
     for old, new in swaps.items():
@@ -299,15 +304,46 @@ def _share_output_quantizers(model: nn.Module, shares: dict[str, list[str]], swa
                 layer.input_quantizer = quantizer
 
 
+def _insert_op_outputs(model: nn.Module, resolved: dict[str, LayerSpec]) -> None:
+    """Re-trace the modules whose additions, products or concatenations need an output quantizer, with an
+    :class:`~lightning_quant.surgery.graph.OpOutput` marker after each (see
+    :func:`~lightning_quant.surgery.graph.op_output_sites`); what cannot be re-traced stays in float, said once."""
+    quantized_inputs = {name for name, layer_spec in resolved.items() if layer_spec.act_bits is not None}
+    sites, at_root = op_output_sites(model, quantized_inputs)
+    modules = dict(model.named_modules())
+    skipped = list(at_root)
+    for owner, indices in sites.items():
+        retraced = with_op_outputs(modules[owner], indices)
+        if retraced is None:
+            skipped.append(f"{len(indices)} in {owner!r} ({type(modules[owner]).__name__})")
+            continue
+        for parent, attr in list(_references(model, modules[owner])):
+            parent._modules[attr] = retraced
+    if skipped:
+        log.info(
+            "quantize_model: these additions/products/concatenations keep a float output (an int8 runtime runs them "
+            "between DequantizeLinear and QuantizeLinear): %s -- the model's own forward, or a forward fx cannot "
+            "re-trace on its own",
+            "; ".join(skipped),
+        )
+
+
+def _op_output_placements(model: nn.Module, resolved: dict[str, LayerSpec]) -> dict[str, list[str]]:
+    """The op markers that get an output quantizer, with the quantized layers that share it."""
+    quantized_inputs = {name for name, layer_spec in resolved.items() if layer_spec.act_bits is not None}
+    return op_output_placements(model, quantized_inputs)
+
+
 def _share_activation_quantizers(
     model: nn.Module, spec: QuantSpec, activations: dict[str, list[str]], swaps: dict[nn.Module, nn.Module]
 ) -> None:
-    """Add the output-quantized ReLUs at residual additions to ``swaps``; each shares one quantizer with the
-    quantized layers it feeds (their input quantizers become that one module), so the tensor has one grid."""
+    """Add the output-quantized ReLUs at residual additions and the op markers to ``swaps``; each shares one
+    quantizer with the quantized layers it feeds (their input quantizers become that one module), so the tensor
+    has one grid."""
     modules = dict(model.named_modules())
     for name, consumers in activations.items():
-        relu = modules[name]
-        if type(relu) not in OUTPUT_QUANTIZED_TYPES:
+        module = modules[name]
+        if type(module) not in OUTPUT_QUANTIZED_TYPES:
             continue  # already quantized
         layers = [swaps.get(modules[c], modules[c]) for c in consumers]
         layers = [m for m in layers if isinstance(m, QuantizedLayer) and isinstance(m.input_quantizer, Quantizer)]
@@ -316,10 +352,10 @@ def _share_activation_quantizers(
             for layer in layers[1:]:
                 layer.input_quantizer = shared
         elif spec.default.act_bits is not None:
-            shared = activation_quantizer(spec.default, spec.default.act_bits, _device(relu, model))
+            shared = activation_quantizer(spec.default, spec.default.act_bits, _device(module, model))
         else:
             continue
-        swaps[relu] = OUTPUT_QUANTIZED_TYPES[type(relu)].from_float(relu, shared)
+        swaps[module] = OUTPUT_QUANTIZED_TYPES[type(module)].from_float(module, shared)
 
 
 def _follow_requires_grad(swaps: dict[nn.Module, nn.Module]) -> None:

@@ -222,7 +222,14 @@ class QuantSpec:
             activation other than ReLU, an average pooling, several layers) gets an output quantizer on the
             conv, the BatchNorm after it or the ReLU after those, shared with the layers that tensor feeds
             (:func:`~lightning_quant.surgery.graph.conv_output_placements`), so every conv of torchvision's
-            classification zoo runs in int8. Found with a :mod:`torch.fx` trace (a model fx cannot
+            classification zoo runs in int8. An addition, product or concatenation whose output goes to further
+            such ops or to several places (a MobileNet/EfficientNet residual sum that feeds the next block's
+            conv and its shortcut) gets an output quantizer shared with the layers it feeds, so onnxruntime runs
+            it in integers (``QLinearAdd``) -- in the module whose ``forward`` performs it,
+            re-traced with an ``OpOutput`` marker after the op
+            (:func:`~lightning_quant.surgery.graph.op_output_sites`); such an op in the model's own forward
+            stays in float, and ``quantize_model`` logs it. Ops followed by a float op (a LayerNorm, as in
+            transformers) get nothing. Found with a :mod:`torch.fx` trace (a model fx cannot
             trace gets a clear error). A block whose forward calls one ReLU twice (torchvision's
             ``BasicBlock``) or applies a functional ReLU at its addition (``F.relu(out + shortcut)``) is
             re-traced into a ``torch.fx.GraphModule`` (same name, computation and state-dict keys) that gives

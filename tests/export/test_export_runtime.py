@@ -97,3 +97,15 @@ def test_exact_int8_argument_is_checked() -> None:
     model = _qdq_convs([np.ones((1, CHANNELS, 1, 1))])
     with pytest.raises(QuantizationConfigError, match=r"`exact_int8` must be True, False or None .*got 'yes'"):
         create_session(model, exact_int8="yes")  # type: ignore[arg-type]
+
+
+def test_spin_waiting_can_be_turned_off_for_benchmarks() -> None:
+    model = _qdq_convs([np.ones((1, CHANNELS, 1, 1))])
+    key = "session.intra_op.allow_spinning"
+    assert create_session(model).get_session_options().get_session_config_entry(key) == "1"
+    session = create_session(model, spin=False)
+    assert session.get_session_options().get_session_config_entry(key) == "0"
+    x = {"x": np.ones((1, CHANNELS, 1, 1), np.float32)}
+    np.testing.assert_array_equal(session.run(None, x)[0], create_session(model).run(None, x)[0])
+    with pytest.raises(QuantizationConfigError, match=r"`spin` must be True or False, got 0"):
+        create_session(model, spin=0)  # type: ignore[arg-type]

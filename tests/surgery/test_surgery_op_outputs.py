@@ -1,0 +1,133 @@
+"""The deployment recipe's quantizers between convolutions: the outputs of additions, products, concatenations.
+
+``quantize_residuals=True`` puts a quantizer on the output of an addition/product/concatenation (inside the module
+whose forward performs it, re-traced with an ``OpOutput`` marker) wherever an int8 runtime needs one to run the op
+in integers. ``tests/export/test_export_zoo.py``
+checks what onnxruntime then runs; these tests check the surgery itself.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torch.fx import GraphModule
+from torchvision.models.efficientnet import EfficientNet, MBConvConfig
+
+from lightning_quant.surgery import LayerSpec, QuantSpec, calibrate, dequantize_model, quantize_model
+from lightning_quant.surgery.graph import OpOutput
+from lightning_quant.surgery.layers import QuantOpOutput
+
+DEPLOY = QuantSpec(default=LayerSpec(weight_bits=8, act_bits=8), quantize_residuals=True)
+
+
+def _mobilenet_v2() -> nn.Module:
+    setting = [[1, 16, 1, 1], [6, 24, 3, 2]]  # the second stage: two residual blocks in a row
+    return torchvision.models.MobileNetV2(num_classes=10, width_mult=0.5, inverted_residual_setting=setting)
+
+
+def _efficientnet() -> nn.Module:
+    setting = [MBConvConfig(1, 3, 1, 32, 16, 1), MBConvConfig(6, 3, 2, 16, 24, 3)]
+    return EfficientNet(setting, dropout=0.2, stochastic_depth_prob=0.2, num_classes=10, last_channel=64)
+
+
+def test_residual_sums_get_one_quantizer_shared_with_the_next_block() -> None:
+    torch.manual_seed(0)
+    model = quantize_model(_mobilenet_v2().eval(), DEPLOY)
+    plain, first, last = model.features[2], model.features[3], model.features[4]  # stage 2's three blocks
+    assert not isinstance(plain, GraphModule)
+    assert isinstance(first, GraphModule) and type(first).__name__ == "InvertedResidual"
+    marker = first.add_output
+    assert isinstance(marker, QuantOpOutput)
+    # the sum feeds the next block's first conv and its shortcut: one quantizer, that conv's input quantizer
+    assert marker.output_quantizer is last.conv[0][0].input_quantizer
+    # the last sum feeds one conv only, whose input quantizer follows it already: no marker
+    assert not isinstance(last, GraphModule)
+
+
+def test_efficientnet_sums_behind_stochastic_depth() -> None:
+    model = quantize_model(_efficientnet().eval(), DEPLOY)
+    block = model.features[2][1]  # MBConv with stochastic depth and a residual sum that feeds the next MBConv
+    assert isinstance(block, GraphModule) and isinstance(block.add_output, QuantOpOutput)
+    assert block.add_output.output_quantizer is model.features[2][2].block[0][0].input_quantizer
+    # the squeeze-excitation product feeds only the projection conv, whose input quantizer serves: no marker
+    assert not isinstance(block.block[2], GraphModule)
+    assert sum(isinstance(m, OpOutput) for m in model.modules()) == 1
+
+
+def test_float_model_unchanged_until_calibrated_and_restored_by_dequantize() -> None:
+    torch.manual_seed(0)
+    float_model = _efficientnet().eval()
+    x = torch.randn(2, 3, 32, 32)
+    expected = float_model(x)
+    model = quantize_model(_efficientnet().eval(), DEPLOY)
+    model.load_state_dict(float_model.state_dict(), strict=False)
+    calibrate(model, [torch.randn(4, 3, 32, 32) for _ in range(2)])
+    assert not torch.allclose(model(x), expected)
+    torch.testing.assert_close(dequantize_model(model)(x), expected)
+
+
+def test_quantizing_twice_adds_nothing_and_a_fresh_model_loads_the_state() -> None:
+    torch.manual_seed(0)
+    model = quantize_model(_mobilenet_v2().eval(), DEPLOY)
+    calibrate(model, [torch.randn(4, 3, 32, 32) for _ in range(2)])
+    names = [n for n, _ in model.named_modules()]
+    quantize_model(model, DEPLOY)
+    assert [n for n, _ in model.named_modules()] == names
+    fresh = quantize_model(_mobilenet_v2().eval(), DEPLOY)
+    fresh.load_state_dict(model.state_dict())  # strict: the same keys, op-output quantizers included
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(fresh.eval()(x), model.eval()(x))
+
+
+def test_resnets_and_transformers_get_no_quantizers_between_ops() -> None:
+    resnet = quantize_model(torchvision.models.resnet18(num_classes=10), DEPLOY)
+    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True, activation="gelu")
+    with pytest.warns(UserWarning, match="found no residual addition"):
+        transformer = quantize_model(nn.Sequential(nn.TransformerEncoder(layer, 2), nn.Linear(16, 4)), DEPLOY)
+    for model in (resnet, transformer):
+        assert not any(isinstance(m, OpOutput) for m in model.modules())
+
+
+class RootSum(nn.Module):
+    """A residual sum in the model's own forward: no submodule to re-trace, so it stays in float."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8))
+        self.b = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.c = nn.Conv2d(8, 8, 1)
+        self.d = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.a(x)
+        s = x + self.b(x)
+        return self.c(s) + self.d(s)
+
+
+def test_sums_in_the_models_own_forward_stay_float_and_are_named(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="lightning_quant"):
+        model = quantize_model(RootSum(), DEPLOY)
+    assert not any(isinstance(m, OpOutput) for m in model.modules())
+    assert "keep a float output" in caplog.text and "add 'add'" in caplog.text
+
+
+def test_efficientnet_trains_with_the_recipe_despite_in_place_sums() -> None:
+    # MBConv adds its shortcut in place to a quantized output (`result += input`): autograd must allow it
+    torch.manual_seed(0)
+    model = quantize_model(_efficientnet(), DEPLOY)
+    calibrate(model, [torch.randn(4, 3, 32, 32)])
+    model.train()
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    losses = []
+    for _ in range(5):
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
