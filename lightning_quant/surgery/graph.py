@@ -56,6 +56,11 @@ _SHAPE_METHODS = ("size", "dim", "numel")
 _MUL_FUNCTIONS = (operator.mul, operator.imul, torch.mul)
 _MUL_METHODS = ("mul", "mul_")
 _CAT_FUNCTIONS = (torch.cat, torch.concat)
+#: activations an int8 runtime computes from quantized inputs into a quantized output (``QLinearSigmoid``; ORT
+#: runs HardSigmoid in float between Q/DQ, which still lets the product after it run as ``QLinearMul``)
+_GATE_MODULES = (nn.Sigmoid, nn.Hardsigmoid)
+#: activations ``x * gate(x)`` that exporters write as a gate and a product (SiLU, hardswish)
+_GATED_MODULES = (nn.SiLU, nn.Hardswish)
 _AVG_POOL_MODULES = (
     nn.AvgPool1d,
     nn.AvgPool2d,
@@ -102,6 +107,8 @@ class LeafTracer(fx.Tracer):
             nn.Linear,
             *_ACTIVATION_MODULES,
             *_POOL_MODULES,
+            *_GATE_MODULES,
+            *_GATED_MODULES,
             OpOutput,
         )
         if isinstance(m, leaf_types) or type(m).__name__.endswith("Quantizer") or _is_stochastic_depth(m):
@@ -430,11 +437,12 @@ def conv_output_placements(model: nn.Module, quantized_inputs: Collection[str]) 
 
 
 def _integer_ready(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """Ops an int8 runtime runs on quantized inputs (``QLinearAdd``, ``QLinearMul``, ``QLinearConcat``), or that
-    take a quantized input at no cost (average pooling, an op output quantizer)."""
+    """Ops an int8 runtime runs on quantized inputs (``QLinearAdd``, ``QLinearMul``, ``QLinearConcat``,
+    ``QLinearSigmoid``), or that take a quantized input at no cost (average pooling, an op output quantizer)."""
     if _elementwise_kind(node) is not None:
         return True
-    return node.op == "call_module" and isinstance(modules.get(str(node.target)), (*_AVG_POOL_MODULES, OpOutput))
+    kinds = (*_GATE_MODULES, *_GATED_MODULES, *_AVG_POOL_MODULES, OpOutput)
+    return node.op == "call_module" and isinstance(modules.get(str(node.target)), kinds)
 
 
 def _output_consumers(
@@ -459,7 +467,7 @@ def op_output_sites(model: nn.Module, quantized_inputs: Collection[str]) -> tupl
     """The additions, products and concatenations whose output the deployment recipe quantizes, by owner.
 
     For each functional ``+``, ``*`` or ``torch.cat`` whose value goes to integer-ready ops (further additions,
-    products, concatenations, average pooling) or to several places including such ops -- a
+    products, concatenations, sigmoid gates, average pooling) or to several places including such ops -- a
     MobileNet/EfficientNet residual sum that feeds the next block's convolution and its shortcut, a ShuffleNet
     concatenation that is shuffled and split into the next block -- returns the module whose own ``forward``
     performs it (the *owner*) and the operation's index among that forward's additions, products and
@@ -533,23 +541,30 @@ def with_op_outputs(module: nn.Module, indices: Collection[int]) -> fx.GraphModu
     return gm
 
 
-def op_output_placements(model: nn.Module, quantized_inputs: Collection[str]) -> dict[str, list[str]]:
-    """The :class:`OpOutput` markers of ``model`` (called once) that get an output quantizer, each with the quantized
-    layers that share it, by the rule of :func:`op_output_sites`.
+def activation_output_placements(
+    model: nn.Module, quantized_inputs: Collection[str]
+) -> dict[str, tuple[bool, list[str]]]:
+    """Where the deployment recipe quantizes the outputs of op markers and gating activations.
+
+    For every :class:`OpOutput`, sigmoid/hard-sigmoid and SiLU/hardswish module called once, returns
+    ``{name: (needs an output quantizer, the quantized layers that share it)}``, following the rule of
+    :func:`op_output_sites`. SiLU and hardswish (``x * gate(x)``) are listed even without an output quantizer:
+    they quantize their gate, so an int8 runtime runs their product as ``QLinearMul``.
 
     Raises:
         QuantizationConfigError: fx cannot trace ``model``.
     """
     graph, modules = _residual_trace(model)
     calls = _call_counts(graph)
-    placements: dict[str, list[str]] = {}
+    placements: dict[str, tuple[bool, list[str]]] = {}
     for node in graph.nodes:
         target = str(node.target)
-        if node.op != "call_module" or calls[target] != 1 or not isinstance(modules.get(target), OpOutput):
+        module = modules.get(target) if node.op == "call_module" else None
+        if module is None or calls[target] != 1 or not isinstance(module, (OpOutput, *_GATE_MODULES, *_GATED_MODULES)):
             continue
         consumers = _output_consumers(node, modules, quantized_inputs)
-        if consumers is not None:
-            placements[target] = consumers
+        if consumers is not None or isinstance(module, _GATED_MODULES):
+            placements[target] = (consumers is not None, consumers or [])
     return placements
 
 
@@ -558,8 +573,8 @@ __all__ = [
     "CONV_TYPES",
     "LeafTracer",
     "OpOutput",
+    "activation_output_placements",
     "conv_output_placements",
-    "op_output_placements",
     "op_output_sites",
     "residual_activations",
     "residual_producers",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -403,8 +404,9 @@ QUANTIZED_TYPES: dict[type[nn.Module], type[QuantizedLayer]] = {
 
 
 class OutputQuantized(nn.Module):
-    """Mixin of the float modules whose output is fake-quantized: BatchNorms and ReLUs at residual additions, and
-    the op markers after additions, products and concatenations (deployment recipe).
+    """Mixin of the float modules whose output is fake-quantized: BatchNorms and ReLUs at residual additions,
+    and (deployment recipe) sigmoid gates, SiLU/hardswish, and the op markers after additions, products and
+    concatenations.
 
     The quantizer may be shared with the quantized layers that consume the output (their ``input_quantizer`` is
     the same module), so the tensor is quantized once, with one step size, wherever it goes -- what lets an
@@ -469,8 +471,57 @@ class QuantMaxPool3d(OutputQuantized, nn.MaxPool3d):
     """:class:`torch.nn.MaxPool3d` with a fake-quantized output."""
 
 
+class QuantSigmoid(OutputQuantized, nn.Sigmoid):
+    """:class:`torch.nn.Sigmoid` with a fake-quantized output (``QLinearSigmoid`` in onnxruntime)."""
+
+
+class QuantHardsigmoid(OutputQuantized, nn.Hardsigmoid):
+    """:class:`torch.nn.Hardsigmoid` with a fake-quantized output."""
+
+
 class QuantOpOutput(OutputQuantized, OpOutput):
     """An :class:`~lightning_quant.surgery.graph.OpOutput` marker that fake-quantizes the operation's output."""
+
+
+class GatedActivation(OutputQuantized):
+    """Mixin of ``x * gate(x)`` activations computed with a fake-quantized gate: ``x * q_g(gate(x))``.
+
+    Exporters write SiLU as ``Sigmoid`` and ``Mul`` (hardswish as ``HardSigmoid`` and ``Mul``); with a quantizer on
+    the gate and on both inputs of the product, onnxruntime runs the gate as ``QLinearSigmoid`` and the product as
+    ``QLinearMul``. ``output_quantizer`` is ``nn.Identity`` where the one quantized layer fed quantizes the output
+    itself. In float the gate is exact; the quantized gate is on an 8-bit grid over its range ``[0, 1]``.
+    """
+
+    gate_quantizer: UniformQuantizer
+    gate_function: Callable[[Tensor], Tensor]
+
+    @classmethod
+    def from_gated(cls, module: nn.Module, gate: UniformQuantizer, output: nn.Module) -> GatedActivation:
+        """A copy of ``module`` with quantizers on its gate and (unless ``output`` is the identity) its output."""
+        layer = cls.from_float(module, output)  # type: ignore[arg-type]
+        layer.gate_quantizer = gate
+        return layer  # type: ignore[return-value]
+
+    def to_float(self) -> nn.Module:
+        return _strip(self, self.float_type, ("output_quantizer", "gate_quantizer"))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.output_quantizer(x * self.gate_quantizer(type(self).gate_function(x)))
+
+    def extra_repr(self) -> str:
+        return ", ".join(t for t in (f"gate{self.gate_quantizer.bits}", super().extra_repr().lstrip(", ")) if t)
+
+
+class QuantSiLU(GatedActivation, nn.SiLU):
+    """:class:`torch.nn.SiLU`, ``x * sigmoid(x)``, with a fake-quantized sigmoid gate."""
+
+    gate_function = torch.sigmoid
+
+
+class QuantHardswish(GatedActivation, nn.Hardswish):
+    """:class:`torch.nn.Hardswish`, ``x * hardsigmoid(x)``, with a fake-quantized gate."""
+
+    gate_function = F.hardsigmoid
 
 
 #: float module type -> its output-quantized counterpart
@@ -483,7 +534,11 @@ OUTPUT_QUANTIZED_TYPES: dict[type[nn.Module], type[OutputQuantized]] = {
     nn.MaxPool1d: QuantMaxPool1d,
     nn.MaxPool2d: QuantMaxPool2d,
     nn.MaxPool3d: QuantMaxPool3d,
+    nn.Sigmoid: QuantSigmoid,
+    nn.Hardsigmoid: QuantHardsigmoid,
     OpOutput: QuantOpOutput,
+    nn.SiLU: QuantSiLU,
+    nn.Hardswish: QuantHardswish,
 }
 
 

@@ -20,8 +20,8 @@ from lightning_quant.surgery.fold import fold_batchnorm
 from lightning_quant.surgery.graph import (
     BN_TYPES,
     CONV_TYPES,
+    activation_output_placements,
     conv_output_placements,
-    op_output_placements,
     op_output_sites,
     residual_activations,
     residual_producers,
@@ -32,6 +32,7 @@ from lightning_quant.surgery.graph import (
 from lightning_quant.surgery.layers import (
     OUTPUT_QUANTIZED_TYPES,
     QUANTIZED_TYPES,
+    GatedActivation,
     OutputQuantized,
     QuantizedLayer,
     activation_quantizer,
@@ -158,7 +159,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> nn.Module
     residual_bns = _add_residual_outputs(model, resolved) if spec.quantize_residuals else {}
     activations = residual_activations(model) if spec.quantize_residuals else {}
     output_shares = _add_conv_outputs(model, resolved, residual_bns, activations) if spec.quantize_residuals else {}
-    op_outputs = _op_output_placements(model, resolved) if spec.quantize_residuals else {}
+    op_outputs = _op_output_placements(model, resolved, activations) if spec.quantize_residuals else {}
     found_residuals = bool(residual_bns or activations or op_outputs or resolved != requested)
     # build everything first: nothing below this point raises on user input
     swaps: dict[nn.Module, nn.Module] = {
@@ -173,7 +174,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec | None = None) -> nn.Module
         check_shareable([q for _, q in members], [f"Layer {n!r}" for n, _ in members])
     for members in groups.values():
         share_codebook([q for _, q in members])
-    _share_activation_quantizers(model, spec, {**activations, **op_outputs}, swaps)
+    _share_activation_quantizers(model, spec, {**{a: (True, c) for a, c in activations.items()}, **op_outputs}, swaps)
     _share_output_quantizers(model, output_shares, swaps)
     _follow_requires_grad(swaps)
     for old, new in swaps.items():
@@ -328,34 +329,48 @@ def _insert_op_outputs(model: nn.Module, resolved: dict[str, LayerSpec]) -> None
         )
 
 
-def _op_output_placements(model: nn.Module, resolved: dict[str, LayerSpec]) -> dict[str, list[str]]:
-    """The op markers that get an output quantizer, with the quantized layers that share it."""
+def _op_output_placements(
+    model: nn.Module, resolved: dict[str, LayerSpec], activations: dict[str, list[str]]
+) -> dict[str, tuple[bool, list[str]]]:
+    """The op markers, sigmoid gates and SiLU/hardswish that get quantizers (the ReLUs of ``activations`` aside)."""
     quantized_inputs = {name for name, layer_spec in resolved.items() if layer_spec.act_bits is not None}
-    return op_output_placements(model, quantized_inputs)
+    placements = activation_output_placements(model, quantized_inputs)
+    return {name: placement for name, placement in placements.items() if name not in activations}
 
 
 def _share_activation_quantizers(
-    model: nn.Module, spec: QuantSpec, activations: dict[str, list[str]], swaps: dict[nn.Module, nn.Module]
+    model: nn.Module,
+    spec: QuantSpec,
+    activations: dict[str, tuple[bool, list[str]]],
+    swaps: dict[nn.Module, nn.Module],
 ) -> None:
-    """Add the output-quantized ReLUs at residual additions and the op markers to ``swaps``; each shares one
-    quantizer with the quantized layers it feeds (their input quantizers become that one module), so the tensor
-    has one grid."""
+    """Add the output-quantized activations and op markers to ``swaps``: ``{name: (needs an output quantizer,
+    consumers)}``. Each output quantizer is shared with the quantized layers it feeds (their input quantizers
+    become that one module), so the tensor has one grid; SiLU and hardswish also get a quantizer on their gate."""
     modules = dict(model.named_modules())
-    for name, consumers in activations.items():
+    for name, (needs_output, consumers) in activations.items():
         module = modules[name]
         if type(module) not in OUTPUT_QUANTIZED_TYPES:
             continue  # already quantized
+        quantized = OUTPUT_QUANTIZED_TYPES[type(module)]
         layers = [swaps.get(modules[c], modules[c]) for c in consumers]
         layers = [m for m in layers if isinstance(m, QuantizedLayer) and isinstance(m.input_quantizer, Quantizer)]
-        if layers:
+        bits, device = spec.default.act_bits, _device(module, model)
+        if (needs_output and not layers) or issubclass(quantized, GatedActivation):
+            if bits is None:
+                continue  # a new quantizer takes the default activation width, and there is none
+        shared: nn.Module = nn.Identity()
+        if needs_output and layers:
             shared = layers[0].input_quantizer
             for layer in layers[1:]:
                 layer.input_quantizer = shared
-        elif spec.default.act_bits is not None:
-            shared = activation_quantizer(spec.default, spec.default.act_bits, _device(module, model))
-        else:
-            continue
-        swaps[module] = OUTPUT_QUANTIZED_TYPES[type(module)].from_float(module, shared)
+        elif needs_output:
+            shared = activation_quantizer(spec.default, bits, device)
+        if issubclass(quantized, GatedActivation):
+            gate = activation_quantizer(spec.default, bits, device)
+            swaps[module] = quantized.from_gated(module, gate, shared)
+        elif needs_output:
+            swaps[module] = quantized.from_float(module, shared)
 
 
 def _follow_requires_grad(swaps: dict[nn.Module, nn.Module]) -> None:

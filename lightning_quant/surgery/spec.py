@@ -222,10 +222,11 @@ class QuantSpec:
             activation other than ReLU, an average pooling, several layers) gets an output quantizer on the
             conv, the BatchNorm after it or the ReLU after those, shared with the layers that tensor feeds
             (:func:`~lightning_quant.surgery.graph.conv_output_placements`), so every conv of torchvision's
-            classification zoo runs in int8. An addition, product or concatenation whose output goes to further
-            such ops or to several places (a MobileNet/EfficientNet residual sum that feeds the next block's
-            conv and its shortcut) gets an output quantizer shared with the layers it feeds, so onnxruntime runs
-            it in integers (``QLinearAdd``) -- in the module whose ``forward`` performs it,
+            classification zoo runs in int8. The ops between convolutions run in integers too: sigmoid and
+            hard-sigmoid gates get an output quantizer, SiLU and hardswish (``x * gate(x)``) a quantizer on
+            their gate, and an addition, product or concatenation whose output goes to such ops or to several
+            places (a MobileNet/EfficientNet residual sum that feeds the next block's conv and its shortcut) an
+            output quantizer shared with the layers it feeds -- in the module whose ``forward`` performs it,
             re-traced with an ``OpOutput`` marker after the op
             (:func:`~lightning_quant.surgery.graph.op_output_sites`); such an op in the model's own forward
             stays in float, and ``quantize_model`` logs it. Ops followed by a float op (a LayerNorm, as in

@@ -81,9 +81,8 @@ def _convs(model: nn.Module) -> int:
 #: the ops between convs that onnxruntime still runs in float with the deployment recipe, and why
 FLOAT_BETWEEN_CONVS: dict[str, dict[str, int]] = {
     "mobilenet_v2": {},
-    # SiLU (sigmoid and product) and the squeeze-excitation gate and product: their gates are not quantized
-    "efficientnet": {"Sigmoid": 17, "Mul": 17},
-    "mobilenet_v3": {"Mul": 10},  # hardswish and the squeeze-excitation product, as above
+    "efficientnet": {},
+    "mobilenet_v3": {"Mul": 1},  # the head's hardswish after a Linear, whose output has no quantizer
     # the shortcut half of each stride-1 block reaches its concatenation through Split without a QuantizeLinear
     "shufflenet_v2": {"Concat": 1},
     "densenet": {"Concat": 4},  # each concatenation feeds a BatchNorm before a conv: float in any int8 runtime
@@ -106,11 +105,11 @@ def test_every_conv_of_the_zoo_runs_in_int8(arch: str, tmp_path: Path) -> None:
     # every conv of the model is a QLinearConv (onnxruntime may turn a BatchNorm after pooling into an extra
     # float conv of its own -- DenseNet's -- which is not one of the model's convs)
     assert int8 == _convs(model), ops
-    # and the additions and concatenations between them run in integers
+    # and the additions, products, sigmoid gates and concatenations between them run in integers
     graph = onnx.load(tmp_path / "optimised.onnx").graph
     float_ops = Counter(node.op_type for node in graph.node if node.op_type in FLOAT_OPS)
     assert dict(float_ops) == FLOAT_BETWEEN_CONVS[arch], ops
-    integer = {"mobilenet_v2": "QLinearAdd", "efficientnet": "QLinearAdd", "mobilenet_v3": "QLinearAdd"}
+    integer = {"mobilenet_v2": "QLinearAdd", "efficientnet": "QLinearSigmoid", "mobilenet_v3": "QLinearMul"}
     assert arch not in integer or ops.get(integer[arch], 0) > 0, ops
 
 
@@ -165,9 +164,7 @@ def _train(model: nn.Module, epochs: int, lr: float) -> None:
             optimizer.step()
 
 
-# the SE net's gate is quantized before its sigmoid: one requantization step there rescales a whole channel, so
-# onnxruntime's integer rounding flips one or two of the 1,797 near-tied digits in some runs (99.89-100 % measured)
-@pytest.mark.parametrize(("network", "epochs", "min_agreement"), [(ConcatNet, 4, 0.999), (SEResidualNet, 20, 0.998)])
+@pytest.mark.parametrize(("network", "epochs", "min_agreement"), [(ConcatNet, 4, 0.999), (SEResidualNet, 20, 0.999)])
 def test_trained_models_of_each_pattern_export_in_int8_with_agreement(
     network: type, epochs: int, min_agreement: float, tmp_path: Path
 ) -> None:
@@ -177,7 +174,9 @@ def test_trained_models_of_each_pattern_export_in_int8_with_agreement(
     # undertrained model would flip under any integer rounding)
     quantize_model(model, W8A8_DEPLOY)
     calibrate(model, [x for x, _ in list(digits().train_dataloader())[:4]])
-    _train(model, epochs=3, lr=1e-3)  # QAT with the deployment recipe
+    # QAT with the deployment recipe; at 1e-3 the SE net's accuracy swings between 84 % and 98 % from epoch to epoch
+    # and may stop on a poor, near-tied point whatever the export does
+    _train(model, epochs=3, lr=2e-4)
     model.eval()
     path = export_onnx(model, tmp_path / "model.onnx", torch.randn(1, 1, 8, 8))
     result = verify_onnx(model, path, all_digits())

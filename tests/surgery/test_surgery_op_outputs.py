@@ -1,8 +1,8 @@
-"""The deployment recipe's quantizers between convolutions: the outputs of additions, products, concatenations.
+"""The deployment recipe's quantizers between convolutions: gates, SiLU/hardswish, additions, products, concatenations.
 
 ``quantize_residuals=True`` puts a quantizer on the output of an addition/product/concatenation (inside the module
-whose forward performs it, re-traced with an ``OpOutput`` marker) wherever an int8 runtime needs one to run the op
-in integers. ``tests/export/test_export_zoo.py``
+whose forward performs it, re-traced with an ``OpOutput`` marker), on sigmoid gates, and on the gate of SiLU and
+hardswish, wherever an int8 runtime needs one to run the op in integers. ``tests/export/test_export_zoo.py``
 checks what onnxruntime then runs; these tests check the surgery itself.
 """
 
@@ -19,7 +19,7 @@ from torchvision.models.efficientnet import EfficientNet, MBConvConfig
 
 from lightning_quant.surgery import LayerSpec, QuantSpec, calibrate, dequantize_model, quantize_model
 from lightning_quant.surgery.graph import OpOutput
-from lightning_quant.surgery.layers import QuantOpOutput
+from lightning_quant.surgery.layers import QuantHardswish, QuantOpOutput, QuantSigmoid, QuantSiLU, activation_quantizer
 
 DEPLOY = QuantSpec(default=LayerSpec(weight_bits=8, act_bits=8), quantize_residuals=True)
 
@@ -32,6 +32,26 @@ def _mobilenet_v2() -> nn.Module:
 def _efficientnet() -> nn.Module:
     setting = [MBConvConfig(1, 3, 1, 32, 16, 1), MBConvConfig(6, 3, 2, 16, 24, 3)]
     return EfficientNet(setting, dropout=0.2, stochastic_depth_prob=0.2, num_classes=10, last_channel=64)
+
+
+@pytest.mark.parametrize(("cls", "gate"), [(nn.SiLU, torch.sigmoid), (nn.Hardswish, nn.functional.hardsigmoid)])
+def test_gated_activation_is_x_times_the_fake_quantized_gate(cls: type, gate) -> None:
+    spec = LayerSpec()
+    quantized = {nn.SiLU: QuantSiLU, nn.Hardswish: QuantHardswish}[cls].from_gated(
+        cls(), activation_quantizer(spec, 8), nn.Identity()
+    )
+    x = torch.linspace(-6, 6, 401)
+    quantized.gate_quantizer.train()
+    quantized.gate_quantizer.observing = True
+    quantized(x)
+    quantized.gate_quantizer.observing = False
+    quantized.eval()
+    grid = quantized.gate_quantizer.uniform_grid()
+    scale, zero_point = float(grid.scale.reshape(-1)[0]), int(grid.zero_point.reshape(-1)[0])
+    expected = x * torch.fake_quantize_per_tensor_affine(gate(x), scale, zero_point, grid.qmin, grid.qmax)
+    torch.testing.assert_close(quantized(x), expected)
+    assert 0 < (quantized(x) - cls()(x)).abs().max() <= 3 * scale + 1e-6  # half a gate step x |x|
+    assert type(quantized.to_float()) is cls
 
 
 def test_residual_sums_get_one_quantizer_shared_with_the_next_block() -> None:
@@ -48,14 +68,19 @@ def test_residual_sums_get_one_quantizer_shared_with_the_next_block() -> None:
     assert not isinstance(last, GraphModule)
 
 
-def test_efficientnet_sums_behind_stochastic_depth() -> None:
+def test_efficientnet_gates_and_sums_behind_stochastic_depth() -> None:
     model = quantize_model(_efficientnet().eval(), DEPLOY)
     block = model.features[2][1]  # MBConv with stochastic depth and a residual sum that feeds the next MBConv
     assert isinstance(block, GraphModule) and isinstance(block.add_output, QuantOpOutput)
     assert block.add_output.output_quantizer is model.features[2][2].block[0][0].input_quantizer
     # the squeeze-excitation product feeds only the projection conv, whose input quantizer serves: no marker
-    assert not isinstance(block.block[2], GraphModule)
+    se = block.block[2]
+    assert not isinstance(se, GraphModule)
     assert sum(isinstance(m, OpOutput) for m in model.modules()) == 1
+    # its sigmoid gate feeds the product: an output quantizer of its own; every SiLU quantizes its gate
+    assert isinstance(se.scale_activation, QuantSigmoid)
+    assert not any(type(m) in (nn.SiLU, nn.Sigmoid) for m in model.modules())
+    assert isinstance(se.activation, QuantSiLU) and isinstance(se.activation.output_quantizer, nn.Identity)
 
 
 def test_float_model_unchanged_until_calibrated_and_restored_by_dequantize() -> None:
@@ -89,7 +114,7 @@ def test_resnets_and_transformers_get_no_quantizers_between_ops() -> None:
     with pytest.warns(UserWarning, match="found no residual addition"):
         transformer = quantize_model(nn.Sequential(nn.TransformerEncoder(layer, 2), nn.Linear(16, 4)), DEPLOY)
     for model in (resnet, transformer):
-        assert not any(isinstance(m, OpOutput) for m in model.modules())
+        assert not any(isinstance(m, (OpOutput, QuantSigmoid, QuantSiLU)) for m in model.modules())
 
 
 class RootSum(nn.Module):
