@@ -155,6 +155,21 @@ def _elementwise_kind(node: fx.Node) -> str | None:
     return "mul" if node.op == "call_method" and node.target in _MUL_METHODS else None
 
 
+def _is_slice(node: fx.Node) -> bool:
+    """One part of ``x.chunk(...)`` / ``x.split(...)`` / ``torch.chunk`` / ``torch.split``."""
+    if node.op != "call_function" or node.target is not operator.getitem or not isinstance(node.args[0], fx.Node):
+        return False
+    source = node.args[0]
+    if source.op == "call_method":
+        return source.target in ("chunk", "split")
+    return source.op == "call_function" and source.target in (torch.chunk, torch.split)
+
+
+def _site_kind(node: fx.Node) -> str | None:
+    """``"add"``, ``"mul"``, ``"cat"`` or ``"slice"``: the operations after which an :class:`OpOutput` may go."""
+    return _elementwise_kind(node) or ("slice" if _is_slice(node) else None)
+
+
 def _is_shape_query(node: fx.Node) -> bool:
     """``x.size()``, ``x.shape``, ``x.dim()``...: reads metadata, not values (no quantizer serves it)."""
     if node.op == "call_method":
@@ -463,15 +478,41 @@ def _output_consumers(
     return list(dict.fromkeys(layers)) if all(ready) else None
 
 
+def _slice_consumers(
+    node: fx.Node, modules: dict[str, nn.Module], quantized_inputs: Collection[str], part: fx.Node | None = None
+) -> list[str] | None:
+    """For a slice of a tensor (``x1, x2 = x.chunk(2)``) that reaches an addition, product or concatenation: the
+    quantized layers fed by the sliced tensor, whose grid the slice should carry again; ``None`` when there is none.
+
+    onnxruntime runs a ``Split`` in integers only when every part is followed by a QuantizeLinear of the grid before
+    it: ShuffleNet's shortcut half goes straight into a concatenation while the other half enters a conv. Quantizing
+    the part with the *same* quantizer changes no value (it is on that grid already) and lets the concatenation run
+    as ``QLinearConcat``. ``part`` is the slice itself when ``node`` is the marker after it.
+    """
+    reached = _reached(node, modules)
+    if not any(_elementwise_kind(u) is not None for u in reached):
+        return None
+    layers = [u for u in reached if u.op == "call_module" and str(u.target) in quantized_inputs]
+    if len(reached) == 1 and len(layers) == 1:
+        return None
+    source = node if part is None else part
+    while _is_passthrough(source, modules) and source.args and isinstance(source.args[0], fx.Node):
+        source = source.args[0]
+    shared = [str(u.target) for u in _reached(source, modules) if u.op == "call_module"]
+    shared = [name for name in shared if name in quantized_inputs]
+    return list(dict.fromkeys(shared)) or None
+
+
 def op_output_sites(model: nn.Module, quantized_inputs: Collection[str]) -> tuple[dict[str, list[int]], list[str]]:
     """The additions, products and concatenations whose output the deployment recipe quantizes, by owner.
 
     For each functional ``+``, ``*`` or ``torch.cat`` whose value goes to integer-ready ops (further additions,
     products, concatenations, sigmoid gates, average pooling) or to several places including such ops -- a
     MobileNet/EfficientNet residual sum that feeds the next block's convolution and its shortcut, a ShuffleNet
-    concatenation that is shuffled and split into the next block -- returns the module whose own ``forward``
-    performs it (the *owner*) and the operation's index among that forward's additions, products and
-    concatenations, in call order: ``{owner: [index, ...]}``. Operations already followed by an :class:`OpOutput`
+    concatenation that is shuffled and split into the next block -- and each part of a ``chunk``/``split`` that
+    goes into such an op (:func:`_slice_consumers`), returns the module whose own ``forward`` performs it (the
+    *owner*) and the operation's index among that forward's additions, products, concatenations and slices, in
+    call order: ``{owner: [index, ...]}``. Operations already followed by an :class:`OpOutput`
     are skipped. The second value describes the operations the model's own ``forward`` performs: they have no
     submodule to re-trace and stay in float.
 
@@ -483,7 +524,7 @@ def op_output_sites(model: nn.Module, quantized_inputs: Collection[str]) -> tupl
     sites: dict[str, list[int]] = {}
     at_root: list[str] = []
     for node in graph.nodes:
-        kind = _elementwise_kind(node)
+        kind = _site_kind(node)
         if kind is None:
             continue
         owner = _owner(node)
@@ -492,7 +533,8 @@ def op_output_sites(model: nn.Module, quantized_inputs: Collection[str]) -> tupl
         (user,) = node.users if len(node.users) == 1 else (None,)
         if user is not None and user.op == "call_module" and isinstance(modules.get(str(user.target)), OpOutput):
             continue
-        if _output_consumers(node, modules, quantized_inputs) is None:
+        rule = _slice_consumers if kind == "slice" else _output_consumers
+        if rule(node, modules, quantized_inputs) is None:
             continue
         if owner:
             sites.setdefault(owner, []).append(index)
@@ -511,8 +553,8 @@ class _OwnForwardTracer(LeafTracer):
 def with_op_outputs(module: nn.Module, indices: Collection[int]) -> fx.GraphModule | None:
     """``module`` as a :class:`torch.fx.GraphModule` with an :class:`OpOutput` after some of its operations.
 
-    ``indices`` count the additions, products and concatenations of ``module``'s own ``forward`` in call order
-    (as :func:`op_output_sites` returns them). Submodules are called, not traced through, so the GraphModule
+    ``indices`` count the additions, products, concatenations and slices of ``module``'s own ``forward`` in call
+    order (as :func:`op_output_sites` returns them). Submodules are called, not traced through, so the GraphModule
     holds the same submodule objects under the same names; it keeps the class name, and its state-dict keys are
     ``module``'s plus none (an ``OpOutput`` has no state). ``None`` when ``module``'s own forward cannot be traced
     or the result would not hold every submodule (a child the forward never calls), so nothing is changed.
@@ -522,12 +564,12 @@ def with_op_outputs(module: nn.Module, indices: Collection[int]) -> fx.GraphModu
     except Exception:  # fx raises many kinds of errors on untraceable forwards
         return None
     gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
-    ops = [node for node in gm.graph.nodes if _elementwise_kind(node) is not None]
+    ops = [node for node in gm.graph.nodes if _site_kind(node) is not None]
     if set(gm.state_dict()) != set(module.state_dict()) or any(i >= len(ops) for i in indices):
         return None
     for i in sorted(set(indices)):
         node = ops[i]
-        kind = _elementwise_kind(node)
+        kind = _site_kind(node)
         names = dict(gm.named_children())
         k = 0
         while (f"{kind}_output_{k}" if k else f"{kind}_output") in names:
@@ -562,7 +604,10 @@ def activation_output_placements(
         module = modules.get(target) if node.op == "call_module" else None
         if module is None or calls[target] != 1 or not isinstance(module, (OpOutput, *_GATE_MODULES, *_GATED_MODULES)):
             continue
-        consumers = _output_consumers(node, modules, quantized_inputs)
+        if isinstance(module, OpOutput) and module.op == "slice":
+            consumers = _slice_consumers(node, modules, quantized_inputs, part=node.args[0])  # type: ignore[arg-type]
+        else:
+            consumers = _output_consumers(node, modules, quantized_inputs)
         if consumers is not None or isinstance(module, _GATED_MODULES):
             placements[target] = (consumers is not None, consumers or [])
     return placements

@@ -83,8 +83,7 @@ FLOAT_BETWEEN_CONVS: dict[str, dict[str, int]] = {
     "mobilenet_v2": {},
     "efficientnet": {},
     "mobilenet_v3": {"Mul": 1},  # the head's hardswish after a Linear, whose output has no quantizer
-    # the shortcut half of each stride-1 block reaches its concatenation through Split without a QuantizeLinear
-    "shufflenet_v2": {"Concat": 1},
+    "shufflenet_v2": {},
     "densenet": {"Concat": 4},  # each concatenation feeds a BatchNorm before a conv: float in any int8 runtime
     "squeezenet": {},
 }
@@ -109,7 +108,12 @@ def test_every_conv_of_the_zoo_runs_in_int8(arch: str, tmp_path: Path) -> None:
     graph = onnx.load(tmp_path / "optimised.onnx").graph
     float_ops = Counter(node.op_type for node in graph.node if node.op_type in FLOAT_OPS)
     assert dict(float_ops) == FLOAT_BETWEEN_CONVS[arch], ops
-    integer = {"mobilenet_v2": "QLinearAdd", "efficientnet": "QLinearSigmoid", "mobilenet_v3": "QLinearMul"}
+    integer = {
+        "mobilenet_v2": "QLinearAdd",
+        "efficientnet": "QLinearSigmoid",
+        "mobilenet_v3": "QLinearMul",
+        "shufflenet_v2": "QLinearConcat",
+    }
     assert arch not in integer or ops.get(integer[arch], 0) > 0, ops
 
 

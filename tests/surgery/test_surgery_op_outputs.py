@@ -8,6 +8,7 @@ checks what onnxruntime then runs; these tests check the surgery itself.
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import pytest
@@ -156,3 +157,23 @@ def test_efficientnet_trains_with_the_recipe_despite_in_place_sums() -> None:
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_shufflenet_shortcut_half_carries_the_grid_it_was_split_from() -> None:
+    torch.manual_seed(0)
+    float_model = torchvision.models.ShuffleNetV2([2, 2, 1], [8, 16, 32, 64, 128], num_classes=10).eval()
+    model = quantize_model(copy.deepcopy(float_model), DEPLOY)
+    first, second = model.stage2[0], model.stage2[1]  # stride 2 (two branches), then stride 1 (split in halves)
+    # the first block's concatenation is shuffled and split into the second: one grid for the whole path, carried
+    # again by the half that goes straight into the second block's concatenation
+    assert isinstance(first.cat_output, QuantOpOutput) and isinstance(second.slice_output, QuantOpOutput)
+    grid = first.cat_output.output_quantizer
+    assert second.slice_output.output_quantizer is grid is second.branch2[0].input_quantizer
+    calibrate(model, [torch.randn(4, 3, 32, 32) for _ in range(2)])
+    x = torch.randn(2, 3, 32, 32)
+    quantized = model(x)
+    marker = second.slice_output
+    second._modules["slice_output"] = OpOutput("slice")  # the half is on that grid already: quantizing changes nothing
+    torch.testing.assert_close(model(x), quantized, rtol=0, atol=0)
+    second._modules["slice_output"] = marker
+    torch.testing.assert_close(dequantize_model(model)(x), float_model(x))
