@@ -146,6 +146,67 @@ def _unshare_weight_dequantize_inputs(model: onnx.ModelProto) -> None:
             node.input[position] = duplicate.name
 
 
+def _float_gemm_biases(graph: onnx.GraphProto) -> list[tuple[onnx.NodeProto, Any, Any]]:
+    """The ``Gemm`` nodes between ``DequantizeLinear`` inputs whose bias is a float initializer, each with the
+    scale of its input and that of its weight (per tensor, or per output channel along the weight's axis 0 with
+    ``transB=1``): onnxruntime fuses such a Gemm into ``QGemm`` only with an int32 bias."""
+    from onnx import numpy_helper
+
+    initializers = {t.name: t for t in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    found = []
+    for node in graph.node:
+        if node.op_type != "Gemm" or len(node.input) < 3 or node.input[2] not in initializers:
+            continue
+        a, b = producers.get(node.input[0]), producers.get(node.input[1])
+        if a is None or b is None or a.op_type != "DequantizeLinear" or b.op_type != "DequantizeLinear":
+            continue
+        if a.input[1] not in initializers or b.input[1] not in initializers:
+            continue
+        attributes = {at.name: onnx.helper.get_attribute_value(at) for at in (*node.attribute, *b.attribute)}
+        bias = numpy_helper.to_array(initializers[node.input[2]])
+        a_scale = numpy_helper.to_array(initializers[a.input[1]])
+        b_scale = numpy_helper.to_array(initializers[b.input[1]])
+        per_channel = b_scale.size > 1
+        if (
+            a_scale.size != 1
+            or bias.ndim != 1
+            or attributes.get("alpha", 1.0) != 1.0
+            or attributes.get("beta", 1.0) != 1.0
+        ):
+            continue
+        if per_channel and (
+            b_scale.size != bias.size or attributes.get("transB", 0) != 1 or attributes.get("axis", 1) != 0
+        ):
+            continue
+        found.append((node, bias, (a_scale.reshape(()) * b_scale).astype("float32")))
+    return found
+
+
+def _quantize_gemm_biases(model: onnx.ModelProto) -> None:
+    """Store each bias of :func:`_float_gemm_biases` as int32 at step ``s_input * s_weight`` behind a
+    ``DequantizeLinear`` (in place), as onnxruntime's ``WeightBiasQuantization`` does for convolutions (which it
+    leaves out for Gemm): the linear head then runs as ``QGemm`` instead of dequantizing its weight every run."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    graph = model.graph
+    for k, (node, bias, scale) in enumerate(_float_gemm_biases(graph)):
+        codes = np.clip(np.rint(bias / scale), np.iinfo(np.int32).min, np.iinfo(np.int32).max).astype(np.int32)
+        names = [f"{node.input[2]}_int32_{k}", f"{node.input[2]}_int32_scale_{k}", f"{node.input[2]}_int32_zp_{k}"]
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(codes, names[0]),
+                numpy_helper.from_array(scale, names[1]),
+                numpy_helper.from_array(np.zeros(scale.shape, np.int32), names[2]),
+            ]
+        )
+        output = f"{node.input[2]}_dequantized_{k}"
+        dequantize = onnx.helper.make_node("DequantizeLinear", names, [output], axis=0)
+        graph.node.insert(list(graph.node).index(node), dequantize)
+        node.input[2] = output
+
+
 def create_session(
     onnx_model: str | os.PathLike[str] | onnx.ModelProto,
     *,
@@ -166,10 +227,11 @@ def create_session(
         preprocess_graph: run :func:`preprocess` (``quant_pre_process``) first.
         optimization: ``all`` (``ORT_ENABLE_ALL``, the int8 fusions), ``extended``, ``basic`` or ``disable``.
         quantize_bias: let onnxruntime quantize float conv biases to int32 at step ``s_x * s_w``
-            (``WeightBiasQuantization``), which ``QLinearConv`` fusion needs. ``None`` (default): on for files
-            that :func:`~lightning_quant.export.export_onnx` marked int8-ready (all activations 8-bit), off
-            otherwise -- their convs stay in float anyway, and without the int32 rounding of the bias the
-            session computes the fake-quant model exactly.
+            (``WeightBiasQuantization``), which ``QLinearConv`` fusion needs, and do the same for the biases of
+            ``Gemm`` layers between Q/DQ (a linear head), which ``QGemm`` fusion needs and onnxruntime leaves
+            out. ``None`` (default): on for files that :func:`~lightning_quant.export.export_onnx` marked
+            int8-ready (all activations 8-bit), off otherwise -- their convs stay in float anyway, and without
+            the int32 rounding of the bias the session computes the fake-quant model exactly.
         exact_int8: make onnxruntime compute int8 products exactly (``session.x64quantprecision``: constant int8
             weights become uint8 and its U8U8 kernels run; weights that share a zero-point initializer get their
             own copies first, which the rewrite needs). ``None`` (default): on where :func:`int8_products_saturate`
@@ -223,10 +285,14 @@ def create_session(
         exact_int8 = int8_products_saturate()
     if exact_int8:
         options.add_session_config_entry(_EXACT_INT8_OPTION, "1")
-        if _shared_weight_dequantize_inputs(proto):
-            proto = onnx.load(source) if isinstance(source, str) else onnx.load_from_string(source)
+    unshare = exact_int8 and _shared_weight_dequantize_inputs(proto)
+    if unshare or (quantize_bias and _float_gemm_biases(proto.graph)):
+        proto = onnx.load(source) if isinstance(source, str) else onnx.load_from_string(source)
+        if unshare:
             _unshare_weight_dequantize_inputs(proto)
-            source = proto.SerializeToString()
+        if quantize_bias:
+            _quantize_gemm_biases(proto)
+        source = proto.SerializeToString()
     if preprocess_graph:
         with tempfile.TemporaryDirectory() as tmp:
             raw = Path(tmp) / "raw.onnx"

@@ -226,8 +226,9 @@ class QuantSpec:
             hard-sigmoid gates get an output quantizer, SiLU and hardswish (``x * gate(x)``) a quantizer on
             their gate, and an addition, product or concatenation whose output goes to such ops or to several
             places (a MobileNet/EfficientNet residual sum that feeds the next block's conv and its shortcut) an
-            output quantizer shared with the layers it feeds -- in the module whose ``forward`` performs it,
-            re-traced with an ``OpOutput`` marker after the op
+            output quantizer shared with the layers it feeds, and a part of ``chunk``/``split`` that goes into
+            a concatenation (ShuffleNet) the grid it was split from -- in the module whose ``forward`` performs
+            it, re-traced with an ``OpOutput`` marker after the op
             (:func:`~lightning_quant.surgery.graph.op_output_sites`); such an op in the model's own forward
             stays in float, and ``quantize_model`` logs it. Ops followed by a float op (a LayerNorm, as in
             transformers) get nothing. Found with a :mod:`torch.fx` trace (a model fx cannot

@@ -109,3 +109,31 @@ def test_spin_waiting_can_be_turned_off_for_benchmarks() -> None:
     np.testing.assert_array_equal(session.run(None, x)[0], create_session(model).run(None, x)[0])
     with pytest.raises(QuantizationConfigError, match=r"`spin` must be True or False, got 0"):
         create_session(model, spin=0)  # type: ignore[arg-type]
+
+
+def test_linear_heads_run_as_qgemm_with_their_bias_in_int32(tmp_path: Path) -> None:
+    import torch
+    from torch import nn
+
+    from lightning_quant.export import export_onnx
+    from lightning_quant.surgery import QuantSpec, calibrate, quantize_model
+
+    torch.manual_seed(0)
+    model = quantize_model(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)), QuantSpec())
+    calibrate(model, [torch.randn(64, 16) for _ in range(2)])
+    x = torch.randn(256, 16)
+    path = export_onnx(model, tmp_path / "mlp.onnx", x[:1])
+    counts = {}
+    outputs = {}
+    for quantize_bias in (True, False):
+        optimized = tmp_path / f"optimized_{quantize_bias}.onnx"
+        session = create_session(path, optimized_model_path=optimized, quantize_bias=quantize_bias)
+        counts[quantize_bias] = [n.op_type for n in onnx.load(optimized).graph.node].count("QGemm")
+        outputs[quantize_bias] = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert counts == {True: 2, False: 0}  # onnxruntime itself fuses no Gemm with a float bias
+    expected = model(x).detach().numpy()
+    step = float(model[2].input_quantizer.uniform_grid().scale.reshape(-1)[0])
+    # the int32 bias moves the result by half a step of s_x * s_w at most; the rest is integer rounding
+    np.testing.assert_allclose(outputs[True], expected, atol=2 * step)
+    np.testing.assert_allclose(outputs[True], outputs[False], atol=2 * step)
+    assert [t.name for t in onnx.load(path).graph.initializer if t.data_type == TensorProto.INT32] == []  # file as is
