@@ -92,7 +92,8 @@ def rows_for(name: str, args: argparse.Namespace, tmp: Path) -> list[str]:
         try:
             run()
         except Exception as err:  # a peer's file that onnxruntime cannot run: report it, time the others
-            message = str(err).rsplit(" : ", 1)[-1][:160]  # onnxruntime's own sentence, without the C++ frame
+            # onnxruntime's own sentence, without the C++ frame, on one line
+            message = " ".join(str(err).rsplit(" : ", 1)[-1][:160].split())
             rows.append(
                 f"| {name} | {variant} | {counts.get(variant, '')} / {convs} | | fails in onnxruntime: `{message}` | |"
             )
