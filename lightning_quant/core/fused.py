@@ -328,9 +328,9 @@ class _FusedLSQ(torch.autograd.Function):
             raise _KernelFailed(layout) from err
         ctx.save_for_backward(x_k, s_k, inv_k, z_k, params)
         ctx.meta = (layout, ch_axis, x.shape, scale.shape, zero_point.shape, qmin, qmax, grad_factor)
-        # a copy, not a view: users' forwards modify quantized outputs in place (EfficientNet's `result += input`),
-        # which autograd forbids on a custom Function's view output
-        return out.view(x.shape).clone()
+        # the kernel's own shape: the caller reshapes outside the Function, because users' forwards modify quantized
+        # outputs in place (EfficientNet's `result += input`), which autograd forbids on a view a Function returns
+        return out
 
     @staticmethod
     @once_differentiable
@@ -522,7 +522,7 @@ def _apply(
 ) -> Tensor:
     zp = zero_point.to(scale.dtype)
     try:
-        return _FusedLSQ.apply(x, scale, zp, qmin, qmax, ch_axis, float(grad_factor))
+        return _FusedLSQ.apply(x, scale, zp, qmin, qmax, ch_axis, float(grad_factor)).view(x.shape)
     except _KernelFailed as failed:
         if _state.checking:
             raise

@@ -229,9 +229,10 @@ def create_session(
         quantize_bias: let onnxruntime quantize float conv biases to int32 at step ``s_x * s_w``
             (``WeightBiasQuantization``), which ``QLinearConv`` fusion needs, and do the same for the biases of
             ``Gemm`` layers between Q/DQ (a linear head), which ``QGemm`` fusion needs and onnxruntime leaves
-            out. ``None`` (default): on for files that :func:`~lightning_quant.export.export_onnx` marked
-            int8-ready (all activations 8-bit), off otherwise -- their convs stay in float anyway, and without
-            the int32 rounding of the bias the session computes the fake-quant model exactly.
+            out (at the ``all`` and ``extended`` levels, where it fuses). ``None`` (default): on for files that
+            :func:`~lightning_quant.export.export_onnx` marked int8-ready (all activations 8-bit), off otherwise
+            -- their convs stay in float anyway, and without the int32 rounding of the bias the session computes
+            the fake-quant model exactly.
         exact_int8: make onnxruntime compute int8 products exactly (``session.x64quantprecision``: constant int8
             weights become uint8 and its U8U8 kernels run; weights that share a zero-point initializer get their
             own copies first, which the rewrite needs). ``None`` (default): on where :func:`int8_products_saturate`
@@ -286,11 +287,13 @@ def create_session(
     if exact_int8:
         options.add_session_config_entry(_EXACT_INT8_OPTION, "1")
     unshare = exact_int8 and _shared_weight_dequantize_inputs(proto)
-    if unshare or (quantize_bias and _float_gemm_biases(proto.graph)):
+    # only where onnxruntime fuses Q/DQ into integer ops (its QGemm fusion runs from the extended level on)
+    gemm_biases = quantize_bias and optimization in ("all", "extended") and bool(_float_gemm_biases(proto.graph))
+    if unshare or gemm_biases:
         proto = onnx.load(source) if isinstance(source, str) else onnx.load_from_string(source)
         if unshare:
             _unshare_weight_dequantize_inputs(proto)
-        if quantize_bias:
+        if gemm_biases:
             _quantize_gemm_biases(proto)
         source = proto.SerializeToString()
     if preprocess_graph:
